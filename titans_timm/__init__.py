@@ -1,0 +1,6 @@
+"""titans-timm: memory-augmented Vision Transformers (Titans neural memory) as timm models.
+
+``import titans_timm`` registers the 27 models ``vit_{tiny,small,base}_{mal,mac,mag}_{mlp,simple,advanced}``
+with timm, so ``timm.create_model('vit_small_mac_simple', pretrained=True)`` works.
+"""
+__version__ = '0.1.0'
