@@ -1,0 +1,452 @@
+"""Self-describing model checkpoints: safetensors weights plus the recipe to rebuild the model.
+
+A checkpoint written by :func:`save_model` is an ordinary ``.safetensors`` file (any safetensors
+reader can open it) whose header metadata carries one extra key, ``"titans_timm"``, holding JSON::
+
+    {"format_version": 1, "titans_timm_version": "0.1.0",
+     "architecture": "vit_tiny_mal_simple",          # a timm model name
+     "model_args": {"img_size": 32, "num_classes": 10, ...},   # kwargs for timm.create_model
+     "label_names": ["T-shirt/top", ...] or null,
+     "pretrained_cfg": {"mean": [...], "std": [...], "input_size": [3, 32, 32],
+                        "interpolation": "bicubic", "crop_pct": 0.9, "num_classes": 10},
+     ...extra_metadata}
+
+so :func:`load_model` can rebuild the model with ``timm.create_model(architecture, **model_args)``
+and load the weights strictly, and an evaluator can rebuild the right eval transform from
+``pretrained_cfg`` without knowing how the model was trained.
+
+Choices made here (and why):
+
+- Writes are atomic (temp file in the same directory, fsync, ``os.replace``): a crash or Ctrl-C
+  mid-write never leaves a truncated checkpoint where a good one used to be.
+- Weights are only ever read with safetensors or ``torch.load(weights_only=True)``; reading a
+  ``.pth`` never runs pickled code. timm train.py checkpoints (whose ``args`` entry is an
+  ``argparse.Namespace``, a plain attribute bag) are accepted, as timm itself does.
+- Every failure to read or match a checkpoint raises :class:`CheckpointError` with one message
+  that says what is wrong and what to do, so CLIs can print it as a single ``error:`` line.
+- :func:`load_model` returns the model in eval mode (like ``from_pretrained`` elsewhere); call
+  ``.train()`` to fine-tune.
+"""
+import argparse
+import json
+import os
+import pickle
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import safetensors
+import safetensors.torch
+import timm
+from timm.models import clean_state_dict
+
+__all__ = [
+    'CheckpointError', 'METADATA_KEY', 'FORMAT_VERSION', 'save_model', 'load_model', 'read_metadata',
+    'read_state_dict', 'load_state_dict_file', 'pretrained_cfg_subset',
+]
+
+METADATA_KEY = 'titans_timm'
+FORMAT_VERSION = 1
+# The pretrained_cfg entries an evaluator needs to rebuild the eval transform and head.
+PRETRAINED_CFG_KEYS = ('mean', 'std', 'input_size', 'interpolation', 'crop_pct', 'num_classes')
+# How many mismatched key names an error message lists before summarising the rest.
+_MAX_KEYS_SHOWN = 5
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model it should load into."""
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn tuples into lists so JSON round trips compare equal to what ``json.loads`` returns."""
+    return json.loads(json.dumps(value))
+
+
+def _check_json(value: Any, what: str) -> Any:
+    try:
+        return _jsonable(value)
+    except (TypeError, ValueError) as e:
+        bad = []
+        if isinstance(value, dict):
+            for k, v in value.items():
+                try:
+                    json.dumps(v)
+                except (TypeError, ValueError):
+                    bad.append(f'{k}={type(v).__name__}')
+        detail = f" (not JSON-serialisable: {', '.join(bad)})" if bad else f' ({e})'
+        raise CheckpointError(
+            f'{what} must be JSON-serialisable (numbers, strings, lists, dicts){detail}; '
+            f'pass plain values, e.g. a layer name instead of a layer class') from None
+
+
+def pretrained_cfg_subset(model: nn.Module) -> Dict[str, Any]:
+    """The part of ``model.pretrained_cfg`` an evaluator needs, corrected for the built image size.
+
+    timm keeps the pretrained ``input_size`` (e.g. 224) in ``pretrained_cfg`` even when the model
+    was built with another ``img_size``; the checkpoint records the size the model actually takes,
+    so ``timm.data.resolve_data_config`` on the reloaded model gives the right transform.
+    """
+    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    out = {k: cfg[k] for k in PRETRAINED_CFG_KEYS if cfg.get(k) is not None}
+    patch_embed = getattr(model, 'patch_embed', None)
+    img_size = getattr(patch_embed, 'img_size', None)
+    if img_size is not None:
+        proj = getattr(patch_embed, 'proj', None)
+        in_chans = getattr(proj, 'in_channels', None) or (out.get('input_size') or (3,))[0]
+        out['input_size'] = [int(in_chans), int(img_size[0]), int(img_size[1])]
+    num_classes = getattr(model, 'num_classes', None)
+    if isinstance(num_classes, int):
+        out['num_classes'] = num_classes
+    return _jsonable(out)
+
+
+def _state_dict_for_saving(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Contiguous CPU tensors; tensors sharing storage are cloned, which safetensors requires."""
+    if isinstance(model, dict):
+        state = model
+    else:
+        state = model.state_dict()
+    out, seen = {}, set()
+    for name, tensor in state.items():
+        t = tensor.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
+        if key is not None and key in seen:
+            t = t.clone()
+        elif key is not None:
+            seen.add(key)
+        out[name] = t.contiguous()
+    return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every OS/filesystem, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException so Ctrl-C mid-write also cleans up the temp file.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_model(
+        model: nn.Module,
+        path: PathLike,
+        *,
+        architecture: str,
+        model_args: Dict[str, Any],
+        label_names: Optional[Sequence[str]] = None,
+        extra_metadata: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Save ``model``'s weights and the recipe to rebuild it as one safetensors file, atomically.
+
+    Args:
+        model: the model (unwrap DDP / torch.compile first, or pass ``model.module``).
+        path: destination ``.safetensors`` file; parent directories are created.
+        architecture: timm model name, e.g. ``'vit_tiny_mal_simple'``.
+        model_args: keyword arguments for ``timm.create_model`` (must be JSON-serialisable).
+        label_names: class names in label order, stored so evaluators can label their plots.
+        extra_metadata: more JSON-serialisable entries (e.g. ``epoch``, ``top1``, ``dataset``).
+            A ``'pretrained_cfg'`` dict in it updates the recorded pretrained_cfg (e.g. the
+            normalisation the model was actually trained with).
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: if ``architecture`` is not a string or any metadata is not JSON.
+    """
+    if not isinstance(architecture, str) or not architecture:
+        raise CheckpointError(f'architecture must be a timm model name string, got {architecture!r}')
+    model_args = _check_json(dict(model_args or {}), 'model_args')
+    extra = _check_json(dict(extra_metadata or {}), 'extra_metadata')
+    if label_names is not None:
+        label_names = [str(n) for n in label_names]
+    pretrained_cfg = pretrained_cfg_subset(model) if isinstance(model, nn.Module) else {}
+    pretrained_cfg.update(extra.pop('pretrained_cfg', None) or {})
+    meta = dict(
+        format_version=FORMAT_VERSION,
+        titans_timm_version=_package_version(),
+        architecture=architecture,
+        model_args=model_args,
+        label_names=label_names,
+        pretrained_cfg=pretrained_cfg,
+    )
+    for k, v in extra.items():
+        meta.setdefault(k, v)  # the core keys above are not overridable, loaders rely on them
+    data = safetensors.torch.save(
+        _state_dict_for_saving(model),
+        metadata={'format': 'pt', METADATA_KEY: json.dumps(meta)},
+    )
+    atomic_write_bytes(path, data)
+    return Path(path)
+
+
+def _package_version() -> str:
+    try:
+        from titans_timm import __version__
+        return __version__
+    except ImportError:
+        return 'unknown'
+
+
+def _check_file(path: PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f'checkpoint not found: {path} (check the path; training writes '
+                              f'OUTPUT/EXPERIMENT/model.safetensors)')
+    if path.is_dir():
+        raise CheckpointError(f'checkpoint path is a directory: {path}; pass the .safetensors file inside it '
+                              f'(e.g. {path / "model.safetensors"})')
+    return path
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    # safetensors layout: 8-byte little-endian header length, then a JSON header starting with '{'.
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack('<Q', head[:8])
+    return head[8:9] == b'{' and 0 < n <= path.stat().st_size
+
+
+def _safetensors_header_metadata(path: Path) -> Dict[str, str]:
+    try:
+        with safetensors.safe_open(str(path), framework='pt') as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError is not importable under a stable name across versions
+        raise CheckpointError(f'{path} is not a valid safetensors file ({e}); it may be truncated or '
+                              f'corrupt: re-save or re-download it') from None
+
+
+def read_metadata(path: PathLike, *, required: bool = True) -> Dict[str, Any]:
+    """Return the ``titans_timm`` metadata dict stored in a checkpoint written by :func:`save_model`.
+
+    Args:
+        path: a ``.safetensors`` checkpoint.
+        required: if False, a valid safetensors file without titans_timm metadata gives ``{}``
+            instead of an error.
+
+    Raises:
+        CheckpointError: missing file, not safetensors / corrupt, bad metadata JSON, or (when
+            ``required``) no titans_timm metadata.
+    """
+    path = _check_file(path)
+    if not _looks_like_safetensors(path):
+        if path.suffix == '.safetensors':
+            raise CheckpointError(f'{path} is not a valid safetensors file (bad header); it may be corrupt: '
+                                  f're-save or re-download it')
+        if required:
+            raise CheckpointError(f'{path} is not a safetensors file, so it carries no titans_timm metadata; '
+                                  f'load it with load_model(path, architecture=NAME, **model_args)')
+        return {}
+    header = _safetensors_header_metadata(path)
+    raw = header.get(METADATA_KEY)
+    if raw is None:
+        if required:
+            raise CheckpointError(f'{path} has no titans_timm metadata (a plain state dict); pass '
+                                  f'architecture=NAME and the model kwargs, e.g. load_model(path, '
+                                  f"architecture='vit_tiny_patch16_224', num_classes=10)")
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{path}: titans_timm metadata is not valid JSON ({e}); the file is corrupt') from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f'{path}: titans_timm metadata is not a JSON object; the file is corrupt')
+    return meta
+
+
+def read_state_dict(path: PathLike, *, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a ``.pth``/``.pt``/``.bin`` file, never unpickling code.
+
+    ``.pth`` files are read with ``torch.load(weights_only=True)``; timm training checkpoints
+    (``{'state_dict': ..., 'state_dict_ema': ..., 'args': Namespace}``) are unwrapped, taking the EMA
+    weights if ``use_ema`` and present. DDP / torch.compile prefixes (``module.``, ``_orig_mod.``)
+    are removed.
+    """
+    path = _check_file(path)
+    if path.suffix == '.safetensors' or _looks_like_safetensors(path):
+        _safetensors_header_metadata(path)  # clear error for a corrupt header
+        try:
+            state = safetensors.torch.load_file(str(path), device='cpu')
+        except Exception as e:
+            raise CheckpointError(f'{path} is not a valid safetensors file ({e}); it may be truncated or '
+                                  f'corrupt: re-save or re-download it') from None
+    else:
+        try:
+            # argparse.Namespace is a plain attribute container; timm train.py stores its args in one.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(str(path), map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(
+                f'{path} holds pickled objects other than tensors{_unsafe_globals(path)}, which are never '
+                f'unpickled (weights_only=True); re-save only its state_dict with torch.save, or as '
+                f'safetensors') from None
+        except Exception as e:
+            raise CheckpointError(f'{path} is neither a safetensors file nor a readable PyTorch checkpoint '
+                                  f'({type(e).__name__}: {str(e)[:200]}); it may be corrupt') from None
+        if isinstance(state, dict):
+            for key in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model'):
+                if isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f'{path} does not contain a state dict (a mapping of names to tensors)')
+    return clean_state_dict(state)
+
+
+def _unsafe_globals(path: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return ''
+    return f" ({', '.join(names[:_MAX_KEYS_SHOWN])})" if names else ''
+
+
+def _list_keys(keys: List[str]) -> str:
+    shown = ', '.join(keys[:_MAX_KEYS_SHOWN])
+    more = len(keys) - _MAX_KEYS_SHOWN
+    return shown + (f' (+{more} more)' if more > 0 else '')
+
+
+def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, source: str = 'checkpoint',
+                     architecture: Optional[str] = None) -> None:
+    """Raise :class:`CheckpointError` naming the first mismatched keys if ``state_dict`` does not fit ``model``."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+              for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} missing keys: {_list_keys(missing)}')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected keys: {_list_keys(unexpected)}')
+    if shapes:
+        parts.append(f'{len(shapes)} shape mismatches: {_list_keys(shapes)}')
+    arch = f' ({architecture})' if architecture else ''
+    raise CheckpointError(
+        f'{source} does not match the model{arch}: ' + '; '.join(parts) +
+        '. Check the model name and its kwargs (num_classes, img_size, depth, memory options).')
+
+
+def load_state_dict_file(model: nn.Module, path: PathLike, *, strict: bool = True, use_ema: bool = False):
+    """Load weights from a safetensors or ``.pth`` file into an existing ``model``.
+
+    Args:
+        model: the model to fill (its architecture must match the file when ``strict``).
+        path: safetensors file (with or without titans_timm metadata) or ``.pth``/``.pt``/``.bin``.
+        strict: if True (default), any missing/unexpected key or shape mismatch raises
+            :class:`CheckpointError` naming them and the model is left untouched; if False, matching
+            keys are loaded and ``(missing_keys, unexpected_keys)`` returned, shape mismatches still raise.
+        use_ema: for timm training checkpoints, take the EMA weights when present.
+
+    Returns:
+        The ``load_state_dict`` result (missing and unexpected keys).
+    """
+    state = read_state_dict(path, use_ema=use_ema)
+    if strict:
+        check_state_dict(model, state, source=str(path))
+    else:
+        expected = model.state_dict()
+        shapes = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+        if shapes:
+            raise CheckpointError(f'{path}: {len(shapes)} shape mismatches with the model: {_list_keys(shapes)}')
+    return model.load_state_dict(state, strict=strict)
+
+
+def load_model(path: PathLike, **overrides) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a model from a checkpoint and load its weights strictly.
+
+    Args:
+        path: a file written by :func:`save_model`, or a plain safetensors / ``.pth`` state dict
+            (then pass ``architecture=`` and the model kwargs).
+        **overrides: ``architecture=NAME`` replaces the stored timm model name; every other keyword
+            updates the stored ``model_args`` (e.g. ``drop_path_rate=0.0``). Weights must still fit.
+
+    Returns:
+        ``(model, meta)``: the model in eval mode, its ``pretrained_cfg`` updated with the stored
+        mean/std/input_size/...; ``meta`` is the stored metadata with overrides applied (plus
+        ``'path'``). For files without metadata, ``meta`` holds what was passed.
+
+    Raises:
+        CheckpointError: missing or corrupt file, no metadata and no ``architecture``, an unknown
+        architecture, or weights that do not fit (naming the first mismatched keys).
+    """
+    path = _check_file(path)
+    architecture = overrides.pop('architecture', None)
+    meta = read_metadata(path, required=architecture is None)
+    meta = dict(meta)
+    if architecture is not None:
+        meta['architecture'] = architecture
+    architecture = meta.get('architecture')
+    if not isinstance(architecture, str):
+        raise CheckpointError(f'{path}: metadata has no architecture; pass architecture=NAME')
+    model_args = dict(meta.get('model_args') or {})
+    model_args.update(overrides)
+    meta['model_args'] = model_args
+    meta.setdefault('label_names', None)
+    meta.setdefault('pretrained_cfg', {})
+    meta['path'] = str(path)
+
+    state = read_state_dict(path)
+    _ensure_registered()
+    try:
+        model = timm.create_model(architecture, pretrained=False, **model_args)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise CheckpointError(f"{path}: architecture '{architecture}' is not a registered timm model; "
+                                  f'check the name (titans-timm names look like vit_tiny_mal_simple) or '
+                                  f'import the package that registers it') from None
+        raise CheckpointError(f"{path}: could not build '{architecture}' with {model_args}: {e}") from None
+    except TypeError as e:
+        raise CheckpointError(f"{path}: '{architecture}' does not accept these model_args ({e}); "
+                              f'drop or rename the offending argument') from None
+    check_state_dict(model, state, source=str(path), architecture=architecture)
+    model.load_state_dict(state, strict=True)
+    if meta['pretrained_cfg']:
+        cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+        cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in meta['pretrained_cfg'].items()})
+        model.pretrained_cfg = cfg
+    return model.eval(), meta
+
+
+def _ensure_registered() -> None:
+    # Importing the model module registers the 27 titans-timm names with timm; the package
+    # import may not have done so yet while the model module is being written.
+    import importlib.util
+    if importlib.util.find_spec('titans_timm.vit') is not None:
+        import titans_timm.vit  # noqa: F401
