@@ -1,0 +1,195 @@
+"""Checkpoints: bit-identical round trips, atomic writes, and one clear error for every bad file."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import timm
+from timm.data import resolve_data_config
+
+from titans_timm import checkpoint as ckpt
+from titans_timm.checkpoint import CheckpointError, load_model, load_state_dict_file, read_metadata, save_model
+
+ARCH = 'vit_tiny_patch16_224'
+ARGS = dict(img_size=32, depth=2, num_classes=10)
+LABELS = [f'class_{i}' for i in range(10)]
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model(ARCH, **{**ARGS, **kwargs})
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _model()
+    path = save_model(model, tmp_path / 'run' / 'model.safetensors', architecture=ARCH, model_args=ARGS,
+                      label_names=LABELS, extra_metadata={'epoch': 3, 'top1': 12.5})
+    return model, path
+
+
+def test_round_trip_bit_identical(saved):
+    model, path = saved
+    loaded, meta = load_model(path)
+    assert _same_weights(model, loaded)
+    assert not loaded.training
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x))
+    assert meta['architecture'] == ARCH and meta['model_args'] == ARGS
+    assert meta['label_names'] == LABELS and meta['epoch'] == 3 and meta['top1'] == 12.5
+
+
+def test_metadata_records_eval_config_for_built_size(saved):
+    _, path = saved
+    meta = read_metadata(path)
+    cfg = meta['pretrained_cfg']
+    # built with img_size=32: the stored input size must be 32, not timm's pretrained 224
+    assert cfg['input_size'] == [3, 32, 32] and cfg['num_classes'] == 10
+    assert set(ckpt.PRETRAINED_CFG_KEYS) <= set(cfg)
+    loaded, _ = load_model(path)
+    assert resolve_data_config(model=loaded)['input_size'] == (3, 32, 32)
+    # the file is a plain safetensors file whose header metadata any reader can parse
+    from safetensors import safe_open
+    with safe_open(str(path), framework='pt') as f:
+        assert json.loads(f.metadata()['titans_timm'])['architecture'] == ARCH
+
+
+def test_extra_pretrained_cfg_overrides_recorded_normalisation(tmp_path):
+    path = save_model(_model(), tmp_path / 'm.safetensors', architecture=ARCH, model_args=ARGS,
+                      extra_metadata={'pretrained_cfg': {'mean': [0.3, 0.3, 0.3]}})
+    model, meta = load_model(path)
+    assert meta['pretrained_cfg']['mean'] == [0.3, 0.3, 0.3]
+    assert tuple(model.pretrained_cfg['mean']) == (0.3, 0.3, 0.3)
+
+
+def test_overrides_update_model_args(saved):
+    _, path = saved
+    model, meta = load_model(path, drop_path_rate=0.1)
+    assert meta['model_args'] == {**ARGS, 'drop_path_rate': 0.1}
+    assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+
+
+def test_failing_write_leaves_old_file_intact(saved, monkeypatch):
+    model, path = saved
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError('disk full')
+
+    monkeypatch.setattr(ckpt.os, 'replace', boom)
+    with pytest.raises(OSError, match='disk full'):
+        save_model(_model(seed=1), path, architecture=ARCH, model_args=ARGS)
+    assert path.read_bytes() == before
+    # no temp files are left behind in the directory
+    assert sorted(os.listdir(path.parent)) == ['model.safetensors']
+
+
+def test_interrupted_write_leaves_old_file_intact(saved, monkeypatch):
+    _, path = saved
+    before = path.read_bytes()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, 'fsync', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(_model(seed=1), path, architecture=ARCH, model_args=ARGS)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == ['model.safetensors']
+
+
+def test_model_args_must_be_json(tmp_path):
+    with pytest.raises(CheckpointError, match='act_layer'):
+        save_model(_model(), tmp_path / 'm.safetensors', architecture=ARCH,
+                   model_args={**ARGS, 'act_layer': torch.nn.GELU})
+    assert not (tmp_path / 'm.safetensors').exists()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match='not found'):
+        load_model(tmp_path / 'nope.safetensors')
+    with pytest.raises(CheckpointError, match='directory'):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage', 'empty'])
+def test_corrupt_file(saved, damage):
+    _, path = saved
+    data = path.read_bytes()
+    path.write_bytes({'truncate': data[:len(data) // 2], 'garbage': b'not a checkpoint' * 8, 'empty': b''}[damage])
+    with pytest.raises(CheckpointError, match='corrupt'):
+        load_model(path)
+
+
+def test_wrong_architecture_names_keys(saved):
+    _, path = saved
+    with pytest.raises(CheckpointError, match=r'shape mismatches: cls_token'):
+        load_model(path, architecture='vit_small_patch16_224')
+    with pytest.raises(CheckpointError, match=r'head\.weight \(10, 192\) vs model \(5, 192\)'):
+        load_model(path, num_classes=5)
+    with pytest.raises(CheckpointError, match='not a registered timm model'):
+        load_model(path, architecture='vit_no_such_model')
+
+
+def test_extra_blocks_named_as_unexpected_keys(tmp_path):
+    deep = save_model(_model(depth=3), tmp_path / 'deep.safetensors', architecture=ARCH,
+                      model_args={**ARGS, 'depth': 3})
+    with pytest.raises(CheckpointError, match=r'unexpected keys: blocks\.2\.'):
+        load_model(deep, depth=2)
+
+
+def test_plain_state_dict_needs_architecture(tmp_path):
+    import safetensors.torch
+    model = _model()
+    path = tmp_path / 'plain.safetensors'
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    with pytest.raises(CheckpointError, match='architecture='):
+        load_model(path)
+    assert read_metadata(path, required=False) == {}
+    loaded, meta = load_model(path, architecture=ARCH, **ARGS)
+    assert _same_weights(model, loaded) and meta['label_names'] is None
+
+
+def test_load_state_dict_file_into_model(saved):
+    model, path = saved
+    target = _model(seed=5)
+    assert not _same_weights(model, target)
+    load_state_dict_file(target, path)
+    assert _same_weights(model, target)
+    wrong = _model(num_classes=3)
+    head_before = wrong.head.weight.clone()
+    with pytest.raises(CheckpointError, match='head.weight'):
+        load_state_dict_file(wrong, path)
+    assert torch.equal(wrong.head.weight, head_before)  # a failed strict load changes nothing
+
+
+def test_timm_training_pth_checkpoint(tmp_path):
+    # timm train.py saves {'state_dict', 'state_dict_ema', 'args': Namespace, ...}, often with DDP prefixes
+    model, ema = _model(seed=0), _model(seed=1)
+    path = tmp_path / 'last.pth.tar'
+    torch.save({'epoch': 2, 'arch': ARCH, 'args': argparse.Namespace(lr=0.1),
+                'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},
+                'state_dict_ema': ema.state_dict()}, path)
+    loaded, _ = load_model(path, architecture=ARCH, **ARGS)
+    assert _same_weights(model, loaded)
+    target = _model(seed=7)
+    load_state_dict_file(target, path, use_ema=True)
+    assert _same_weights(ema, target)
+
+
+class _NotATensor:
+    pass
+
+
+def test_pth_with_code_is_never_unpickled(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'weight': _NotATensor()}, path)
+    with pytest.raises(CheckpointError, match='never unpickled'):
+        load_model(path, architecture=ARCH, **ARGS)
