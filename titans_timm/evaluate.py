@@ -1,0 +1,705 @@
+"""Evaluate a titans-timm (or any timm) classifier: accuracy report, confusion matrix, surprise maps.
+
+``titans-timm-eval`` / ``python -m titans_timm.evaluate`` / :func:`main` evaluates
+
+* ``--checkpoint FILE``: a ``model.safetensors`` written by ``titans-timm-train``
+  (:func:`titans_timm.checkpoint.load_model`: architecture, model args and label names come from it);
+* ``--model local-dir:DIR`` or ``--model hf-hub:ORG/NAME``: a model exported with timm's
+  ``save_for_hf`` / ``push_to_hf_hub`` (``timm.create_model(name, pretrained=True)``); a plain timm
+  name with ``--pretrained`` works too;
+
+on a dataset given with the training CLI's dataset flags (``--dataset``, ``--data-dir``, ``--split``,
+``-b``, ``--img-size``, ``--workers``, ``--num-samples``). Images are prepared with the model's own
+data config (timm ``resolve_data_config`` + ``create_transform``, eval mode), so mean/std, input size
+and crop follow the checkpoint.
+
+It reports top-1 and top-5 accuracy (percent, as timm's validate does), the mean cross-entropy loss,
+per-class accuracy, the confusion matrix and throughput, and writes ``OUTPUT/eval_report.json``.
+``--visualize`` adds ``confusion_matrix.png`` (row-normalised: each row is the distribution of
+predictions for one true class) and ``per_class_accuracy.png``. ``--surprise-maps N`` adds
+``surprise_maps.png``: for the first N images, the memory's per-patch surprise (the inner associative
+loss of Titans' neural memory, eq. 12) at each memory-carrying block, as heatmaps over the image.
+
+Choices (the issue is silent on them):
+
+* Throughput ``img_per_sec`` counts model forward time only (data loading excluded), so it measures
+  the model, not the disk; ``elapsed_s`` is the wall time of the whole pass.
+* Without ``--output`` the report goes next to the checkpoint (``--checkpoint``) or to
+  ``output/eval/<model name>/``.
+* The dataset's label names are the class names; a checkpoint trained on other classes (a different
+  count or different names) is refused with one clear error instead of reporting nonsense.
+* Classes with no sample in the evaluated split have accuracy ``null`` in the report.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'EvalError', 'build_parser', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
+    'plot_confusion_matrix', 'plot_per_class_accuracy', 'surprise_maps', 'plot_surprise_maps',
+    'main', 'cli',
+]
+
+REPORT_NAME = 'eval_report.json'
+CONFUSION_NAME = 'confusion_matrix.png'
+PER_CLASS_NAME = 'per_class_accuracy.png'
+SURPRISE_NAME = 'surprise_maps.png'
+PLOT_DPI = 100
+
+
+class EvalError(Exception):
+    """Bad input for the evaluator (missing model, wrong dataset, ...); the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``titans-timm-eval`` argument parser (dataset flags named as in ``titans-timm-train``)."""
+    parser = argparse.ArgumentParser(
+        prog='titans-timm-eval',
+        description='Evaluate a titans-timm checkpoint or a timm model: top-1/top-5, loss, per-class '
+                    'accuracy, img/s, confusion matrix and memory surprise maps.')
+    src = parser.add_argument_group('model (one of)')
+    src.add_argument('--checkpoint', metavar='FILE', default=None,
+                     help='model.safetensors written by titans-timm-train')
+    src.add_argument('--model', metavar='NAME', default=None,
+                     help='timm model name: local-dir:DIR, hf-hub:ORG/NAME, or a registered name with --pretrained')
+    src.add_argument('--pretrained', action='store_true', default=False,
+                     help='load pretrained weights for a plain --model name (implied for local-dir:/hf-hub:)')
+    data = parser.add_argument_group('dataset (as in titans-timm-train)')
+    data.add_argument('--dataset', default=None,
+                      help="dataset name: the built-in 'fashion-mnist-mini' (default), hf:ORG/NAME, hfds/ORG/NAME, "
+                           "or empty for an image folder given by --data-dir")
+    data.add_argument('--data-dir', default=None, metavar='DIR', help='dataset root folder')
+    data.add_argument('--split', default='validation', help='dataset split to evaluate (default: validation)')
+    data.add_argument('-b', '--batch-size', type=int, default=64, metavar='N', help='batch size (default: 64)')
+    data.add_argument('--img-size', type=int, default=None, metavar='N',
+                      help='input image size (default: the model\'s own)')
+    data.add_argument('-j', '--workers', type=int, default=2, metavar='N', help='data loading workers (default: 2)')
+    data.add_argument('--num-samples', type=int, default=None, metavar='N',
+                      help='evaluate only the first N samples of the split')
+    run = parser.add_argument_group('run')
+    run.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
+    run.add_argument('--amp', action='store_true', default=False,
+                     help='bfloat16 autocast (on CPU too); metrics are computed in float32')
+    run.add_argument('--output', default=None, metavar='DIR',
+                     help='folder for eval_report.json and plots (default: next to --checkpoint, '
+                          'else output/eval/<model>)')
+    run.add_argument('--visualize', action='store_true', default=False,
+                     help='write confusion_matrix.png (row-normalised) and per_class_accuracy.png')
+    run.add_argument('--surprise-maps', type=int, default=0, metavar='N',
+                     help='write surprise_maps.png for the first N images (memory models only)')
+    run.add_argument('--surprise-blocks', default=None, metavar='I,J',
+                     help='block indices for the surprise maps (default: every memory block)')
+    run.add_argument('--no-progress', action='store_true', default=False, help='no progress bar')
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model and data
+
+def load_model_for_eval(
+        checkpoint: Optional[str] = None,
+        model_name: Optional[str] = None,
+        pretrained: bool = False,
+        img_size: Optional[int] = None,
+) -> Tuple[nn.Module, dict]:
+    """Build the model to evaluate and describe where it came from.
+
+    Args:
+        checkpoint: a ``model.safetensors`` written by :func:`titans_timm.checkpoint.save_model`.
+        model_name: a timm name (``local-dir:DIR``, ``hf-hub:ORG/NAME`` or a registered name).
+        pretrained: load pretrained weights for a registered name (always on for ``local-dir:``/``hf-hub:``).
+        img_size: build the model for this input size instead of its own.
+
+    Returns:
+        ``(model, info)``; ``info`` holds ``source``, ``architecture``, ``model_args`` and ``label_names``
+        (``None`` when the model does not record them).
+
+    Raises:
+        EvalError: neither or both sources given, a missing/corrupt/incompatible checkpoint, an unknown model.
+    """
+    import timm
+    import titans_timm  # noqa: F401  (registers the memory models with timm)
+
+    if (checkpoint is None) == (model_name is None):
+        raise EvalError('give exactly one of --checkpoint FILE or --model NAME')
+    overrides = {} if img_size is None else dict(img_size=img_size)
+    if checkpoint is not None:
+        from titans_timm.checkpoint import CheckpointError, load_model
+        if not os.path.isfile(checkpoint):
+            raise EvalError(f'checkpoint {checkpoint!r} not found; pass the model.safetensors written by '
+                            f'titans-timm-train (OUTPUT/EXPERIMENT/model.safetensors)')
+        try:
+            model, meta = load_model(checkpoint, **overrides)
+        except CheckpointError as e:
+            raise EvalError(str(e)) from None
+        meta = dict(meta or {})
+        cfg = meta.get('pretrained_cfg') or {}
+        if cfg:
+            # The checkpoint's data config (mean/std/input size it was trained with) wins over the registry's.
+            model.pretrained_cfg = {**dict(getattr(model, 'pretrained_cfg', None) or {}), **cfg}
+        info = dict(
+            source=os.path.abspath(checkpoint),
+            architecture=meta.get('architecture'),
+            model_args=meta.get('model_args'),
+            label_names=meta.get('label_names') or cfg.get('label_names'),
+        )
+        return model, info
+
+    is_hub = model_name.startswith(('hf-hub:', 'local-dir:'))
+    if model_name.startswith('local-dir:'):
+        folder = model_name[len('local-dir:'):]
+        if not os.path.isdir(folder):
+            raise EvalError(f'model folder {folder!r} not found; local-dir: needs a folder with config.json '
+                            f'and model.safetensors (as written by titans-timm-push --dry-run or save_for_hf)')
+    elif not is_hub and not timm.is_model(model_name):
+        raise EvalError(f'unknown model {model_name!r}; use local-dir:DIR, hf-hub:ORG/NAME or a name from '
+                        f'timm.list_models()')
+    try:
+        model = timm.create_model(model_name, pretrained=is_hub or pretrained, **overrides)
+    except (OSError, RuntimeError, ValueError) as e:
+        # Hub errors (offline, missing repo) and state-dict mismatches come as long messages; keep the first line.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvalError(f'could not load {model_name!r}: {first}') from None
+    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    info = dict(
+        source=model_name,
+        architecture=cfg.get('architecture') or type(model).__name__,
+        model_args=None,
+        label_names=cfg.get('label_names'),
+    )
+    return model, info
+
+
+def _create_eval_dataset(args: argparse.Namespace):
+    """The dataset named by the training flags, without a transform yet."""
+    from titans_timm import data as tdata
+    name = args.dataset if args.dataset is not None else tdata.BUILTIN_DATASET
+    try:
+        return tdata.create_dataset(name, root=args.data_dir, split=args.split)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise EvalError(str(e).strip().splitlines()[0] if str(e).strip() else
+                        f'could not load dataset {name!r} split {args.split!r}') from None
+
+
+def _label_names(dataset) -> List[str]:
+    names = getattr(dataset, 'label_names', None)
+    if not names:
+        raise EvalError('the dataset has no label names; use a dataset from titans_timm.data.create_dataset')
+    return [str(n) for n in names]
+
+
+def _data_config(model: nn.Module, img_size: Optional[int]) -> dict:
+    from timm.data import resolve_data_config
+    args = {} if img_size is None else dict(img_size=img_size)
+    return resolve_data_config(args, model=model)
+
+
+def _make_loader(dataset, data_config: dict, batch_size: int, workers: int, num_samples: Optional[int]):
+    """Eval transform from the model's data config, optional first-N subset, ordered loader."""
+    from timm.data import create_transform
+    dataset.transform = create_transform(**data_config, is_training=False)
+    if num_samples is not None:
+        if num_samples < 1:
+            raise EvalError(f'--num-samples must be at least 1, got {num_samples}')
+        dataset = torch.utils.data.Subset(dataset, range(min(num_samples, len(dataset))))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        persistent_workers=False, drop_last=False)
+
+
+def _check_classes(model: nn.Module, info: dict, label_names: Sequence[str]):
+    num_classes = getattr(model, 'num_classes', None)
+    if num_classes is not None and num_classes != len(label_names):
+        raise EvalError(f'the model predicts {num_classes} classes but the dataset has {len(label_names)}; '
+                        f'evaluate on the dataset it was trained on')
+    trained = info.get('label_names')
+    if trained and list(map(str, trained)) != list(label_names):
+        raise EvalError(f'the model was trained on classes {list(trained)[:5]}... but the dataset has '
+                        f'{list(label_names)[:5]}...; evaluate on the dataset it was trained on')
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+def compute_metrics(confusion: torch.Tensor, loss_sum: float, top5_correct: int, label_names: Sequence[str],
+                    topk: int = 5) -> dict:
+    """Accuracy numbers from a confusion matrix (rows: true class, columns: predicted class).
+
+    Returns top-1 / top-k in percent, mean loss, and per-class accuracy (percent; ``None`` for a class
+    with no sample).
+    """
+    confusion = confusion.to(torch.long)
+    total = int(confusion.sum())
+    correct = int(confusion.diag().sum())
+    counts = confusion.sum(1)
+    per_class = []
+    for i, name in enumerate(label_names):
+        n = int(counts[i])
+        per_class.append(dict(
+            index=i, name=str(name), count=n,
+            accuracy=(100.0 * int(confusion[i, i]) / n) if n else None))
+    return dict(
+        num_samples=total,
+        top1=100.0 * correct / max(total, 1),
+        top5=100.0 * top5_correct / max(total, 1),
+        topk=topk,
+        loss=loss_sum / max(total, 1),
+        per_class=per_class,
+    )
+
+
+def evaluate_model(
+        model: nn.Module,
+        loader: Iterable,
+        num_classes: int,
+        label_names: Optional[Sequence[str]] = None,
+        device: str = 'cpu',
+        amp: bool = False,
+        progress: bool = True,
+) -> dict:
+    """Run ``model`` over ``loader`` in eval mode and return the metrics.
+
+    Returns a dict with ``top1``, ``top5`` (percent; top-k is clipped to the class count for fewer than
+    5 classes), ``loss`` (mean cross-entropy), ``per_class`` (list of ``{index, name, count, accuracy}``),
+    ``confusion_matrix`` (list of lists, rows true class, columns prediction), ``num_samples``,
+    ``img_per_sec`` (model forward time only) and ``elapsed_s`` (whole pass).
+    """
+    from tqdm import tqdm
+    label_names = list(label_names) if label_names is not None else [str(i) for i in range(num_classes)]
+    k = min(5, num_classes)
+    model.eval().to(device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, top5_correct, forward_s = 0.0, 0, 0.0
+    is_cuda = torch.device(device).type == 'cuda'
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, target in tqdm(loader, desc='eval', unit='batch', disable=not progress, leave=False):
+            images, target = images.to(device), target.to(device)
+            if int(target.max()) >= num_classes or int(target.min()) < 0:
+                raise EvalError(f'dataset label {int(target.max())} is outside the model\'s {num_classes} '
+                                f'classes; evaluate on the dataset the model was trained on')
+            t0 = time.perf_counter()
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(images)
+            if is_cuda:
+                torch.cuda.synchronize()
+            forward_s += time.perf_counter() - t0
+            logits = logits.float()
+            loss_sum += float(F.cross_entropy(logits, target, reduction='sum'))
+            pred = logits.topk(k, dim=1).indices  # [B, k]
+            top5_correct += int((pred == target[:, None]).any(1).sum())
+            idx = (target * num_classes + pred[:, 0]).cpu()
+            confusion += torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    elapsed = time.perf_counter() - start
+    metrics = compute_metrics(confusion, loss_sum, top5_correct, label_names, topk=k)
+    metrics.update(
+        confusion_matrix=confusion.tolist(),
+        img_per_sec=metrics['num_samples'] / forward_s if forward_s > 0 else None,
+        elapsed_s=elapsed,
+    )
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg backend: no display needed)
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def confusion_figsize(num_classes: int) -> Tuple[float, float]:
+    """Figure size in inches of :func:`plot_confusion_matrix` (saved at ``PLOT_DPI``)."""
+    side = min(max(6.0, 2.5 + 0.3 * num_classes), 20.0)
+    return side + 1.0, side  # extra width for the colour bar
+
+
+def per_class_figsize(num_classes: int) -> Tuple[float, float]:
+    """Figure size in inches of :func:`plot_per_class_accuracy` (saved at ``PLOT_DPI``)."""
+    return min(max(6.0, 2.0 + 0.25 * num_classes), 24.0), 5.0
+
+
+def _tick_plan(num_classes: int) -> Tuple[Optional[float], int]:
+    """(font size, stride) for class tick labels: every name up to 60 classes, then numbered every n-th."""
+    if num_classes <= 60:
+        return max(5.0, min(10.0, 300.0 / max(num_classes, 1))), 1
+    return None, int(math.ceil(num_classes / 20))
+
+
+def plot_confusion_matrix(confusion, label_names: Sequence[str], path: str, title: Optional[str] = None) -> str:
+    """Save a row-normalised confusion matrix as a PNG and return its path.
+
+    Rows are true classes, columns predictions, each row divided by its count (rows without samples stay
+    0). Cells carry their value up to 15 classes; class names label the axes up to 60 classes, beyond
+    that every n-th class index is shown so 200 classes stay legible.
+    """
+    plt = _pyplot()
+    cm = torch.as_tensor(confusion, dtype=torch.float64)
+    n = cm.shape[0]
+    norm = cm / cm.sum(1, keepdim=True).clamp_min(1)
+    fig, ax = plt.subplots(figsize=confusion_figsize(n), dpi=PLOT_DPI, layout='constrained')
+    im = ax.imshow(norm.numpy(), cmap='Blues', vmin=0.0, vmax=1.0, interpolation='nearest')
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label='fraction of the true class')
+    fontsize, stride = _tick_plan(n)
+    if stride == 1:
+        ax.set_xticks(range(n), [str(s) for s in label_names], rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(n), [str(s) for s in label_names], fontsize=fontsize)
+    else:
+        ticks = list(range(0, n, stride))
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=11)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=11)
+    if n <= 15:
+        for i in range(n):
+            for j in range(n):
+                v = float(norm[i, j])
+                if v > 0:
+                    ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=8,
+                            color='white' if v > 0.5 else 'black')
+    label_size = 10 if stride == 1 else 13  # big figures are viewed scaled down
+    ax.set_xlabel('predicted class' if stride == 1 else 'predicted class index', fontsize=label_size)
+    ax.set_ylabel('true class' if stride == 1 else 'true class index', fontsize=label_size)
+    ax.set_title(title or 'Confusion matrix (row-normalised)', fontsize=label_size + 2)
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_per_class_accuracy(per_class: Sequence[dict], path: str, overall: Optional[float] = None,
+                            title: Optional[str] = None) -> str:
+    """Save a bar chart of per-class accuracy (``per_class`` entries as in the eval report) as a PNG.
+
+    A dashed line marks ``overall`` (top-1). Class names label the bars up to 60 classes, class indices
+    every n-th bar beyond that.
+    """
+    plt = _pyplot()
+    n = len(per_class)
+    acc = [float(c['accuracy']) if c['accuracy'] is not None else 0.0 for c in per_class]
+    fig, ax = plt.subplots(figsize=per_class_figsize(n), dpi=PLOT_DPI, layout='constrained')
+    colors = ['tab:blue' if c['accuracy'] is not None else 'lightgray' for c in per_class]
+    ax.bar(range(n), acc, color=colors, width=0.8)
+    if overall is not None:
+        ax.axhline(overall, color='tab:red', linestyle='--', linewidth=1, label=f'top-1 {overall:.1f}%')
+        ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: bars can reach any height
+    fontsize, stride = _tick_plan(n)
+    if stride == 1:
+        ax.set_xticks(range(n), [str(c['name']) for c in per_class], rotation=60, ha='right', fontsize=fontsize)
+    else:
+        ticks = list(range(0, n, stride))
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=10)
+        ax.set_xlabel('class index')
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel('accuracy (%)')
+    ax.set_title(title or 'Per-class accuracy')
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Surprise maps
+
+def _patch_grid(model: nn.Module, images: torch.Tensor) -> Tuple[int, int]:
+    patch_embed = getattr(model, 'patch_embed', None)
+    if patch_embed is None:
+        raise EvalError('surprise maps need a ViT with a patch_embed (a titans-timm memory model)')
+    if hasattr(patch_embed, 'dynamic_feat_size'):
+        return tuple(patch_embed.dynamic_feat_size(tuple(images.shape[-2:])))
+    return tuple(patch_embed.grid_size)
+
+
+def surprise_maps(
+        model: nn.Module,
+        images: torch.Tensor,
+        blocks: Optional[Sequence[int]] = None,
+        return_logits: bool = False,
+):
+    """Per-patch surprise of the memory at chosen blocks, from one ordinary forward pass.
+
+    The surprise is what the memory module reports as ``stats['surprise']`` (the per-token inner
+    associative loss ``||M(k_t) - v_t||^2``, Titans eq. 12). During the forward each memory module's
+    ``forward`` is wrapped so it is called with ``return_stats=True`` and hands only the output on: the
+    model runs once, exactly as it would without the capture, and the maps are the surprise of that pass.
+    Prefix tokens (class, register, and for MAC the persistent/retrieved tokens, which all precede the
+    patches) are dropped by keeping the last ``H' * W'`` tokens; if a module is called several times in
+    one forward the last call that saw all patches counts.
+
+    Args:
+        model: a titans-timm model (anything :func:`titans_timm.vit.memory_modules` finds memory in).
+        images: normalised images ``[B, C, H, W]`` as the model expects them.
+        blocks: block indices to capture (default: every memory-carrying block).
+        return_logits: also return the model output of that forward.
+
+    Returns:
+        ``{block_index: Tensor[B, H', W']}`` in block order (float32, CPU), or ``(maps, logits)``.
+
+    Raises:
+        EvalError: the model has no memory, or ``blocks`` names a block without memory.
+    """
+    from titans_timm.vit import memory_modules
+    found = list(memory_modules(model))
+    if not found:
+        raise EvalError(f'{type(model).__name__} has no memory modules, so it has no surprise to map; use a '
+                        f'memory model such as vit_tiny_mag_simple')
+    available = [i for i, _ in found]
+    if blocks is None:
+        chosen = found
+    else:
+        missing = [b for b in blocks if b not in available]
+        if missing:
+            raise EvalError(f'block(s) {missing} carry no memory; memory blocks of this model: {available}')
+        chosen = [(i, m) for i, m in found if i in set(blocks)]
+
+    grid_h, grid_w = _patch_grid(model, images)
+    num_patches = grid_h * grid_w
+    captured: Dict[int, torch.Tensor] = {}
+    wrapped = []
+
+    def make_wrapper(block_index, module):
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            if kwargs.get('return_stats'):
+                out = original(*args, **kwargs)  # the caller wants the stats itself: leave its call alone
+                stats = out[1]
+            else:
+                out, stats = original(*args, return_stats=True, **kwargs)
+            surprise = stats['surprise']  # [B, N]
+            if surprise.shape[-1] >= num_patches:
+                captured[block_index] = surprise[:, -num_patches:].detach().float().cpu()
+            return out
+        return forward
+
+    was_training = model.training
+    model.eval()
+    try:
+        for block_index, module in chosen:
+            if 'forward' in module.__dict__:
+                raise EvalError(f'memory module of block {block_index} already has an instance forward; '
+                                f'cannot capture its surprise')
+            module.forward = make_wrapper(block_index, module)
+            wrapped.append(module)
+        with torch.inference_mode():
+            logits = model(images)
+    finally:
+        for module in wrapped:
+            del module.forward  # back to the class's forward
+        model.train(was_training)
+
+    maps = {}
+    for block_index, _ in chosen:
+        if block_index not in captured:
+            raise EvalError(f'the memory of block {block_index} did not report a surprise for all '
+                            f'{num_patches} patches during the forward')
+        maps[block_index] = captured[block_index].reshape(-1, grid_h, grid_w)  # [B, H', W']
+    return (maps, logits) if return_logits else maps
+
+
+def plot_surprise_maps(
+        images: torch.Tensor,
+        maps: Dict[int, torch.Tensor],
+        path: str,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        row_titles: Optional[Sequence[str]] = None,
+        cell_inches: float = 2.2,
+) -> str:
+    """Save a grid of surprise heatmaps over the images as a PNG and return its path.
+
+    Rows are images, columns the original image then one column per block: the block's surprise map,
+    upsampled (bilinear) to the image size and overlaid on the greyed image. Each block column shares one
+    colour scale across its images and has its own colour bar, since surprise magnitudes differ by depth.
+
+    Args:
+        images: the normalised model inputs ``[B, C, H, W]``; ``mean``/``std`` undo the normalisation.
+        maps: ``{block_index: [B, H', W']}`` from :func:`surprise_maps`.
+        row_titles: one caption per image (e.g. true and predicted label).
+    """
+    plt = _pyplot()
+    images = images.detach().float().cpu()
+    b, c, h, w = images.shape
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    shown = (images * std_t + mean_t).clamp(0, 1)  # [B, C, H, W] in [0, 1]
+    if c == 1:
+        shown = shown.expand(-1, 3, -1, -1)
+    shown = shown.permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+    grey = shown.mean(-1)  # [B, H, W]
+    block_ids = list(maps)
+    cols = 1 + len(block_ids)
+    # The last column gets room for its colour bar; all figures have a deterministic pixel size.
+    fig, axes = plt.subplots(b, cols, figsize=(cols * cell_inches + 0.8, b * cell_inches + 0.4),
+                             dpi=PLOT_DPI, squeeze=False, layout='constrained')
+    for j, block_index in enumerate(block_ids, start=1):
+        m = maps[block_index].detach().float().cpu()
+        up = F.interpolate(m[:, None], size=(h, w), mode='bilinear', align_corners=False)[:, 0]  # [B, H, W]
+        vmin, vmax = float(up.min()), float(up.max())
+        if vmax <= vmin:
+            vmax = vmin + 1e-12
+        for i in range(b):
+            ax = axes[i, j]
+            ax.imshow(grey[i], cmap='gray', vmin=0, vmax=1)
+            im = ax.imshow(up[i].numpy(), cmap='inferno', alpha=0.6, vmin=vmin, vmax=vmax)
+            if i == 0:
+                ax.set_title(f'block {block_index} surprise', fontsize=9)
+        fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.8, pad=0.02)
+    for i in range(b):
+        axes[i, 0].imshow(shown[i])
+        if row_titles is not None:
+            axes[i, 0].set_title(str(row_titles[i]), fontsize=8)
+        elif i == 0:
+            axes[i, 0].set_title('image', fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def _parse_blocks(text: Optional[str]) -> Optional[List[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(',') if t.strip()]
+    except ValueError:
+        raise EvalError(f'--surprise-blocks takes comma-separated block indices like 1,5, got {text!r}') from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+
+def _default_output(args: argparse.Namespace) -> str:
+    if args.checkpoint:
+        return os.path.dirname(os.path.abspath(args.checkpoint))
+    name = args.model.split(':', 1)[-1].rstrip('/').replace('/', '_').replace(os.sep, '_').lstrip('._') or 'model'
+    return os.path.join('output', 'eval', name)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate with parsed arguments (see :func:`build_parser`) and return the report dict."""
+    if args.batch_size < 1:
+        raise EvalError(f'-b/--batch-size must be at least 1, got {args.batch_size}')
+    if args.surprise_maps < 0:
+        raise EvalError(f'--surprise-maps takes a number of images, got {args.surprise_maps}')
+    blocks = _parse_blocks(args.surprise_blocks)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+
+    model, info = load_model_for_eval(args.checkpoint, args.model, args.pretrained, args.img_size)
+    dataset = _create_eval_dataset(args)
+    label_names = _label_names(dataset)
+    _check_classes(model, info, label_names)
+    data_config = _data_config(model, args.img_size)
+    loader = _make_loader(dataset, data_config, args.batch_size, args.workers, args.num_samples)
+
+    metrics = evaluate_model(model, loader, len(label_names), label_names, device=device, amp=args.amp,
+                             progress=not args.no_progress)
+    output = args.output or _default_output(args)
+    os.makedirs(output, exist_ok=True)
+    import timm
+    import titans_timm
+    report = dict(
+        model=info['architecture'],
+        source=info['source'],
+        model_args=info['model_args'],
+        dataset=args.dataset if args.dataset is not None else _builtin_name(),
+        data_dir=args.data_dir,
+        split=args.split,
+        num_classes=len(label_names),
+        label_names=label_names,
+        param_count=sum(p.numel() for p in model.parameters()),
+        data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()},
+        batch_size=args.batch_size,
+        device=str(device),
+        amp=bool(args.amp),
+        versions=dict(titans_timm=titans_timm.__version__, timm=timm.__version__, torch=torch.__version__),
+        date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+        **metrics,
+    )
+    files = {}
+    if args.visualize:
+        title = f'{info["architecture"]} on {report["dataset"]} ({args.split})'
+        files['confusion_matrix'] = plot_confusion_matrix(
+            metrics['confusion_matrix'], label_names, os.path.join(output, CONFUSION_NAME), title=title)
+        files['per_class_accuracy'] = plot_per_class_accuracy(
+            metrics['per_class'], os.path.join(output, PER_CLASS_NAME), overall=metrics['top1'], title=title)
+    if args.surprise_maps:
+        files['surprise_maps'] = _write_surprise_maps(model, loader, args.surprise_maps, blocks, data_config,
+                                                      label_names, device, output)
+    report['files'] = files
+    report_path = os.path.join(output, REPORT_NAME)
+    tmp = report_path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, report_path)  # atomic: a sweep never reads half a report
+    report['report_path'] = report_path
+    return report
+
+
+def _builtin_name() -> str:
+    from titans_timm.data import BUILTIN_DATASET
+    return BUILTIN_DATASET
+
+
+def _write_surprise_maps(model, loader, n, blocks, data_config, label_names, device, output) -> str:
+    images, targets = [], []
+    for x, y in loader:
+        images.append(x)
+        targets.append(y)
+        if sum(len(t) for t in images) >= n:
+            break
+    images = torch.cat(images)[:n].to(device)
+    targets = torch.cat(targets)[:n]
+    maps, logits = surprise_maps(model, images, blocks=blocks, return_logits=True)
+    pred = logits.float().argmax(1).cpu()
+    titles = [f'{label_names[int(t)]} -> {label_names[int(p)]}' for t, p in zip(targets, pred)]
+    return plot_surprise_maps(images, maps, os.path.join(output, SURPRISE_NAME),
+                              mean=data_config['mean'], std=data_config['std'], row_titles=titles)
+
+
+def _print_summary(report: dict):
+    print(f'{report["model"]} on {report["dataset"]} ({report["split"]}, {report["num_samples"]} images): '
+          f'top-1 {report["top1"]:.2f}%  top-{report["topk"]} {report["top5"]:.2f}%  loss {report["loss"]:.4f}  '
+          f'{report["img_per_sec"] or 0:.1f} img/s')
+    print(f'report: {report["report_path"]}')
+    for kind, path in report['files'].items():
+        print(f'{kind}: {path}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``titans-timm-eval``: evaluate a model and write ``OUTPUT/eval_report.json`` (plus plots on request).
+
+    Returns the report dict (also written as JSON: metrics, per-class accuracy, confusion matrix, data
+    config, source). Bad input prints ``error: ...`` and exits with status 2.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except EvalError as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(2)
+    _print_summary(report)
+    return report
+
+
+def cli() -> int:
+    """Console-script entry: like :func:`main` but returns exit status 0 instead of the report."""
+    main()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -1,0 +1,381 @@
+"""Sweep the memory-augmented ViT zoo with one recipe: train, evaluate and tabulate every combination.
+
+``titans-timm-sweep`` / ``python -m titans_timm.sweep`` / :func:`main` trains every model
+``vit_{size}_{approach}_{memory}`` for the chosen ``--model-sizes``, ``--approaches`` and
+``--memory-types`` (plus, unless ``--no-baseline``, the plain backbone ``vit_{size}_patch16_224`` as
+``vit_{size}_baseline``), each as its own ``titans-timm-train`` run with the same recipe (``-c``)::
+
+    titans-timm-sweep -c train_timm_hparams/fashion_mnist_mini.yaml --model-sizes tiny \\
+        --approaches mal,mac,mag --memory-types mlp,simple,advanced --output output/sweep -- --epochs 2
+
+Arguments after ``--`` go to every training run unchanged. Each run lives in ``OUTPUT/NAME/`` (training's
+``--output OUTPUT --experiment NAME``), is evaluated with :mod:`titans_timm.evaluate` on the recipe's
+validation split (``OUTPUT/NAME/eval_report.json``), and the sweep writes ``OUTPUT/results.csv``,
+``OUTPUT/results.md`` (model, params, top-1, top-5, train time, img/s, change against the baseline of the
+same size) and ``OUTPUT/results.png`` (top-1 bars).
+
+Choices (the issue is silent on them):
+
+* Each training run is a subprocess (``python -m titans_timm.train``): a crash, an out-of-memory kill or a
+  leaked thread setting in one run cannot spoil the next, and every run starts from the same process
+  state, which also makes the train time comparable. Its output goes to ``OUTPUT/NAME/train.log``
+  (``--verbose`` streams it instead); on failure the log's tail is printed, the sweep moves on and the
+  run is listed as failed (exit status 1 at the end).
+* A run is finished when ``OUTPUT/NAME/model.safetensors`` and the sweep's final summary
+  ``OUTPUT/NAME/sweep_run.json`` (written only after training returned successfully) exist. A re-run skips
+  finished runs, re-evaluating only if ``eval_report.json`` is missing; anything else is trained again.
+  ``--force`` retrains everything.
+* Baselines run first, so the change against the baseline is known as each memory model finishes.
+* Train time is the wall time of the training subprocess (so it includes process start-up, the same
+  for every run); img/s is the evaluator's inference throughput.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ['SIZES', 'APPROACHES', 'SweepError', 'SweepRun', 'build_parser', 'plan_runs', 'is_finished',
+           'eval_argv_from_train_args', 'write_results', 'main', 'cli']
+
+SIZES = ('tiny', 'small', 'base')
+APPROACHES = ('mal', 'mac', 'mag')
+RUN_SUMMARY = 'sweep_run.json'
+CHECKPOINT = 'model.safetensors'
+EVAL_REPORT = 'eval_report.json'
+RESULT_COLUMNS = ('name', 'model', 'size', 'approach', 'memory_type', 'status', 'params', 'top1', 'top5',
+                  'loss', 'train_time_s', 'img_per_sec', 'delta_top1', 'run_dir')
+
+
+class SweepError(Exception):
+    """Bad sweep input (unknown size, missing recipe, ...); the message says what to do."""
+
+
+class SweepRun(dict):
+    """One planned run: ``name``, ``model`` (timm name), ``size``, ``approach``, ``memory_type`` (``None`` for a baseline)."""
+
+    @property
+    def is_baseline(self) -> bool:
+        return self['approach'] is None
+
+
+def _memory_types() -> tuple:
+    from titans_timm.memory import MEMORY_TYPES
+    return tuple(MEMORY_TYPES)
+
+
+def _split_list(text: str, allowed: Sequence[str], flag: str) -> List[str]:
+    items = [t.strip().lower() for t in text.split(',') if t.strip()]
+    if not items:
+        raise SweepError(f'{flag} needs at least one of {",".join(allowed)}')
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise SweepError(f'{flag}: unknown {", ".join(bad)}; choose from {",".join(allowed)}')
+    return list(dict.fromkeys(items))  # keep order, drop repeats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``titans-timm-sweep`` argument parser; arguments after ``--`` pass through to training."""
+    parser = argparse.ArgumentParser(
+        prog='titans-timm-sweep',
+        description='Train and evaluate every size x approach x memory type (plus the plain backbone) with one '
+                    'recipe; arguments after -- go to titans-timm-train.')
+    parser.add_argument('-c', '--config', required=True, metavar='YAML', help='training recipe for every run')
+    parser.add_argument('--model-sizes', default='tiny', help='comma-separated: tiny,small,base (default: tiny)')
+    parser.add_argument('--approaches', default='mal,mac,mag', help='comma-separated: mal,mac,mag (default: all)')
+    parser.add_argument('--memory-types', default='mlp,simple,advanced',
+                        help='comma-separated: mlp,simple,advanced (default: all)')
+    parser.add_argument('--no-baseline', action='store_true', default=False,
+                        help='skip the plain-backbone baseline runs')
+    parser.add_argument('--output', default='output/sweep', metavar='DIR',
+                        help='sweep folder: one sub-folder per run plus results.* (default: output/sweep)')
+    parser.add_argument('--dry-run', action='store_true', default=False, help='print the plan and exit')
+    parser.add_argument('--force', action='store_true', default=False, help='retrain finished runs too')
+    parser.add_argument('--eval-split', default=None,
+                        help="split to evaluate (default: the recipe's validation split)")
+    parser.add_argument('--verbose', action='store_true', default=False,
+                        help='stream training output instead of writing OUTPUT/NAME/train.log')
+    return parser
+
+
+def plan_runs(sizes: Sequence[str], approaches: Sequence[str], memory_types: Sequence[str],
+              baseline: bool = True) -> List[SweepRun]:
+    """The runs of a sweep in execution order: per size, the baseline first, then approach x memory type."""
+    runs = []
+    for size in sizes:
+        if baseline:
+            runs.append(SweepRun(name=f'vit_{size}_baseline', model=f'vit_{size}_patch16_224', size=size,
+                                 approach=None, memory_type=None))
+        for approach in approaches:
+            for memory_type in memory_types:
+                name = f'vit_{size}_{approach}_{memory_type}'
+                runs.append(SweepRun(name=name, model=name, size=size, approach=approach, memory_type=memory_type))
+    return runs
+
+
+def is_finished(run_dir: str) -> bool:
+    """A run is finished when its final weights and the sweep's final summary both exist."""
+    return os.path.isfile(os.path.join(run_dir, CHECKPOINT)) and os.path.isfile(os.path.join(run_dir, RUN_SUMMARY))
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return data or {}
+
+
+def eval_argv_from_train_args(train_args: dict, run_dir: str, split: Optional[str] = None) -> List[str]:
+    """Evaluator arguments that evaluate ``run_dir``'s model on the data its training validated on.
+
+    ``train_args`` is the run's ``args.yaml`` (timm train.py key names: ``dataset``, ``data_dir``,
+    ``val_split``, ``validation_batch_size``/``batch_size``, ``workers``, ``val_num_samples``).
+    """
+    argv = ['--checkpoint', os.path.join(run_dir, CHECKPOINT), '--output', run_dir, '--no-progress']
+    if train_args.get('dataset') is not None:
+        argv += ['--dataset', str(train_args['dataset'])]
+    if train_args.get('data_dir'):
+        argv += ['--data-dir', str(train_args['data_dir'])]
+    split = split or train_args.get('val_split') or 'validation'
+    argv += ['--split', str(split)]
+    batch = train_args.get('validation_batch_size') or train_args.get('batch_size')
+    if batch:
+        argv += ['-b', str(int(batch))]
+    if train_args.get('workers') is not None:
+        argv += ['--workers', str(int(train_args['workers']))]
+    num = train_args.get('val_num_samples') or train_args.get('num_samples')
+    if num:
+        argv += ['--num-samples', str(int(num))]
+    return argv
+
+
+def _train_command(config: str, run: SweepRun, output: str, passthrough: Sequence[str]) -> List[str]:
+    # Our flags come after the recipe (command line beats YAML) and before the pass-through ones, so a user
+    # can still override e.g. --epochs; --model/--output/--experiment are owned by the sweep.
+    return [sys.executable, '-m', 'titans_timm.train', '-c', config, '--model', run['model'],
+            '--output', output, '--experiment', run['name'], *passthrough]
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors='replace') as f:
+            return ''.join(f.readlines()[-lines:])
+    except OSError:
+        return ''
+
+
+def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], verbose: bool) -> dict:
+    run_dir = os.path.join(output, run['name'])
+    os.makedirs(run_dir, exist_ok=True)
+    cmd = _train_command(config, run, output, passthrough)
+    log_path = os.path.join(run_dir, 'train.log')
+    start = time.perf_counter()
+    if verbose:
+        rc = subprocess.call(cmd)
+    else:
+        with open(log_path, 'w') as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    elapsed = time.perf_counter() - start
+    return dict(returncode=rc, train_time_s=elapsed, command=cmd, log=None if verbose else log_path)
+
+
+def _evaluate(run_dir: str, split: Optional[str]) -> dict:
+    from titans_timm import evaluate
+    args_path = os.path.join(run_dir, 'args.yaml')
+    train_args = _read_yaml(args_path) if os.path.isfile(args_path) else {}
+    eval_args = evaluate.build_parser().parse_args(eval_argv_from_train_args(train_args, run_dir, split))
+    return evaluate.run(eval_args)
+
+
+def _result_row(run: SweepRun, run_dir: str, status: str) -> Dict[str, object]:
+    row = {k: None for k in RESULT_COLUMNS}
+    row.update(name=run['name'], model=run['model'], size=run['size'], approach=run['approach'] or 'baseline',
+               memory_type=run['memory_type'] or '-', status=status, run_dir=run_dir)
+    summary_path = os.path.join(run_dir, RUN_SUMMARY)
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            row['train_time_s'] = json.load(f).get('train_time_s')
+    report_path = os.path.join(run_dir, EVAL_REPORT)
+    if os.path.isfile(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+        row.update(params=report.get('param_count'), top1=report.get('top1'), top5=report.get('top5'),
+                   loss=report.get('loss'), img_per_sec=report.get('img_per_sec'))
+    return row
+
+
+def _add_deltas(rows: List[dict]):
+    base = {r['size']: r['top1'] for r in rows if r['approach'] == 'baseline' and r['top1'] is not None}
+    for r in rows:
+        if r['approach'] != 'baseline' and r['top1'] is not None and r['size'] in base:
+            r['delta_top1'] = r['top1'] - base[r['size']]
+
+
+def _fmt(value, spec: str, missing: str = '-') -> str:
+    return missing if value is None else format(value, spec)
+
+
+def write_results(rows: List[dict], output: str) -> Dict[str, str]:
+    """Write ``results.csv``, ``results.md`` and ``results.png`` (top-1 bars) for the sweep rows."""
+    os.makedirs(output, exist_ok=True)
+    csv_path = os.path.join(output, 'results.csv')
+    with open(csv_path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ('' if r[k] is None else r[k]) for k in RESULT_COLUMNS})
+
+    md_path = os.path.join(output, 'results.md')
+    lines = ['| model | params (M) | top-1 (%) | top-5 (%) | train time (s) | img/s | top-1 vs baseline |',
+             '|---|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        name = r['name'] if r['status'] in ('done', 'skipped') else f'{r["name"]} ({r["status"]})'
+        delta = '(baseline)' if r['approach'] == 'baseline' else _fmt(r['delta_top1'], '+.2f')
+        lines.append(f'| {name} | {_fmt(None if r["params"] is None else r["params"] / 1e6, ".2f")} | '
+                     f'{_fmt(r["top1"], ".2f")} | {_fmt(r["top5"], ".2f")} | {_fmt(r["train_time_s"], ".0f")} | '
+                     f'{_fmt(r["img_per_sec"], ".1f")} | {delta} |')
+    with open(md_path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+    png_path = os.path.join(output, 'results.png')
+    _plot_results(rows, png_path)
+    return dict(csv=csv_path, md=md_path, png=png_path)
+
+
+def _plot_results(rows: List[dict], path: str):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    colors = dict(baseline='tab:gray', mal='tab:blue', mac='tab:orange', mag='tab:green')
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.55 * n), 4.5), dpi=100, layout='constrained')
+    top1 = [r['top1'] if r['top1'] is not None else 0.0 for r in rows]
+    ax.bar(range(n), top1, color=[colors.get(r['approach'], 'tab:purple') for r in rows])
+    for i, r in enumerate(rows):
+        label = 'failed' if r['top1'] is None else f'{r["top1"]:.1f}'
+        ax.text(i, top1[i], label, ha='center', va='bottom', fontsize=7)
+    for size in dict.fromkeys(r['size'] for r in rows):
+        base = [r['top1'] for r in rows if r['size'] == size and r['approach'] == 'baseline' and r['top1'] is not None]
+        idx = [i for i, r in enumerate(rows) if r['size'] == size]
+        if base and idx:
+            ax.hlines(base[0], min(idx) - 0.4, max(idx) + 0.4, colors='black', linestyles='dashed', linewidth=1)
+    ax.set_xticks(range(n), [r['name'].replace('vit_', '') for r in rows], rotation=60, ha='right', fontsize=8)
+    ax.set_ylabel('top-1 (%)')
+    ax.set_ylim(0, 100)
+    ax.set_title('Sweep: top-1 per model (dashed: baseline of that size)')
+    handles = [matplotlib.patches.Patch(color=c, label=k) for k, c in colors.items()
+               if any(r['approach'] == k for r in rows)]
+    ax.legend(handles=handles, fontsize=8, loc='lower right')
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _split_argv(argv: Sequence[str]):
+    argv = list(argv)
+    if '--' in argv:
+        i = argv.index('--')
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
+    """Run the sweep for parsed arguments (see :func:`build_parser`); return the plan, rows and files."""
+    if not os.path.isfile(args.config):
+        raise SweepError(f'recipe {args.config!r} not found; pass a YAML from train_timm_hparams/ with -c')
+    sizes = _split_list(args.model_sizes, SIZES, '--model-sizes')
+    approaches = _split_list(args.approaches, APPROACHES, '--approaches')
+    memory_types = _split_list(args.memory_types, _memory_types(), '--memory-types')
+    owned = [a for a in passthrough if a.split('=')[0] in ('--model', '--output', '--experiment', '-c', '--config')]
+    if owned:
+        raise SweepError(f'{", ".join(owned)} after -- would override what the sweep sets per run; use the '
+                         f'sweep\'s own flags (-c, --output, --model-sizes/--approaches/--memory-types)')
+    runs = plan_runs(sizes, approaches, memory_types, baseline=not args.no_baseline)
+    total = len(runs)
+    output = args.output
+
+    if args.dry_run:
+        print(f'plan: {total} runs, recipe {args.config}, output {output}')
+        for i, run in enumerate(runs, 1):
+            run_dir = os.path.join(output, run['name'])
+            state = 'finished, skip' if is_finished(run_dir) and not args.force else 'train + eval'
+            print(f'[{i}/{total}] {run["name"]} ({run["model"]}): {state}')
+            print('    ' + ' '.join(_train_command(args.config, run, output, passthrough)[1:]))
+        return dict(plan=runs, rows=[], files={}, failed=[])
+
+    os.makedirs(output, exist_ok=True)
+    rows, failed = [], []
+    for i, run in enumerate(runs, 1):
+        run_dir = os.path.join(output, run['name'])
+        prefix = f'[{i}/{total}] {run["name"]}'
+        if is_finished(run_dir) and not args.force:
+            status = 'skipped'
+            print(f'{prefix}: finished earlier, skipping', flush=True)
+        else:
+            print(f'{prefix}: training', flush=True)
+            result = _train(args.config, run, output, passthrough, args.verbose)
+            if result['returncode'] != 0 or not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+                failed.append(run['name'])
+                why = f'exit status {result["returncode"]}' if result['returncode'] else f'no {CHECKPOINT} written'
+                print(f'{prefix}: training failed ({why}); log: {result["log"]}', flush=True)
+                if result['log']:
+                    print(_tail(result['log']), end='', flush=True)
+                rows.append(_result_row(run, run_dir, 'failed'))
+                continue
+            # Removed before evaluation: a stale report must not pass for this run's numbers.
+            if os.path.isfile(os.path.join(run_dir, EVAL_REPORT)):
+                os.remove(os.path.join(run_dir, EVAL_REPORT))
+            summary = dict(run, train_time_s=result['train_time_s'], command=result['command'],
+                           finished_at=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+            tmp = os.path.join(run_dir, RUN_SUMMARY + '.tmp')
+            with open(tmp, 'w') as f:
+                json.dump(summary, f, indent=2)
+            os.replace(tmp, os.path.join(run_dir, RUN_SUMMARY))
+            status = 'done'
+        if not os.path.isfile(os.path.join(run_dir, EVAL_REPORT)):
+            from titans_timm.evaluate import EvalError
+            try:
+                _evaluate(run_dir, args.eval_split)
+            except EvalError as e:
+                failed.append(run['name'])
+                print(f'{prefix}: evaluation failed: {e}', flush=True)
+                rows.append(_result_row(run, run_dir, 'eval failed'))
+                continue
+        row = _result_row(run, run_dir, status)
+        rows.append(row)
+        print(f'{prefix}: top-1 {_fmt(row["top1"], ".2f")}%  top-5 {_fmt(row["top5"], ".2f")}%  '
+              f'train {_fmt(row["train_time_s"], ".0f")} s  {_fmt(row["img_per_sec"], ".1f")} img/s', flush=True)
+        _add_deltas(rows)
+        write_results(rows, output)  # after every run, so an interrupted sweep still has its table
+
+    _add_deltas(rows)
+    files = write_results(rows, output)
+    print(f'results: {files["md"]}, {files["csv"]}, {files["png"]}')
+    if failed:
+        print(f'{len(failed)} of {total} runs failed: {", ".join(failed)}')
+    return dict(plan=runs, rows=rows, files=files, failed=failed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``titans-timm-sweep``: train + evaluate every combination, then write results.csv/.md/.png.
+
+    Returns ``{'plan', 'rows', 'files', 'failed'}``. Bad input prints ``error: ...`` and exits with status 2.
+    """
+    own, passthrough = _split_argv(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    try:
+        return run_sweep(args, passthrough)
+    except SweepError as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cli() -> int:
+    """Console-script entry: like :func:`main`, exit status 1 if any run failed."""
+    return 1 if main()['failed'] else 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
