@@ -1,0 +1,897 @@
+""" Titans memory-augmented Vision Transformers (MAL, MAC, MAG) on timm's VisionTransformer
+
+Papers:
+    - `Titans: Learning to Memorize at Test Time` - https://arxiv.org/abs/2501.00663 (Behrouz, Zhong, Mirrokni)
+    - `An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale` - https://arxiv.org/abs/2010.11929
+    - `How to train your ViT? Data, Augmentation, and Regularization in Vision Transformers`
+      - https://arxiv.org/abs/2106.10270 (the augreg backbone weights)
+
+The backbone is timm's own ``VisionTransformer``; selected blocks are replaced by subclasses of timm's ``Block``
+that add a Titans neural memory (``titans_timm.memory.create_memory``). Every parameter a subclass adds has
+``memory`` in its name, so a plain timm ViT checkpoint loads with only memory parameters missing.
+
+Integrations (DESIGN.md section 2):
+    * MAL, memory as layer (``MemoryLayerBlock``): after the block, ``x = x + g * Mem(LN(x))``.
+      Placing the layer after the block (not before) means the memory sees tokens already mixed by that block's
+      attention, and it costs the same either way.
+    * MAG, memory as gate (``MemoryGateBlock``): a memory branch beside attention,
+      ``y = attn(LN(x)); x = x + ls1(y + g * sigmoid(W y) * Mem(LN(x)))``.
+    * MAC, memory as context (``MemoryContextBlock``): ``N_p`` persistent tokens and ``N_l`` tokens read from the
+      memory join the block's attention as extra keys/values; they are stripped again, so the class token,
+      position embedding and head see the standard layout.
+
+Function preservation: every gate ``g`` starts at zero (LayerScale-style for MAL/MAG, a per-head gate on the
+attention over the extra tokens for MAC), so with a backbone checkpoint loaded the model's logits equal the
+backbone's exactly at step 0. The zero gate receives gradient at the first step; the memory behind it from the
+second step on (as LoRA's B = 0).
+
+Where the memory state lives:
+    * MAL / MAG: one memory module per memory-carrying block, fresh from its M0 for each image (write the
+      block's tokens, every token reads the final memory).
+    * MAC: one memory module shared by all MAC blocks (``model.memory``), whose state recurs through depth for
+      each image, as the Recurrent Memory Transformer recurs over segments: MAC block ``l`` first writes its
+      normalised input tokens (= the output of the blocks before it) into the state left by earlier MAC blocks,
+      then reads ``N_l`` tokens with queries pooled from its tokens in raster order. Writing before reading means
+      even a single MAC block uses (and trains) every memory parameter, and no block writes a state nobody reads.
+      One shared module (rather than one per block) is what makes the recurrence meaningful: the state written
+      by block ``l`` is the weights of the same inner model that block ``l + 1`` reads, and no block's M0 is dead.
+
+Memory state is per image: each image starts from M0 and never sees another image of the batch or an earlier
+call, so ``model(x)[i] == model(x[i:i+1])[0]``.
+
+Default placement: memory in every 4th block ending at the last one (blocks 3, 7, 11 of 12), chosen with
+``benchmarks/model_speed.py`` against the speed targets of issue 3 (see README).
+"""
+import json
+import logging
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import DropPath, LayerNorm, LayerScale, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from .memory import MEMORY_TYPES, create_memory
+
+__all__ = [
+    'APPROACHES', 'TitansVisionTransformer', 'MemoryLayerBlock', 'MemoryGateBlock', 'MemoryContextBlock',
+    'PretrainedCheckpointError', 'checkpoint_filter_fn', 'split_parameters', 'memory_modules',
+    'resolve_memory_blocks',
+]
+
+_logger = logging.getLogger(__name__)
+
+APPROACHES = ('mal', 'mac', 'mag')
+DEFAULT_MEMORY_INTERVAL = 4
+
+
+class PretrainedCheckpointError(ValueError):
+    """A pretrained checkpoint does not fit the model (unexpected, mismatched or missing non-memory keys)."""
+
+
+def is_memory_param(name: str) -> bool:
+    """True for parameters/buffers added by the memory integration (every one has ``memory`` in its name)."""
+    return 'memory' in name
+
+
+def resolve_memory_blocks(
+        depth: int,
+        memory_blocks: Optional[Sequence[int]] = None,
+        memory_interval: Optional[int] = None,
+) -> List[int]:
+    """Indices of the blocks that carry memory.
+
+    Args:
+        depth: Number of transformer blocks.
+        memory_blocks: Explicit block indices (negative counts from the end); wins over ``memory_interval``.
+        memory_interval: Memory in every ``memory_interval``-th block, ending at the last block
+            (interval 4, depth 12 -> blocks 3, 7, 11). A depth shorter than the interval still gets the last block.
+
+    Returns:
+        Sorted, unique, non-negative block indices (at least one).
+    """
+    if memory_blocks is not None:
+        if isinstance(memory_blocks, int) or not all(isinstance(i, int) for i in memory_blocks):
+            raise ValueError(f'memory_blocks must be a list of block indices, got {memory_blocks!r}')
+        bad = [i for i in memory_blocks if not -depth <= i < depth]
+        if bad or not memory_blocks:
+            raise ValueError(
+                f'memory_blocks {list(memory_blocks)} must be a non-empty list of indices in [-{depth}, {depth - 1}] '
+                f'for a model of depth {depth}')
+        return sorted({i % depth for i in memory_blocks})
+    interval = DEFAULT_MEMORY_INTERVAL if memory_interval is None else memory_interval
+    if not isinstance(interval, int) or interval < 1:
+        raise ValueError(f'memory_interval must be a positive int, got {memory_interval!r}')
+    # count back from the last block so the memory nearest the head is always present
+    return list(range(depth - 1, -1, -interval))[::-1]
+
+
+def _to(module: nn.Module, dd: Dict[str, Any]) -> nn.Module:
+    # create_memory takes no device/dtype factory kwargs; move the module only when asked to
+    device, dtype = dd.get('device'), dd.get('dtype')
+    return module.to(device=device, dtype=dtype) if device is not None or dtype is not None else module
+
+
+def _zero_layer_scale(dim: int, **dd) -> LayerScale:
+    # init_values=0 makes the memory branch an exact no-op at step 0 (function-preserving insertion)
+    return LayerScale(dim, init_values=0., **dd)
+
+
+class MemoryLayerBlock(Block):
+    """MAL: a timm ``Block`` followed by a gated memory layer, ``x = x + g * Mem(LN(x))`` with ``g`` zero-init."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            memory_type: str = 'mlp',
+            memory_options: Optional[Dict[str, Any]] = None,
+            norm_layer: Type[nn.Module] = LayerNorm,
+            drop_path: float = 0.,
+            device=None,
+            dtype=None,
+            **block_kwargs,
+    ) -> None:
+        """
+        Args:
+            dim: Embedding dimension.
+            num_heads: Attention heads of the block.
+            memory_type: One of ``titans_timm.memory.MEMORY_TYPES``.
+            memory_options: Keyword options for ``create_memory``.
+            norm_layer: Normalisation layer (the backbone's).
+            drop_path: Stochastic depth rate, also applied to the memory branch.
+            **block_kwargs: Passed to timm's ``Block``.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(dim, num_heads, norm_layer=norm_layer, drop_path=drop_path, **block_kwargs, **dd)
+        self.memory_norm = norm_layer(dim, **dd)
+        self.memory = _to(create_memory(memory_type, dim, **(memory_options or {})), dd)
+        self.memory_ls = _zero_layer_scale(dim, **dd)
+        self.memory_drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x + self.memory_drop_path(self.memory_ls(self.memory(self.memory_norm(x))))
+
+
+class MemoryGateBlock(Block):
+    """MAG: a memory branch beside attention, combined with the attention output through a learned gate.
+
+    ``y = attn(LN1(x)); m = Mem(LN1(x)); x = x + ls1(y + g * sigmoid(W y + b) * m)``, then the block's MLP.
+    ``g`` (LayerScale) starts at zero so the block equals timm's ``Block`` at step 0; ``W, b`` start at zero
+    (gate 0.5 everywhere) so the attention output decides per channel how much memory to let in.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            memory_type: str = 'mlp',
+            memory_options: Optional[Dict[str, Any]] = None,
+            norm_layer: Type[nn.Module] = LayerNorm,
+            device=None,
+            dtype=None,
+            **block_kwargs,
+    ) -> None:
+        """
+        Args:
+            dim: Embedding dimension.
+            num_heads: Attention heads of the block.
+            memory_type: One of ``titans_timm.memory.MEMORY_TYPES``.
+            memory_options: Keyword options for ``create_memory``.
+            norm_layer: Normalisation layer (the backbone's).
+            **block_kwargs: Passed to timm's ``Block``.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(dim, num_heads, norm_layer=norm_layer, **block_kwargs, **dd)
+        self.memory = _to(create_memory(memory_type, dim, **(memory_options or {})), dd)
+        self.memory_gate = nn.Linear(dim, dim, **dd)
+        self.memory_ls = _zero_layer_scale(dim, **dd)
+        self.reset_memory_gate()
+
+    def reset_memory_gate(self) -> None:
+        """Zero the gate projection (sigmoid 0.5) and the LayerScale (exact backbone at step 0)."""
+        nn.init.zeros_(self.memory_gate.weight)
+        nn.init.zeros_(self.memory_gate.bias)
+        self.memory_ls.reset_parameters()
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        h = self.norm1(x)
+        y = self.attn(h, attn_mask=attn_mask, is_causal=is_causal)
+        m = self.memory(h)  # [B, N, D], memory reads the same normalised tokens as attention
+        y = y + self.memory_ls(torch.sigmoid(self.memory_gate(y)) * m)
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class MemoryContextBlock(Block):
+    """MAC: persistent tokens and tokens read from a (shared, recurrent) memory join the block's attention.
+
+    Every token attends as in timm's ``Block``; separately it attends over the ``N_p + N_l`` extra tokens only,
+    and that second attention output is added per head through a zero-initialised gate:
+    ``o_h = softmax(q k^T) v + g_h * softmax(q k_ctx^T) v_ctx``. With ``g = 0`` the block is exactly timm's
+    ``Block`` and ``g`` gets gradient at the first step; a very negative logit offset on a joint softmax would
+    instead leave the extra tokens without gradient.
+
+    The memory module is owned by the model (``TitansVisionTransformer.memory``) and passed in with its state;
+    ``forward`` returns ``(x, state)``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            num_persistent_tokens: int = 4,
+            num_memory_tokens: int = 4,
+            norm_layer: Type[nn.Module] = LayerNorm,
+            device=None,
+            dtype=None,
+            **block_kwargs,
+    ) -> None:
+        """
+        Args:
+            dim: Embedding dimension.
+            num_heads: Attention heads of the block.
+            num_persistent_tokens: ``N_p`` learned, input-independent tokens (Titans' persistent memory).
+            num_memory_tokens: ``N_l`` tokens read from the long-term memory per block (at least 1).
+            norm_layer: Normalisation layer (the backbone's).
+            **block_kwargs: Passed to timm's ``Block``.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(dim, num_heads, norm_layer=norm_layer, **block_kwargs, **dd)
+        self.num_persistent_tokens = num_persistent_tokens
+        self.num_memory_tokens = num_memory_tokens
+        self.memory_persistent = nn.Parameter(torch.empty(1, num_persistent_tokens, dim, **dd)) \
+            if num_persistent_tokens else None
+        # retrieved tokens enter attn.qkv, which expects LayerNorm-ed inputs like the block's own tokens
+        self.memory_norm = norm_layer(dim, **dd)
+        self.memory_gate = nn.Parameter(torch.zeros(self.attn.num_heads, **dd))
+        self.reset_memory_params()
+
+    def reset_memory_params(self) -> None:
+        """Initialise persistent tokens (small normal, as timm's position embedding) and zero the gate."""
+        if self.memory_persistent is not None:
+            trunc_normal_(self.memory_persistent, std=.02)
+        nn.init.zeros_(self.memory_gate)
+
+    def _read_context(self, h: torch.Tensor, memory: nn.Module, state: Any) -> torch.Tensor:
+        B, N, D = h.shape
+        # N_l queries: the tokens pooled into N_l groups in raster order (works for any token count)
+        queries = F.adaptive_avg_pool1d(h.transpose(1, 2), self.num_memory_tokens).transpose(1, 2)  # [B, N_l, D]
+        ctx = self.memory_norm(memory.read(queries, state))  # [B, N_l, D]
+        if self.memory_persistent is not None:
+            ctx = torch.cat([self.memory_persistent.expand(B, -1, -1), ctx], dim=1)  # [B, N_p + N_l, D]
+        return ctx
+
+    def _attention(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        B, N, _ = h.shape
+        M = ctx.shape[1]
+        H, hd = attn.num_heads, attn.head_dim
+        gate = attn.gate(h).sigmoid() if getattr(attn, 'gate', None) is not None else None
+        q, k, v = attn.qkv(h).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        # context tokens need keys/values only: the k, v rows of the qkv projection
+        w_kv = attn.qkv.weight[attn.attn_dim:]
+        b_kv = attn.qkv.bias[attn.attn_dim:] if attn.qkv.bias is not None else None
+        kc, vc = F.linear(ctx, w_kv, b_kv).reshape(B, M, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, M, hd]
+        kc = attn.k_norm(kc)
+        drop = attn.attn_drop.p if self.training else 0.
+        if attn.fused_attn:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # [B, H, N, hd]
+            oc = F.scaled_dot_product_attention(q, kc, vc, dropout_p=drop)  # [B, H, N, hd]
+        else:
+            qs = q * attn.scale
+            o = attn.attn_drop((qs @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+            oc = attn.attn_drop((qs @ kc.transpose(-2, -1)).softmax(dim=-1)) @ vc
+        o = o + self.memory_gate.view(1, H, 1, 1).to(o.dtype) * oc
+        o = o.transpose(1, 2).reshape(B, N, attn.attn_dim)
+        o = attn.norm(o)
+        if gate is not None:
+            o = o * gate
+        return attn.proj_drop(attn.proj(o))
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            memory: nn.Module,
+            state: Any = None,
+    ) -> Tuple[torch.Tensor, Any]:
+        """
+        Args:
+            x: Tokens ``[B, N, D]``.
+            memory: The model's shared memory module.
+            state: Memory state left by earlier MAC blocks (``None``: start from M0).
+
+        Returns:
+            ``(x, state)``: the block output and the memory state after writing this block's tokens.
+        """
+        h = self.norm1(x)
+        state = memory.write(h, state)
+        ctx = self._read_context(h, memory, state)
+        x = x + self.drop_path1(self.ls1(self._attention(h, ctx)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, state
+
+
+class TitansVisionTransformer(VisionTransformer):
+    """ Vision Transformer with Titans neural memory (MAL, MAC or MAG) in selected blocks.
+
+    All of timm's ``VisionTransformer`` arguments are accepted; memory-carrying blocks keep the backbone's
+    parameter names (``blocks.{i}.norm1/attn/ls1/mlp...``) and add ``*memory*`` ones.
+    """
+
+    def __init__(
+            self,
+            approach: str = 'mal',
+            memory_type: str = 'mlp',
+            memory_blocks: Optional[Sequence[int]] = None,
+            memory_interval: Optional[int] = None,
+            memory_options: Optional[Dict[str, Any]] = None,
+            num_persistent_tokens: int = 4,
+            num_memory_tokens: int = 4,
+            **kwargs,
+    ) -> None:
+        """
+        Args:
+            approach: Integration: ``'mal'`` (memory as layer), ``'mac'`` (as context), ``'mag'`` (as gate).
+            memory_type: One of ``titans_timm.memory.MEMORY_TYPES`` (``'mlp'``, ``'simple'``, ``'advanced'``).
+            memory_blocks: Indices of memory-carrying blocks; overrides ``memory_interval``.
+            memory_interval: Memory in every n-th block ending at the last (default 4: blocks 3, 7, 11 of 12).
+            memory_options: Keyword options for ``titans_timm.memory.create_memory`` (JSON-serialisable).
+            num_persistent_tokens: MAC only: ``N_p`` persistent tokens per MAC block.
+            num_memory_tokens: MAC only: ``N_l`` tokens read from the memory per MAC block (>= 1).
+            **kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, depth, num_classes, ...).
+        """
+        if approach not in APPROACHES:
+            raise ValueError(f'approach must be one of {APPROACHES}, got {approach!r}')
+        if memory_type not in MEMORY_TYPES:
+            raise ValueError(f'memory_type must be one of {MEMORY_TYPES}, got {memory_type!r}')
+        memory_options = dict(memory_options or {})
+        try:
+            json.dumps(memory_options)
+        except TypeError as e:
+            raise ValueError(f'memory_options must be JSON-serialisable (plain numbers/strings/lists): {e}') from None
+        if approach == 'mac':
+            if not isinstance(num_memory_tokens, int) or num_memory_tokens < 1:
+                raise ValueError(f'num_memory_tokens must be an int >= 1 for MAC, got {num_memory_tokens!r}')
+            if not isinstance(num_persistent_tokens, int) or num_persistent_tokens < 0:
+                raise ValueError(f'num_persistent_tokens must be an int >= 0, got {num_persistent_tokens!r}')
+        if kwargs.get('block_fn', Block) is not Block:
+            raise ValueError('TitansVisionTransformer builds its own blocks; block_fn cannot be overridden')
+        depth = kwargs.get('depth', 12)
+        blocks = resolve_memory_blocks(depth, memory_blocks, memory_interval)
+
+        block_cls = {'mal': MemoryLayerBlock, 'mag': MemoryGateBlock, 'mac': MemoryContextBlock}[approach]
+        if approach == 'mac':
+            extra = dict(num_persistent_tokens=num_persistent_tokens, num_memory_tokens=num_memory_tokens)
+        else:
+            extra = dict(memory_type=memory_type, memory_options=memory_options)
+
+        def block_fn(depth: int, **block_kwargs) -> nn.Module:
+            # timm's VisionTransformer passes each block its index as `depth`
+            if depth in blocks:
+                return block_cls(depth=depth, **extra, **block_kwargs)
+            return Block(depth=depth, **block_kwargs)
+
+        super().__init__(block_fn=block_fn, **kwargs)
+        self.approach = approach
+        self.memory_type = memory_type
+        self.memory_blocks = blocks
+        self.memory_options = memory_options
+        if approach == 'mac':
+            # one memory for all MAC blocks: its state recurs through depth (see module docstring)
+            self.memory = _to(create_memory(memory_type, self.embed_dim, **memory_options), kwargs)
+        else:
+            self.memory = None
+
+    @torch.jit.ignore
+    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
+        """timm's ViT init for the backbone; memory parameters keep their own init and the gates stay zero."""
+        # timm's init would overwrite the memory's Linear layers (and our zero gates) with trunc_normal
+        saved = {n: t.detach().clone() for n, t in self.state_dict().items() if is_memory_param(n)}
+        super().init_weights(mode, needs_reset)
+        if saved:
+            with torch.no_grad():
+                own = self.state_dict()
+                for n, t in saved.items():
+                    own[n].copy_(t)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Backbone's no-decay set plus MAC persistent tokens and any the memory modules declare."""
+        skip = set(super().no_weight_decay())
+        if self.approach == 'mac':
+            skip.add('blocks.*.memory_persistent')
+        for prefix, module in self._named_memory_modules():
+            if hasattr(module, 'no_weight_decay'):
+                skip.update(f'{prefix}.{n}' for n in module.no_weight_decay())
+        return skip
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's ViT groups; memory params sit in their block's group (MAC's shared memory: first MAC block)."""
+        matcher = super().group_matcher(coarse)
+        if self.approach == 'mac':
+            matcher['blocks'] = [(r'^memory\.', (self.memory_blocks[0],))] + list(matcher['blocks'])
+        return matcher
+
+    def _named_memory_modules(self) -> List[Tuple[str, nn.Module]]:
+        if self.memory is not None:
+            return [('memory', self.memory)]
+        return [(f'blocks.{i}.memory', self.blocks[i].memory) for i in self.memory_blocks if i < len(self.blocks)]
+
+    def _run_block(
+            self,
+            blk: nn.Module,
+            x: torch.Tensor,
+            state: Any,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> Tuple[torch.Tensor, Any]:
+        ckpt = self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled()
+        if isinstance(blk, MemoryContextBlock):
+            if attn_mask is not None or is_causal:
+                raise NotImplementedError(
+                    'MAC models do not support attn_mask / is_causal: the retrieved memory tokens see every token')
+            if ckpt:
+                return checkpoint(blk, x, self.memory, state)
+            return blk(x, self.memory, state)
+        if attn_mask is not None or is_causal:
+            return blk(x, attn_mask=attn_mask, is_causal=is_causal), state
+        if ckpt:
+            return checkpoint(blk, x), state
+        return blk(x), state
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def forward_features(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Patch embed, blocks (threading the MAC memory state through depth), final norm: ``[B, N, D]``."""
+        x = self._embed(x)
+        state = None
+        for blk in self.blocks:
+            x, state = self._run_block(blk, x, state, attn_mask, is_causal)
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """Features of selected blocks, same arguments and outputs as timm's ``VisionTransformer``."""
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        x = self._embed(x)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        state = None
+        for i, blk in enumerate(blocks):
+            x, state = self._run_block(blk, x, state, attn_mask, is_causal)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        prefix_tokens = None
+        if self.num_prefix_tokens:
+            prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
+            intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+
+        if output_dict:
+            out = {'image_intermediates': intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                out['image_intermediates_prefix'] = prefix_tokens
+            if not intermediates_only:
+                out['image_features'] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+def split_parameters(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
+    """Split a model's parameters into ``backbone``, ``memory`` and ``head`` groups (for training phases).
+
+    Every parameter lands in exactly one group: ``memory`` holds those added by the memory integration (name
+    contains ``memory``), ``head`` the classifier (``pretrained_cfg['classifier']``, default ``head``), and
+    ``backbone`` everything else. For a plain timm ViT the memory group is empty.
+
+    Args:
+        model: A ``TitansVisionTransformer`` or any timm model.
+
+    Returns:
+        ``dict(backbone=[(name, param), ...], memory=[...], head=[...])``.
+    """
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head') or ()
+    if isinstance(classifier, str):
+        classifier = (classifier,)
+    head_prefixes = tuple(f'{c}.' for c in classifier)
+    groups = {'backbone': [], 'memory': [], 'head': []}
+    for name, param in model.named_parameters():
+        if name.startswith(head_prefixes):
+            groups['head'].append((name, param))
+        elif is_memory_param(name):
+            groups['memory'].append((name, param))
+        else:
+            groups['backbone'].append((name, param))
+    return groups
+
+
+def memory_modules(model: nn.Module) -> List[Tuple[int, nn.Module]]:
+    """The memory modules of a model in depth order, as ``[(block_index, module), ...]``.
+
+    MAL/MAG: one entry per memory-carrying block. MAC: the single shared memory, under the index of the first
+    MAC block (it is written and read again by every later MAC block). Plain timm models: ``[]``.
+    """
+    if not isinstance(model, TitansVisionTransformer):
+        return []
+    if model.memory is not None:
+        return [(model.memory_blocks[0], model.memory)]
+    return [(i, model.blocks[i].memory) for i in model.memory_blocks if i < len(model.blocks)]
+
+
+def _format_keys(keys: Sequence[str], limit: int = 8) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f' (+{len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor],
+        model: TitansVisionTransformer,
+        **kwargs,
+) -> Dict[str, torch.Tensor]:
+    """Map a timm ViT (backbone) or titans_timm checkpoint onto a ``TitansVisionTransformer``.
+
+    timm's ViT filter first converts foreign layouts and resamples the position embedding and patch kernel for
+    other ``img_size`` / ``patch_size``. Memory parameters the checkpoint lacks are filled from the model's own
+    init, so strict loading passes and only memory parameters start fresh.
+
+    Raises:
+        PretrainedCheckpointError: unexpected keys, shape mismatches or missing non-memory keys, all named.
+    """
+    state_dict = vit_checkpoint_filter_fn(state_dict, model, **kwargs)
+    own = model.state_dict()
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier = cfg.get('classifier', 'head') or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    head_keys = {f'{c}.{p}' for c in classifier for p in ('weight', 'bias')}
+    # timm drops the classifier after this filter when num_classes differs from the pretrained cfg's
+    head_replaced = model.num_classes != cfg.get('num_classes', model.num_classes)
+    first_conv = cfg.get('first_conv') or 'patch_embed.proj'
+    first_conv_weight = f'{first_conv}.weight'
+
+    unexpected, mismatched = [], []
+    for k, v in state_dict.items():
+        if k in head_keys and head_replaced:
+            continue
+        if k not in own:
+            unexpected.append(k)
+        elif v.shape != own[k].shape:
+            ok_in_chans = (  # timm adapts the first conv's input channels after this filter
+                k == first_conv_weight and v.ndim == 4 and v.shape[0] == own[k].shape[0]
+                and v.shape[2:] == own[k].shape[2:])
+            if not ok_in_chans:
+                mismatched.append(f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}')
+    missing = [k for k in own if k not in state_dict and not is_memory_param(k)
+               and not (k in head_keys and head_replaced)]
+    if unexpected or mismatched or missing:
+        parts = []
+        if unexpected:
+            parts.append(f'unexpected keys: {_format_keys(unexpected)}')
+        if mismatched:
+            parts.append(f'mismatched shapes: {_format_keys(mismatched)}')
+        if missing:
+            parts.append(f'missing backbone keys: {_format_keys(missing)}')
+        arch = cfg.get('architecture', type(model).__name__)
+        raise PretrainedCheckpointError(
+            f'checkpoint does not fit {arch} ({"; ".join(parts)}); use a checkpoint of the same backbone size '
+            f'(embed_dim={model.embed_dim}, depth={len(model.blocks)}) or of this exact model')
+
+    filled = [k for k in own if k not in state_dict and is_memory_param(k)]
+    for k in filled:
+        state_dict[k] = own[k]
+    if filled:
+        _logger.info(f'Initialised {len(filled)} memory tensors from scratch (not in the backbone checkpoint).')
+    return state_dict
+
+
+def _create_titans_vit(variant: str, pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        TitansVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(hf_hub_id: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'hf_hub_id': hf_hub_id,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_INCEPTION_MEAN,
+        'std': IMAGENET_INCEPTION_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+# the pretrained tags load the backbone's timm hub checkpoint; memory parameters start from their own init
+_BACKBONE_WEIGHTS = {
+    'tiny': ('augreg_in21k_ft_in1k', 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'),
+    'small': ('augreg_in21k_ft_in1k', 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k'),
+    'base': ('augreg2_in21k_ft_in1k', 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'),
+}
+
+default_cfgs = generate_default_cfgs({
+    f'vit_{size}_{approach}_{memory}.{tag}': _cfg(hf_hub_id=hub_id)
+    for size, (tag, hub_id) in _BACKBONE_WEIGHTS.items()
+    for approach in APPROACHES
+    for memory in MEMORY_TYPES
+})
+
+
+@register_model
+def vit_tiny_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with a gated memory layer after the block (MAL, memory as layer), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='mlp')
+    return _create_titans_vit('vit_tiny_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with a gated memory layer after the block (MAL, memory as layer), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='simple')
+    return _create_titans_vit('vit_tiny_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with a gated memory layer after the block (MAL, memory as layer), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='advanced')
+    return _create_titans_vit('vit_tiny_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with persistent and memory-read tokens as attention context (MAC, memory as context), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='mlp')
+    return _create_titans_vit('vit_tiny_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with persistent and memory-read tokens as attention context (MAC, memory as context), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='simple')
+    return _create_titans_vit('vit_tiny_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with persistent and memory-read tokens as attention context (MAC, memory as context), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='advanced')
+    return _create_titans_vit('vit_tiny_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with a gated memory branch beside attention (MAG, memory as gate), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='mlp')
+    return _create_titans_vit('vit_tiny_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with a gated memory branch beside attention (MAG, memory as gate), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='simple')
+    return _create_titans_vit('vit_tiny_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_tiny_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-Ti/16 with a gated memory branch beside attention (MAG, memory as gate), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='advanced')
+    return _create_titans_vit('vit_tiny_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with a gated memory layer after the block (MAL, memory as layer), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='mlp')
+    return _create_titans_vit('vit_small_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with a gated memory layer after the block (MAL, memory as layer), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='simple')
+    return _create_titans_vit('vit_small_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with a gated memory layer after the block (MAL, memory as layer), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='advanced')
+    return _create_titans_vit('vit_small_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with persistent and memory-read tokens as attention context (MAC, memory as context), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='mlp')
+    return _create_titans_vit('vit_small_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with persistent and memory-read tokens as attention context (MAC, memory as context), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='simple')
+    return _create_titans_vit('vit_small_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with persistent and memory-read tokens as attention context (MAC, memory as context), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='advanced')
+    return _create_titans_vit('vit_small_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with a gated memory branch beside attention (MAG, memory as gate), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='mlp')
+    return _create_titans_vit('vit_small_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with a gated memory branch beside attention (MAG, memory as gate), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='simple')
+    return _create_titans_vit('vit_small_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_small_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-S/16 with a gated memory branch beside attention (MAG, memory as gate), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='advanced')
+    return _create_titans_vit('vit_small_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with a gated memory layer after the block (MAL, memory as layer), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='mlp')
+    return _create_titans_vit('vit_base_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with a gated memory layer after the block (MAL, memory as layer), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='simple')
+    return _create_titans_vit('vit_base_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with a gated memory layer after the block (MAL, memory as layer), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='advanced')
+    return _create_titans_vit('vit_base_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with persistent and memory-read tokens as attention context (MAC, memory as context), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='mlp')
+    return _create_titans_vit('vit_base_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with persistent and memory-read tokens as attention context (MAC, memory as context), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='simple')
+    return _create_titans_vit('vit_base_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with persistent and memory-read tokens as attention context (MAC, memory as context), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='advanced')
+    return _create_titans_vit('vit_base_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with a gated memory branch beside attention (MAG, memory as gate), persistent MLP memory (no test-time update).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='mlp')
+    return _create_titans_vit('vit_base_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with a gated memory branch beside attention (MAG, memory as gate), simple Titans memory (scalar eta/theta/alpha).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='simple')
+    return _create_titans_vit('vit_base_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_base_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+    """ ViT-B/16 with a gated memory branch beside attention (MAG, memory as gate), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='advanced')
+    return _create_titans_vit('vit_base_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
