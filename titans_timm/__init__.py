@@ -4,3 +4,4 @@
 with timm, so ``timm.create_model('vit_small_mac_simple', pretrained=True)`` works.
 """
 __version__ = '0.1.0'
+from .memory import MEMORY_TYPES, create_memory

@@ -1,0 +1,211 @@
+"""The Titans memory core: the chunked closed-form update equals the token-by-token rule, and the memory is
+per image, descends its own loss, is differentiable end to end and stays finite."""
+import pytest
+import torch
+
+from titans_timm import MEMORY_TYPES, create_memory
+from titans_timm.memory import chunk_coefficients, memory_mlp_forward, memory_mlp_grads
+
+UPDATED = ('simple', 'advanced')
+
+
+def _memory(kind, dim=64, dtype=torch.float32, **opts):
+    torch.manual_seed(0)
+    opts.setdefault('head_dim', 16)
+    mem = create_memory(kind, dim, **opts).to(dtype)
+    if kind != 'mlp':
+        # move the gates away from their init so every term of the update is exercised
+        with torch.no_grad():
+            for n, p in mem.named_parameters():
+                if 'logit' in n or 'gates' in n:
+                    p.add_(torch.randn_like(p) * 0.5)
+    return mem
+
+
+def _reference(mem, x, chunk, causal=False):
+    """Token-by-token Titans update (10, 13) written with autograd; in a chunk every gradient is taken at the
+    chunk-start weights (16-18)."""
+    q, k, v, theta, eta, keep = mem._prepare(x, None)
+    B, H, N, _ = k.shape
+    weights = [w.unsqueeze(0).expand(B, *w.shape).clone() for w in mem.init_weights]
+    mom = [torch.zeros_like(w) for w in weights]
+    reads = []
+    for start in range(0, N, chunk):
+        w0 = [w.detach().requires_grad_(True) for w in weights]
+        if causal:
+            reads.append(memory_mlp_forward(w0, q[:, :, start:start + chunk])[0].detach())
+        for t in range(start, min(start + chunk, N)):
+            pred = memory_mlp_forward(w0, k[:, :, t:t + 1])[0]
+            loss = (pred - v[:, :, t:t + 1]).pow(2).sum()  # sum over B, H: each (B, H) gets its own gradient
+            grads = torch.autograd.grad(loss, w0)
+            # normalised step: theta_t / (||k_t||^2 + ||a_t||^2), activations at the chunk-start weights
+            norm = sum(h.pow(2).sum(-1) for h in memory_mlp_forward(w0, k[:, :, t:t + 1])[1]).detach()
+            th = theta[:, :, t, None, None] / norm[..., None]
+            et = eta[:, :, t, None, None] if eta is not None else 0.0
+            kp = keep[:, :, t, None, None]
+            mom = [et * s - th * g for s, g in zip(mom, grads)]        # (10)
+            weights = [kp * w + s for w, s in zip(weights, mom)]      # (13)
+    y = torch.cat(reads, dim=2) if causal else memory_mlp_forward(weights, q)[0]
+    return mem._merge_heads(y)
+
+
+@pytest.mark.parametrize('kind', UPDATED)
+@pytest.mark.parametrize('chunk', [1, 4, 5, None])
+@pytest.mark.parametrize('momentum', [True, False])
+def test_chunked_equals_token_by_token_reference(kind, chunk, momentum):
+    mem = _memory(kind, dtype=torch.float64, chunk_size=chunk, momentum=momentum)
+    x = torch.randn(2, 23, 64, dtype=torch.float64)  # 23 tokens: 4 and 5 do not divide it
+    with torch.no_grad():
+        out = mem(x)
+    ref = _reference(mem, x, chunk or 23)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('kind', UPDATED)
+def test_causal_read_equals_reference(kind):
+    mem = _memory(kind, dtype=torch.float64, chunk_size=4, read_mode='causal')
+    x = torch.randn(2, 10, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out = mem(x)
+    torch.testing.assert_close(out, _reference(mem, x, 4, causal=True), rtol=1e-9, atol=1e-10)
+    # the first chunk reads M0, so it cannot depend on later tokens
+    x2 = x.clone()
+    x2[:, 4:] += 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(mem(x2)[:, :4], out[:, :4])
+
+
+@pytest.mark.parametrize('depth', [1, 2, 3])
+def test_closed_form_gradient_equals_autograd(depth):
+    torch.manual_seed(0)
+    sizes = [8] + [12] * (depth - 1) + [8]
+    weights = [torch.randn(2, 3, sizes[i], sizes[i + 1], dtype=torch.float64, requires_grad=True) for i in range(depth)]
+    k = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    v = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    coef = torch.rand(2, 3, 7, 2, dtype=torch.float64)
+    pred, inputs, pre = memory_mlp_forward(weights, k)
+    closed = memory_mlp_grads(weights, inputs, pre, 2 * (pred - v), coef)
+    for j in range(2):
+        loss = ((pred - v).pow(2).sum(-1) * coef[..., j]).sum()
+        auto = torch.autograd.grad(loss, weights, retain_graph=True)
+        for c, a in zip(closed, auto):
+            d_out = a.shape[-1]
+            torch.testing.assert_close(c[..., j * d_out:(j + 1) * d_out], a)
+
+
+def test_chunk_coefficients_match_recurrence():
+    torch.manual_seed(0)
+    b = 6
+    theta, eta, keep = torch.rand(b, dtype=torch.float64), torch.rand(b, dtype=torch.float64), torch.rand(b, dtype=torch.float64)
+    u = torch.randn(b, 3, dtype=torch.float64)
+    w0, s0 = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    w, s = w0.clone(), s0.clone()
+    for i in range(b):
+        s = eta[i] * s - theta[i] * u[i]
+        w = keep[i] * w + s
+    c = chunk_coefficients(theta, eta, keep)
+    torch.testing.assert_close(c['w_decay'] * w0 + c['w_from_s'] * s0 - (c['w_tok'][:, None] * u).sum(0), w)
+    torch.testing.assert_close(c['s_decay'] * s0 - (c['s_tok'][:, None] * u).sum(0), s)
+
+
+@pytest.mark.parametrize('kind', MEMORY_TYPES)
+@pytest.mark.parametrize('train', [True, False])
+def test_per_image_and_repeatable(kind, train):
+    mem = _memory(kind, chunk_size=8)
+    mem.train(train)
+    before = {n: t.clone() for n, t in list(mem.state_dict().items())}
+    x = torch.randn(4, 37, 64)
+    with torch.no_grad():
+        batch = mem(x)
+        again = mem(x)
+        single = torch.cat([mem(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-6)
+    assert torch.equal(batch, again)
+    for n, t in mem.state_dict().items():
+        assert torch.equal(t, before[n]), f'forward changed {n}'
+
+
+@pytest.mark.parametrize('kind', MEMORY_TYPES)
+def test_servable_under_no_grad_and_inference_mode(kind):
+    mem = _memory(kind).eval()
+    x = torch.randn(2, 30, 64)
+    plain = mem(x)
+    with torch.no_grad():
+        ng = mem(x)
+    with torch.inference_mode():
+        im = mem(x)
+    torch.testing.assert_close(plain.detach(), ng)
+    torch.testing.assert_close(plain.detach(), im)
+    if kind != 'mlp':  # the memory is really written at test time: reading M0 gives something else
+        with torch.no_grad():
+            assert not torch.allclose(mem.read(x), ng, atol=1e-4)
+
+
+@pytest.mark.parametrize('kind', UPDATED)
+@pytest.mark.parametrize('chunk', [16, None])
+def test_inner_update_descends_on_memorisation_toy(kind, chunk):
+    """Write random key/value pairs; the associative loss after the write is below the loss of M0."""
+    mem = create_memory(kind, 128, chunk_size=chunk)
+    x = torch.randn(3, 64, 128)
+    with torch.no_grad():
+        _, k, v, theta, eta, keep = mem._prepare(x, None)
+        state, _, _ = mem._write(k, v, theta, eta, keep, mem.initial_state(3))
+        before = (memory_mlp_forward(mem.initial_state(3)['weights'], k)[0] - v).pow(2).sum(-1).mean()
+        after = (memory_mlp_forward(state['weights'], k)[0] - v).pow(2).sum(-1).mean()
+    assert after < 0.95 * before, (before.item(), after.item())
+
+
+@pytest.mark.parametrize('kind', MEMORY_TYPES)
+def test_every_parameter_learns(kind):
+    mem = _memory(kind, chunk_size=8)
+    x = torch.randn(2, 30, 64)
+    target = torch.randn(2, 30, 64)
+    (mem(x) - target).pow(2).mean().backward()
+    for n, p in mem.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().sum() > 0, f'dead parameter {n}'
+
+
+@pytest.mark.parametrize('kind', MEMORY_TYPES)
+@pytest.mark.parametrize('case', ['long', 'scaled', 'bf16'])
+def test_finite_outputs_and_gradients(kind, case):
+    torch.manual_seed(0)
+    mem = create_memory(kind, 128)
+    n = 1024 if case == 'long' else 64
+    x = torch.randn(2, n, 128) * (100 if case == 'scaled' else 1)
+    x.requires_grad_(True)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=case == 'bf16'):
+        y, stats = mem(x, return_stats=True)
+    assert torch.isfinite(y).all() and torch.isfinite(stats['surprise']).all()
+    y.float().pow(2).mean().backward()
+    assert torch.isfinite(x.grad).all()
+    for name, p in mem.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_write_then_read_equals_forward_and_state_is_per_call():
+    mem = _memory('advanced', chunk_size=8)
+    x = torch.randn(2, 20, 64)
+    with torch.no_grad():
+        state = mem.write(x)
+        torch.testing.assert_close(mem.read(x, state), mem(x))
+        # a second write continues from the given state, never from a hidden one
+        torch.testing.assert_close(mem.read(x, mem.write(x)), mem.read(x, state))
+
+
+def test_qkv_diff_views_takes_keys_from_context():
+    mem = _memory('advanced', qkv_diff_views=True)
+    x, ctx = torch.randn(1, 12, 64), torch.randn(1, 12, 64)
+    with torch.no_grad():
+        assert not torch.allclose(mem(x, context=ctx), mem(x, context=ctx * 2 + 1))
+
+
+def test_bad_options_fail_clearly():
+    with pytest.raises(ValueError, match='unknown memory type'):
+        create_memory('lstm', 64)
+    with pytest.raises(ValueError, match='unknown memory option'):
+        create_memory('simple', 64, chunksize=4)
+    with pytest.raises(ValueError, match='read_mode'):
+        create_memory('simple', 64, read_mode='random')
+    with pytest.raises(ValueError, match='qkv_diff_views'):
+        create_memory('simple', 64, qkv_diff_views=True)

@@ -1,0 +1,455 @@
+""" Titans neural long-term memory for Vision Transformers.
+
+Paper: `Titans: Learning to Memorize at Test Time` - Behrouz, Zhong, Mirrokni, 2025 (arXiv 2501.00663).
+Equation numbers in comments are that paper's.
+
+The memory M is a small per-head MLP whose *weights are the state*. For each image the state starts from
+learned initial weights M0 and is updated while the image is processed, by gradient descent on the
+associative loss (12) ``loss_t(M) = ||M(k_t) - v_t||^2`` with momentum (the "surprise", 10) and forgetting (13):
+
+    S_t = eta_t * S_{t-1} - theta_t * grad loss_t(M_{t-1})
+    M_t = (1 - alpha_t) * M_{t-1} + S_t
+    y   = M*(q)                                   (15) read without updating
+
+Three memory types (``MEMORY_TYPES``):
+
+* ``mlp``: the persistent memory MLP M0 read with queries, no test-time update (the cheapest ablation).
+* ``simple``: the update rule with learned per-head *scalar* theta/eta/alpha; one fused projection gives
+  queries, keys and values.
+* ``advanced``: separate W_Q / W_K / W_V views (keys/values may come from another depth of the backbone,
+  ``qkv_diff_views``), data-dependent per-token theta and per-chunk eta/alpha from small linear heads.
+
+Both ``simple`` and ``advanced`` use q/k L2 normalisation, multi-head deep memory (head dim 64, depth 2 by
+default) and the chunk-parallel form (16-18): inside a chunk every token's gradient is taken at the weights of
+the chunk start (mini-batch gradient descent), momentum is a linear recurrence over the chunk's tokens and
+forgetting a cumulative product; both are folded into per-token coefficients, so a whole chunk costs one
+forward and one closed-form backward of the memory MLP (batched matmuls, no autograd inside forward).
+With ``chunk_size=1`` this is exactly the token-by-token rule above; ``chunk_size=None`` writes the whole image in
+one step (the full-batch inner step that vision TTT work found best). A shorter last chunk is still written.
+
+Choices where the paper is silent (written down here, as DESIGN.md asks):
+
+* Per image: every image's memory starts from M0, so a batch never mixes images and calls never depend on
+  earlier calls; forward changes no parameter or buffer.
+* Read order: ``read_mode='after_write'`` (default) writes all tokens chunk by chunk, then every token reads the
+  final memory (an image has no time axis); ``'causal'`` lets chunk j read the memory after chunks < j.
+* Inner step size: ``theta_t = max_lr * sigmoid(.) / chunk_size``, i.e. bounded and normalised by the nominal chunk
+  length, so one chunk's step is a bounded *mean* of its tokens' gradients whatever the chunk size.
+* The inner loop always runs in float32 (also under bf16 autocast) for stability; the input is layer-normed
+  inside the module and q/k are unit-normalised, so scaled inputs stay finite.
+* The output projection is *not* zero-initialised here: the integrations in ``vit.py`` add the zero-initialised
+  gate that makes every model equal its backbone at step 0.
+"""
+import math
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import LayerNorm, trunc_normal_
+
+__all__ = ['MEMORY_TYPES', 'READ_MODES', 'create_memory', 'MemoryState',
+           'PersistentMemory', 'SimpleNeuralMemory', 'AdvancedNeuralMemory']
+
+MEMORY_TYPES = ('mlp', 'simple', 'advanced')
+READ_MODES = ('after_write', 'causal')
+
+# state of one batch of memories: per-layer weights [B, H, d_in, d_out] and momentum (None when off or not yet set)
+MemoryState = Dict[str, Optional[List[torch.Tensor]]]
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: the inner loop never runs in half precision (float64 stays float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def memory_mlp_forward(weights: List[torch.Tensor], x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """Run the memory MLP ``x -> silu(x W1) W2 ...`` and keep what the closed-form backward needs.
+
+    weights: per layer ``[..., d_in, d_out]`` (broadcast over leading dims); x: ``[..., T, d_in]``.
+    Returns (output, layer inputs, pre-activations of the hidden layers).
+    """
+    inputs, pre = [], []
+    h = x
+    for i, w in enumerate(weights):
+        inputs.append(h)
+        h = h @ w
+        if i < len(weights) - 1:
+            pre.append(h)
+            h = F.silu(h)
+    return h, inputs, pre
+
+
+def memory_mlp_grads(
+        weights: List[torch.Tensor],
+        inputs: List[torch.Tensor],
+        pre: List[torch.Tensor],
+        grad_out: torch.Tensor,
+        token_coef: torch.Tensor,
+) -> List[torch.Tensor]:
+    """Closed-form, token-weighted gradient of the memory MLP weights.
+
+    grad_out: d loss_t / d M(k_t) per token ``[..., T, d_out]``; token_coef: ``[..., T, m]``, m weightings of the
+    per-token gradients. Returns per layer ``[..., d_in, m * d_out]``: the m sums ``sum_t coef[t, j] grad_W loss_t``
+    side by side (one matmul serves all m weightings).
+    """
+    m = token_coef.shape[-1]
+    grads = [None] * len(weights)
+    g = grad_out
+    for i in range(len(weights) - 1, -1, -1):
+        weighted = torch.cat([g * token_coef[..., j:j + 1] for j in range(m)], dim=-1) if m > 1 else g * token_coef
+        grads[i] = inputs[i].transpose(-1, -2) @ weighted  # [..., d_in, m * d_out]
+        if i > 0:
+            g = (g @ weights[i].transpose(-1, -2)) * _silu_grad(pre[i - 1])
+    return grads
+
+
+def step_normaliser(inputs: List[torch.Tensor]) -> torch.Tensor:
+    """Per-token sum of squared layer inputs ``||k||^2 + ||a_1||^2 + ...`` ([..., T]).
+
+    Each token's step is divided by it (normalised LMS): the change a step of size theta makes to that token's
+    own prediction is then about ``2 theta`` times its error whatever the scale of the memory's activations, so
+    theta < 1 descends and the write cannot blow up as the memory weights grow.
+    """
+    return sum(t.pow(2).sum(-1) for t in inputs)
+
+
+def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Fold momentum (a scan) and forgetting (a cumulative product) of one chunk into per-token coefficients.
+
+    theta, eta, keep (= 1 - alpha): ``[..., b]`` per token of the chunk. With u_i the gradient of token i at the
+    chunk-start weights W0 and S0 the incoming momentum, the token recurrence (10, 13)
+    ``S_j = eta_j S_{j-1} - theta_j u_j;  W_j = keep_j W_{j-1} + S_j`` ends at
+    ``W_b = w_decay W0 + w_from_s S0 - sum_i w_tok_i u_i`` and ``S_b = s_decay S0 - sum_i s_tok_i u_i``.
+    Without momentum (eta None): ``W_b = w_decay W0 - sum_i w_tok_i u_i``.
+    """
+    log_keep = torch.log(keep.clamp_min(1e-12))
+    lk = torch.cumsum(log_keep, dim=-1)                    # [..., b] log prod_{m<=j} keep_m
+    lk_total = lk[..., -1:]
+    keep_after = torch.exp(lk_total - lk)                  # F(j, b) = prod_{m>j} keep_m
+    out = {'w_decay': torch.exp(lk_total[..., 0])}
+    if eta is None:
+        out['w_tok'] = theta * keep_after
+        return out
+    le = torch.cumsum(torch.log(eta.clamp_min(1e-12)), dim=-1)  # log prod_{m<=j} eta_m
+    b = theta.shape[-1]
+    # E(i, j) = prod_{i<m<=j} eta_m for j >= i, as a [..., i, j] matrix
+    upper = torch.ones(b, b, dtype=torch.bool, device=theta.device).triu()
+    e_ij = torch.exp((le.unsqueeze(-2) - le.unsqueeze(-1)).masked_fill(~upper, -float('inf')))
+    out['w_tok'] = theta * (e_ij * keep_after.unsqueeze(-2)).sum(-1)
+    out['s_tok'] = theta * torch.exp(le[..., -1:] - le)
+    out['s_decay'] = torch.exp(le[..., -1])
+    out['w_from_s'] = (keep_after * torch.exp(le)).sum(-1)
+    return out
+
+
+class _MemoryBase(nn.Module):
+    """Shared parts: input norm, head layout, per-head memory MLP M0 and the output projection."""
+
+    def __init__(
+            self,
+            dim: int,
+            heads: Optional[int] = None,
+            head_dim: int = 64,
+            depth: int = 2,
+            expansion: float = 4.0,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if depth < 1:
+            raise ValueError(f'memory depth must be >= 1, got {depth}')
+        self.dim = dim
+        self.heads = heads or max(1, dim // head_dim)
+        self.head_dim = head_dim
+        self.depth = depth
+        self.expansion = expansion
+        inner = self.heads * head_dim
+        hidden = int(head_dim * expansion)
+        sizes = [head_dim] + [hidden] * (depth - 1) + [head_dim]
+        self.norm = LayerNorm(dim, **dd)
+        # M0: per-head initial memory weights (the learned state every image starts from)
+        self.init_weights = nn.ParameterList([
+            nn.Parameter(torch.randn(self.heads, sizes[i], sizes[i + 1], **dd) / math.sqrt(sizes[i]))
+            for i in range(depth)
+        ])
+        self.proj = nn.Linear(inner, dim, **dd)
+        self.inner = inner
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, N, _ = t.shape
+        return t.view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, H, N, dh]
+
+    def _merge_heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, H, N, dh = t.shape
+        return self.proj(t.transpose(1, 2).reshape(B, N, H * dh))  # [B, N, D]
+
+
+class PersistentMemory(_MemoryBase):
+    """``mlp`` memory: the per-head memory MLP M0 read with queries, never updated (y = M0(q))."""
+
+    kind = 'mlp'
+
+    def __init__(self, dim: int, heads: Optional[int] = None, head_dim: int = 64, depth: int = 2,
+                 expansion: float = 4.0, device=None, dtype=None, **unused):
+        super().__init__(dim, heads=heads, head_dim=head_dim, depth=depth, expansion=expansion, device=device, dtype=dtype)
+        self.q = nn.Linear(dim, self.inner, **{'device': device, 'dtype': dtype})
+        trunc_normal_(self.q.weight, std=.02)
+        nn.init.zeros_(self.q.bias)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
+        q = F.normalize(self._split_heads(self.q(self.norm(x))), dim=-1)  # [B, H, N, dh]
+        y, _, _ = memory_mlp_forward(list(self.init_weights), q)
+        out = self._merge_heads(y)
+        if return_stats:
+            return out, {'surprise': torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)}
+        return out
+
+
+class _NeuralMemory(_MemoryBase):
+    """Test-time-updated memory: the chunk-parallel write loop and the reads, shared by ``simple`` and ``advanced``."""
+
+    def __init__(
+            self,
+            dim: int,
+            heads: Optional[int] = None,
+            head_dim: int = 64,
+            depth: int = 2,
+            expansion: float = 4.0,
+            chunk_size: Optional[int] = 16,
+            read_mode: str = 'after_write',
+            momentum: bool = True,
+            max_lr: float = 1.0,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(dim, heads=heads, head_dim=head_dim, depth=depth, expansion=expansion, device=device, dtype=dtype)
+        if read_mode not in READ_MODES:
+            raise ValueError(f'read_mode must be one of {READ_MODES}, got {read_mode!r}')
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f'chunk_size must be >= 1 or None (whole image), got {chunk_size}')
+        self.chunk_size = chunk_size
+        self.read_mode = read_mode
+        self.momentum = momentum
+        self.max_lr = max_lr
+
+    # Subclasses define their views and gates:
+    #   _qkv(x, context) -> q, k, v [B, H, N, dh];  _queries(x) -> q [B, H, M, dh]
+    #   _gates(x, chunk) -> theta, eta, keep (= 1 - alpha), each [B, H, N]
+
+    def initial_state(self, batch_size: int) -> MemoryState:
+        """The state every image starts from: M0 (expanded over the batch, no copy) and no momentum."""
+        return {'weights': [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights], 'momentum': None}
+
+    def _write(self, k, v, theta, eta, keep, state: MemoryState, q=None):
+        """Write keys/values chunk by chunk. k, v: [B, H, N, dh]; gates [B, H, N]. Returns (state, stats, reads).
+
+        When q is given (causal read) each chunk's queries read the memory *before* that chunk is written.
+        """
+        N = k.shape[2]
+        b = self.chunk_size or N
+        weights = [_f32(w) for w in state['weights']]
+        mom = [_f32(s) for s in state['momentum']] if state['momentum'] is not None else None
+        surprise, reads = [], []
+        for start in range(0, N, b):
+            end = min(start + b, N)
+            kc, vc = k[:, :, start:end], v[:, :, start:end]
+            nk = end - start
+            inp = kc if q is None else torch.cat([kc, q[:, :, start:end]], dim=2)  # one forward serves write and read
+            pred, inputs, pre = memory_mlp_forward(weights, inp)
+            if q is not None:
+                reads.append(pred[:, :, nk:])
+                pred, inputs, pre = pred[:, :, :nk], [t[:, :, :nk] for t in inputs], [t[:, :, :nk] for t in pre]
+            err = pred - vc                                                   # [B, H, b, dh]
+            surprise.append(err.pow(2).sum(-1))                               # (12) loss_t at the chunk-start weights
+            c = chunk_coefficients(theta[..., start:end], None if eta is None else eta[..., start:end], keep[..., start:end])
+            coef = c['w_tok'].unsqueeze(-1) if eta is None else torch.stack([c['w_tok'], c['s_tok']], dim=-1)
+            coef = coef / step_normaliser(inputs).unsqueeze(-1)
+            grads = memory_mlp_grads(weights, inputs, pre, 2 * err, coef)    # d||M(k)-v||^2 / dW, token-weighted
+            w_decay = c['w_decay'][..., None, None]
+            new_weights, new_mom = [], []
+            for i, (w, g) in enumerate(zip(weights, grads)):
+                d_out = w.shape[-1]
+                gw = g[..., :d_out]
+                w_new = w_decay * w - gw                                       # (13) forgetting + surprise
+                if eta is not None:
+                    gs = g[..., d_out:]
+                    s_new = -gs                                                # (10) momentum scan
+                    if mom is not None:
+                        w_new = w_new + c['w_from_s'][..., None, None] * mom[i]
+                        s_new = s_new + c['s_decay'][..., None, None] * mom[i]
+                    new_mom.append(s_new)
+                new_weights.append(w_new)
+            weights = new_weights
+            mom = new_mom if eta is not None else None
+        stats = {'surprise': torch.cat(surprise, dim=-1).mean(1)}             # [B, N], mean over heads
+        return {'weights': weights, 'momentum': mom}, stats, reads
+
+    def _prepare(self, x: torch.Tensor, context: Optional[torch.Tensor]):
+        xn = self.norm(x)
+        cn = self.norm(context) if context is not None else None
+        q, k, v = self._qkv(xn, cn)
+        theta, eta, keep = self._gates(xn if cn is None else cn, self.chunk_size or k.shape[2])
+        if not self.momentum:
+            eta = None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k = F.normalize(_f32(q), dim=-1), F.normalize(_f32(k), dim=-1)
+            v, theta, keep = _f32(v), _f32(theta), _f32(keep)
+            eta = _f32(eta) if eta is not None else None
+        return q, k, v, theta, eta, keep
+
+    def write(self, x: torch.Tensor, state: Optional[MemoryState] = None, context: Optional[torch.Tensor] = None) -> MemoryState:
+        """Write the tokens ``x`` [B, N, D] into the memory (from M0 when ``state`` is None); returns the new state."""
+        _, k, v, theta, eta, keep = self._prepare(x, context)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            state, _, _ = self._write(k, v, theta, eta, keep, state or self.initial_state(x.shape[0]))
+        return state
+
+    def read(self, x: torch.Tensor, state: Optional[MemoryState] = None) -> torch.Tensor:
+        """Read the memory ``state`` (M0 when None) with queries from ``x`` [B, M, D] without updating it (15)."""
+        q = self._queries(self.norm(x))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q = F.normalize(_f32(q), dim=-1)
+            weights = (state or self.initial_state(x.shape[0]))['weights']
+            y, _, _ = memory_mlp_forward([_f32(w) for w in weights], q)
+        return self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
+        """[B, N, D] -> [B, N, D]: write the image's tokens, then read them (``read_mode``); optionally per-token stats.
+
+        ``context`` (``advanced`` with ``qkv_diff_views``): tokens [B, N, D] the keys and values are taken from.
+        """
+        q, k, v, theta, eta, keep = self._prepare(x, context)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            causal = self.read_mode == 'causal'
+            state, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q if causal else None)
+            if causal:
+                y = torch.cat(reads, dim=2)
+            else:
+                y, _, _ = memory_mlp_forward(state['weights'], q)  # (15) every token reads the final memory
+        out = self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
+        return (out, stats) if return_stats else out
+
+
+class SimpleNeuralMemory(_NeuralMemory):
+    """``simple`` memory: learned per-head scalar theta (inner lr), eta (momentum) and alpha (forgetting).
+
+    One fused linear gives queries, keys and values (like timm's Attention qkv)."""
+
+    kind = 'simple'
+
+    def __init__(self, dim: int, heads: Optional[int] = None, head_dim: int = 64, depth: int = 2,
+                 expansion: float = 4.0, chunk_size: Optional[int] = 16, read_mode: str = 'after_write',
+                 momentum: bool = True, max_lr: float = 1.0, device=None, dtype=None, **unused):
+        super().__init__(dim, heads, head_dim, depth, expansion, chunk_size, read_mode, momentum, max_lr, device, dtype)
+        dd = {'device': device, 'dtype': dtype}
+        self.qkv = nn.Linear(dim, 3 * self.inner, **dd)
+        trunc_normal_(self.qkv.weight, std=.02)
+        nn.init.zeros_(self.qkv.bias)
+        # logits of the per-head gates: theta ~ 0.5 * max_lr, eta ~ 0.5, alpha ~ 0.02 at init
+        self.theta_logit = nn.Parameter(torch.zeros(self.heads, **dd))
+        self.eta_logit = nn.Parameter(torch.zeros(self.heads, **dd))
+        self.alpha_logit = nn.Parameter(torch.full((self.heads,), -4.0, **dd))
+
+    def _qkv(self, x, context):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self._split_heads(q), self._split_heads(k), self._split_heads(v)
+
+    def _queries(self, x):
+        return self._split_heads(F.linear(x, self.qkv.weight[:self.inner], self.qkv.bias[:self.inner]))
+
+    def _gates(self, x, chunk):
+        B, N, _ = x.shape
+        shape = (B, self.heads, N)
+        theta = (self.max_lr / chunk * torch.sigmoid(self.theta_logit))[None, :, None].expand(shape)
+        eta = torch.sigmoid(self.eta_logit)[None, :, None].expand(shape)
+        keep = (1 - torch.sigmoid(self.alpha_logit))[None, :, None].expand(shape)
+        return theta, eta, keep
+
+
+class AdvancedNeuralMemory(_NeuralMemory):
+    """``advanced`` memory: separate W_Q / W_K / W_V, data-dependent per-token theta and per-chunk eta / alpha.
+
+    With ``qkv_diff_views=True`` keys and values come from ``context`` (e.g. an earlier depth of the backbone)
+    while queries come from the input.
+    """
+
+    kind = 'advanced'
+
+    def __init__(self, dim: int, heads: Optional[int] = None, head_dim: int = 64, depth: int = 2,
+                 expansion: float = 4.0, chunk_size: Optional[int] = 16, read_mode: str = 'after_write',
+                 momentum: bool = True, max_lr: float = 1.0, qkv_diff_views: bool = False,
+                 device=None, dtype=None, **unused):
+        super().__init__(dim, heads, head_dim, depth, expansion, chunk_size, read_mode, momentum, max_lr, device, dtype)
+        dd = {'device': device, 'dtype': dtype}
+        self.qkv_diff_views = qkv_diff_views
+        self.q = nn.Linear(dim, self.inner, **dd)
+        self.k = nn.Linear(dim, self.inner, **dd)
+        self.v = nn.Linear(dim, self.inner, **dd)
+        self.gates = nn.Linear(dim, 3 * self.heads, **dd)  # per head: theta (per token), eta, alpha (per chunk)
+        for lin in (self.q, self.k, self.v):
+            trunc_normal_(lin.weight, std=.02)
+            nn.init.zeros_(lin.bias)
+        trunc_normal_(self.gates.weight, std=.02)
+        with torch.no_grad():
+            self.gates.bias.copy_(torch.tensor([0.0, 0.0, -4.0], **dd).repeat_interleave(self.heads))
+
+    def _qkv(self, x, context):
+        kv = context if (self.qkv_diff_views and context is not None) else x
+        return self._split_heads(self.q(x)), self._split_heads(self.k(kv)), self._split_heads(self.v(kv))
+
+    def _queries(self, x):
+        return self._split_heads(self.q(x))
+
+    def _gates(self, x, chunk):
+        B, N, _ = x.shape
+        g = self.gates(x).transpose(1, 2)                                      # [B, 3H, N]
+        theta = self.max_lr / chunk * torch.sigmoid(g[:, :self.heads])         # per token
+        # eta, alpha: one value per chunk from the chunk's mean token, broadcast back to its tokens
+        pooled = g[:, self.heads:]
+        n_chunks = math.ceil(N / chunk)
+        pad = n_chunks * chunk - N
+        counts = torch.full((n_chunks,), float(chunk), device=x.device, dtype=g.dtype)
+        if pad:
+            counts[-1] = chunk - pad
+            pooled = F.pad(pooled, (0, pad))
+        pooled = pooled.reshape(B, 2 * self.heads, n_chunks, chunk).sum(-1) / counts  # [B, 2H, C]
+        pooled = pooled.repeat_interleave(chunk, dim=-1)[..., :N]              # [B, 2H, N]
+        eta = torch.sigmoid(pooled[:, :self.heads])
+        keep = 1 - torch.sigmoid(pooled[:, self.heads:])
+        return theta, eta, keep
+
+
+_MEMORY_CLASSES = {'mlp': PersistentMemory, 'simple': SimpleNeuralMemory, 'advanced': AdvancedNeuralMemory}
+
+
+def create_memory(kind: str, dim: int, **options) -> nn.Module:
+    """Build a Titans memory module mapping tokens ``[B, N, dim]`` to retrieved values ``[B, N, dim]``.
+
+    Args:
+        kind: one of ``MEMORY_TYPES`` (``'mlp'``, ``'simple'``, ``'advanced'``).
+        dim: token width.
+        **options: ``heads`` (default ``dim // head_dim``), ``head_dim`` (64), ``depth`` (memory MLP layers, 2),
+            ``expansion`` (hidden width / head_dim, 4), ``chunk_size`` (16; None = whole image in one step),
+            ``read_mode`` (``'after_write'`` or ``'causal'``), ``momentum`` (True), ``max_lr`` (bound of the inner
+            step, 1.0), ``qkv_diff_views`` (advanced only).
+
+    ``module(x, return_stats=True)`` also returns ``{'surprise': [B, N]}``, each token's associative loss (12) at
+    the weights it was written with (zeros for ``mlp``, which is never written).
+    """
+    if kind not in _MEMORY_CLASSES:
+        raise ValueError(f'unknown memory type {kind!r}; choose one of {MEMORY_TYPES}')
+    known = {'heads', 'head_dim', 'depth', 'expansion', 'chunk_size', 'read_mode', 'momentum', 'max_lr',
+             'qkv_diff_views', 'device', 'dtype'}
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f'unknown memory option(s) {sorted(unknown)}; known: {sorted(known - {"device", "dtype"})}')
+    if options.get('qkv_diff_views') and kind != 'advanced':
+        raise ValueError("qkv_diff_views needs memory type 'advanced'")
+    return _MEMORY_CLASSES[kind](dim, **options)
