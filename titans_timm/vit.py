@@ -44,6 +44,7 @@ Default placement: memory in every 4th block ending at the last one (blocks 3, 7
 """
 import json
 import logging
+import math
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
@@ -55,8 +56,8 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models._manipulate import checkpoint, named_apply
+from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from .memory import MEMORY_TYPES, create_memory
@@ -152,7 +153,6 @@ class MemoryLayerBlock(Block):
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__(dim, num_heads, norm_layer=norm_layer, drop_path=drop_path, **block_kwargs, **dd)
-        self.memory_norm = norm_layer(dim, **dd)
         self.memory = _to(create_memory(memory_type, dim, **(memory_options or {})), dd)
         self.memory_ls = _zero_layer_scale(dim, **dd)
         self.memory_drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -163,8 +163,14 @@ class MemoryLayerBlock(Block):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
+        x_in = x
         x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        return x + self.memory_drop_path(self.memory_ls(self.memory(self.memory_norm(x))))
+        # the memory layer-norms its input itself (the LN of ``Mem(LN(x))``)
+        if getattr(self.memory, 'qkv_diff_views', False):
+            m = self.memory(x, context=x_in)  # keys/values from one depth earlier: the block input
+        else:
+            m = self.memory(x)
+        return x + self.memory_drop_path(self.memory_ls(m))
 
 
 class MemoryGateBlock(Block):
@@ -214,9 +220,12 @@ class MemoryGateBlock(Block):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        h = self.norm1(x)
-        y = self.attn(h, attn_mask=attn_mask, is_causal=is_causal)
-        m = self.memory(h)  # [B, N, D], memory reads the same normalised tokens as attention
+        y = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        # the memory layer-norms the block input itself; [B, N, D]
+        if getattr(self.memory, 'qkv_diff_views', False):
+            m = self.memory(x, context=y)  # keys/values from the attention output: a second view of the tokens
+        else:
+            m = self.memory(x)
         y = y + self.memory_ls(torch.sigmoid(self.memory_gate(y)) * m)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -273,11 +282,13 @@ class MemoryContextBlock(Block):
             trunc_normal_(self.memory_persistent, std=.02)
         nn.init.zeros_(self.memory_gate)
 
-    def _read_context(self, h: torch.Tensor, memory: nn.Module, state: Any) -> torch.Tensor:
-        B, N, D = h.shape
+    def _read_context(self, x: torch.Tensor, memory: nn.Module, state: Any) -> torch.Tensor:
+        B, N, D = x.shape
         # N_l queries: the tokens pooled into N_l groups in raster order (works for any token count)
-        queries = F.adaptive_avg_pool1d(h.transpose(1, 2), self.num_memory_tokens).transpose(1, 2)  # [B, N_l, D]
-        ctx = self.memory_norm(memory.read(queries, state))  # [B, N_l, D]
+        queries = F.adaptive_avg_pool1d(x.transpose(1, 2), self.num_memory_tokens).transpose(1, 2)  # [B, N_l, D]
+        # the `mlp` memory has no state: it is read with a plain forward
+        read = memory.read(queries, state) if hasattr(memory, 'read') else memory(queries)  # [B, N_l, D]
+        ctx = self.memory_norm(read)
         if self.memory_persistent is not None:
             ctx = torch.cat([self.memory_persistent.expand(B, -1, -1), ctx], dim=1)  # [B, N_p + N_l, D]
         return ctx
@@ -325,10 +336,10 @@ class MemoryContextBlock(Block):
         Returns:
             ``(x, state)``: the block output and the memory state after writing this block's tokens.
         """
-        h = self.norm1(x)
-        state = memory.write(h, state)
-        ctx = self._read_context(h, memory, state)
-        x = x + self.drop_path1(self.ls1(self._attention(h, ctx)))
+        if hasattr(memory, 'write'):
+            state = memory.write(x, state)  # the memory layer-norms its input itself
+        ctx = self._read_context(x, memory, state)
+        x = x + self.drop_path1(self.ls1(self._attention(self.norm1(x), ctx)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, state
 
@@ -406,15 +417,32 @@ class TitansVisionTransformer(VisionTransformer):
 
     @torch.jit.ignore
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
-        """timm's ViT init for the backbone; memory parameters keep their own init and the gates stay zero."""
-        # timm's init would overwrite the memory's Linear layers (and our zero gates) with trunc_normal
-        saved = {n: t.detach().clone() for n, t in self.state_dict().items() if is_memory_param(n)}
-        super().init_weights(mode, needs_reset)
-        if saved:
-            with torch.no_grad():
-                own = self.state_dict()
-                for n, t in saved.items():
-                    own[n].copy_(t)
+        """timm's ViT init for the backbone; memory modules and gates keep their own init (gates stay zero).
+
+        Args:
+            mode: Weight initialization mode ('jax', 'jax_nlhb', 'moco', 'reset' or '').
+            needs_reset: If True, call reset_parameters() on backbone modules that have it.
+        """
+        mode = mode or self.weight_init_mode
+        if mode not in ('jax', 'jax_nlhb', 'moco', 'reset', ''):
+            raise ValueError(f'unknown weight init mode {mode!r}')
+        head_bias = -math.log(self.num_classes) if 'nlhb' in mode and self.num_classes > 0 else 0.
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        backbone_init = get_init_weights_vit(mode, head_bias, needs_reset=needs_reset)
+
+        def init_backbone_only(module: nn.Module, name: str = '') -> None:
+            # timm's init would overwrite the memory's own init (and our zero gates) with trunc_normal
+            if not is_memory_param(name):
+                backbone_init(module, name=name)
+
+        named_apply(init_backbone_only, self)
+        if self.fix_init:
+            self.fix_init_weight()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
