@@ -1,0 +1,881 @@
+"""Publish trained titans-timm models to the Hugging Face Hub with a model card, and load them back.
+
+``titans-timm-push CHECKPOINT ORG/NAME`` (or :func:`push`) turns a checkpoint written by training
+(``OUTPUT/EXPERIMENT/model.safetensors``, see :mod:`titans_timm.checkpoint`) into a Hub repository
+that plain timm loads::
+
+    import timm, titans_timm            # the import registers the titans-timm architectures
+    model = timm.create_model('hf-hub:ORG/NAME', pretrained=True)
+
+The repository holds exactly three files, all written by :func:`export_folder`:
+
+- ``model.safetensors``: the weights (never a pickle: ``.pth`` inputs are read with
+  ``torch.load(weights_only=True)`` and re-saved as safetensors);
+- ``config.json``: timm's own format written by timm's ``save_for_hf``: ``architecture``,
+  ``model_args`` (every argument needed to rebuild the model, memory options included),
+  ``label_names``, and a ``pretrained_cfg`` with label names, mean/std, input size and crop;
+- ``README.md``: a model card rendered from ``hub_cards/model_card.md`` (``string.Template``):
+  YAML front matter (``library_name: timm``, tags, datasets, metrics, ``base_model`` = the
+  backbone's hub id, license, and a ``model-index`` with the evaluation results), then model
+  details, the two-phase training recipe, a results table, usage and citations.
+
+Choices made here (and why):
+
+- One folder is written, then uploaded as one commit with ``HfApi.upload_folder``. timm's
+  ``push_to_hf_hub`` does the same steps (``save_for_hf`` into a temp dir, ``create_repo``,
+  ``upload_folder``) but only writes its own generic README when the repo has none, and pushes a
+  pickled ``pytorch_model.bin`` by default; going through the same timm writer ourselves keeps
+  the card ours and the weights safetensors-only, and makes ``--dry-run DIR`` the exact folder
+  that would be uploaded. A re-push replaces the card, because the card describes the weights.
+- Before anything is uploaded, the folder is loaded back with ``timm.create_model('local-dir:DIR',
+  pretrained=True)`` and its logits are compared bit for bit with the checkpoint's model
+  (``verify=True``). A ``config.json`` that misses a model argument fails here, not for users.
+- ``base_model`` is the timm hub checkpoint of the backbone size (tiny/small/base, the same ids the
+  model registry's pretrained tags use); ``--base-model`` overrides it.
+- ``datasets`` lists Hub dataset ids: ``hfds/X``/``hf:X`` become ``X``; the built-in
+  Fashion-MNIST subset is listed as ``zalando-datasets/fashion_mnist``; local folders are named in
+  the card text only.
+- The card template ships with the code: ``hub_cards/`` is read from the installed package
+  (``titans_timm/hub_cards/``, where a wheel puts it) or from the source tree next to the package
+  (editable installs and checkouts); ``--card-template PATH`` uses any other template.
+- Every failure (bad checkpoint, bad report, no token, endpoint down, offline mode) raises
+  :class:`HubError` with one message that says what to do; the CLI prints it as ``error: ...``.
+"""
+import argparse
+import importlib.resources
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import string
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import timm
+import yaml
+from timm.models import save_for_hf
+from timm.models._input import get_model_args
+
+from titans_timm.checkpoint import CheckpointError, load_model
+
+__all__ = [
+    'HubError', 'push', 'export_folder', 'render_card', 'card_fields', 'load_card_template', 'read_eval_report',
+    'read_recipe', 'backbone_hub_id', 'resolved_memory_args', 'populate_cache', 'main', 'BACKBONE_HUB_IDS', 'DEFAULT_CARD_TEMPLATE',
+]
+
+PathLike = Union[str, os.PathLike]
+
+DEFAULT_CARD_TEMPLATE = 'model_card.md'
+# The timm hub checkpoints the titans-timm backbones start from (DESIGN.md section 3).
+BACKBONE_HUB_IDS = {
+    'tiny': 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k',
+    'small': 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k',
+    'base': 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k',
+}
+# Hub ids of datasets that titans-timm recipes name by a short name.
+_DATASET_HUB_IDS = {
+    'fashion-mnist-mini': 'zalando-datasets/fashion_mnist',
+    'fashion_mnist': 'zalando-datasets/fashion_mnist',
+    'fashion-mnist': 'zalando-datasets/fashion_mnist',
+    'cifar10': 'uoft-cs/cifar10',
+    'cifar100': 'uoft-cs/cifar100',
+    'imagenet': 'ILSVRC/imagenet-1k',
+    'imagenet-1k': 'ILSVRC/imagenet-1k',
+}
+_APPROACHES = {
+    'mal': ('MAL', 'memory as a layer: a memory layer between Transformer blocks, x = x + g * Mem(LN(x))'),
+    'mac': ('MAC', 'memory as context: persistent tokens and tokens retrieved from the memory join the '
+                   'attention context of a block'),
+    'mag': ('MAG', 'memory as a gate: a memory branch beside attention, combined with it through a learned gate'),
+}
+_MEMORY_TYPES = {
+    'mlp': 'persistent MLP memory (learned, not updated at test time)',
+    'simple': 'Titans neural memory updated at test time by gradient descent with momentum and forgetting, '
+              'learned scalar gates',
+    'advanced': 'Titans neural memory updated at test time, with data-dependent gates, separate Q/K/V views, '
+                'q/k normalisation and a deep multi-head memory',
+}
+_ARCH_RE = re.compile(r'^vit_(tiny|small|base)_(mal|mac|mag)_(mlp|simple|advanced)$')
+_BACKBONE_RE = re.compile(r'^vit_(tiny|small|base)_')
+# Keys of an evaluation report, first match wins: titans-timm-eval and timm's validate.py spellings.
+_REPORT_KEYS = {
+    'top1': ('top1', 'top-1', 'acc1', 'top1_acc', 'accuracy'),
+    'top5': ('top5', 'top-5', 'acc5', 'top5_acc'),
+    'loss': ('loss', 'eval_loss'),
+    'img_per_sec': ('img_per_sec', 'images_per_sec', 'img/s', 'img_s', 'samples_per_sec', 'throughput'),
+    'dataset': ('dataset', 'data', 'dataset_name'),
+    'split': ('split', 'val_split'),
+}
+# Recipe (args.yaml / train_timm_hparams/*.yaml) entries shown in the card's hyperparameter table.
+_RECIPE_KEYS = (
+    'model', 'dataset', 'img_size', 'input_size', 'epochs', 'freeze_epochs', 'backbone_lr_scale', 'batch_size',
+    'opt', 'lr', 'min_lr', 'weight_decay', 'sched', 'warmup_epochs', 'warmup_lr', 'smoothing', 'mixup', 'cutmix',
+    'drop_path', 'clip_grad', 'model_ema', 'model_ema_decay', 'amp', 'amp_dtype', 'pretrained', 'initial_checkpoint',
+    'seed',
+)
+_WEIGHT_FILES = ('model.safetensors',)
+
+
+class HubError(RuntimeError):
+    """Publishing or exporting a model failed; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs: card template, evaluation report, training recipe
+
+
+def _template_candidates(name: str) -> List[Any]:
+    candidates = []
+    try:
+        # A wheel installs hub_cards/ as titans_timm/hub_cards/ (package data).
+        candidates.append(importlib.resources.files('titans_timm').joinpath('hub_cards', name))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    # A source checkout or editable install keeps hub_cards/ next to the package directory.
+    candidates.append(Path(__file__).resolve().parent.parent / 'hub_cards' / name)
+    return candidates
+
+
+def load_card_template(template: Optional[PathLike] = None) -> str:
+    """Return the text of a model card template.
+
+    Args:
+        template: path to a ``string.Template`` markdown file; ``None`` uses the shipped
+            ``hub_cards/model_card.md``.
+
+    Raises:
+        HubError: the template cannot be found or read.
+    """
+    if template is not None:
+        path = Path(template)
+        if not path.is_file():
+            raise HubError(f'card template not found: {path}; pass an existing file to --card-template, '
+                           f'or leave it out to use hub_cards/{DEFAULT_CARD_TEMPLATE}')
+        return path.read_text(encoding='utf-8')
+    for candidate in _template_candidates(DEFAULT_CARD_TEMPLATE):
+        if candidate.is_file():
+            return candidate.read_text(encoding='utf-8')
+    raise HubError(f'the model card template hub_cards/{DEFAULT_CARD_TEMPLATE} is not installed; reinstall '
+                   f'titans-timm (pip install --force-reinstall titans-timm) or pass --card-template PATH')
+
+
+def _pick(report: Dict[str, Any], field: str) -> Any:
+    for key in _REPORT_KEYS[field]:
+        if report.get(key) is not None:
+            return report[key]
+    return None
+
+
+def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Normalise an evaluation report into result rows for the card.
+
+    Args:
+        report: a JSON file written by ``titans-timm-eval`` (or timm's ``validate.py``
+            ``--results-file``), an already loaded dict, or a list of them (one row each). Metrics may
+            sit at the top level or under ``"metrics"``. Top-1/top-5 are percentages, as timm reports.
+
+    Returns:
+        A list of dicts with keys ``top1``, ``top5``, ``loss``, ``img_per_sec``, ``dataset``,
+        ``split`` (``None`` where the report has no value); empty for ``None``.
+
+    Raises:
+        HubError: unreadable JSON, or a report without a top-1 accuracy.
+    """
+    if report is None:
+        return []
+    source = 'eval report'
+    if isinstance(report, (str, os.PathLike)):
+        path = Path(report)
+        source = str(path)
+        if not path.is_file():
+            raise HubError(f'eval report not found: {path}; write one with titans-timm-eval (it saves a JSON '
+                           f'report) or leave --eval-report out')
+        try:
+            report = json.loads(path.read_text(encoding='utf-8'))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HubError(f'{path} is not a JSON eval report ({e}); pass the JSON file titans-timm-eval wrote') from None
+    entries = report if isinstance(report, (list, tuple)) else [report]
+    rows = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise HubError(f'{source}: expected a JSON object of metrics, got {type(entry).__name__}')
+        flat = dict(entry)
+        if isinstance(entry.get('metrics'), dict):
+            flat = {**entry['metrics'], **{k: v for k, v in entry.items() if k != 'metrics'}}
+        row = {field: _pick(flat, field) for field in _REPORT_KEYS}
+        if row['top1'] is None:
+            raise HubError(f"{source} has no top-1 accuracy (expected a 'top1' key); pass the JSON report "
+                           f'written by titans-timm-eval')
+        for field in ('top1', 'top5', 'loss', 'img_per_sec'):
+            if row[field] is not None:
+                try:
+                    row[field] = float(row[field])
+                except (TypeError, ValueError):
+                    raise HubError(f'{source}: {field} must be a number, got {row[field]!r}') from None
+        rows.append(row)
+    return rows
+
+
+def read_recipe(recipe: Union[None, PathLike, Dict[str, Any]]) -> Dict[str, Any]:
+    """Load a training recipe: a run's ``args.yaml`` or a ``train_timm_hparams/*.yaml`` file (or a dict).
+
+    Keys are normalised to timm's argparse names (``freeze-epochs`` -> ``freeze_epochs``).
+
+    Raises:
+        HubError: the file is missing or is not a YAML mapping.
+    """
+    if recipe is None:
+        return {}
+    if isinstance(recipe, (str, os.PathLike)):
+        path = Path(recipe)
+        if not path.is_file():
+            raise HubError(f'recipe not found: {path}; pass the args.yaml of the training run or a '
+                           f'train_timm_hparams/*.yaml recipe, or leave --recipe out')
+        try:
+            recipe = yaml.safe_load(path.read_text(encoding='utf-8'))
+        except yaml.YAMLError as e:
+            raise HubError(f'{path} is not valid YAML ({str(e).splitlines()[0]}); pass a training recipe file') from None
+        if recipe is None:
+            recipe = {}
+    if not isinstance(recipe, dict):
+        raise HubError(f'the training recipe must be a YAML mapping of flag names to values, got {type(recipe).__name__}')
+    return {str(k).replace('-', '_'): v for k, v in recipe.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the card says about the model
+
+
+def parse_architecture(architecture: str) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """Split ``vit_{size}_{approach}_{memory}`` into its parts; ``(size, None, None)`` for plain ViTs."""
+    m = _ARCH_RE.match(architecture)
+    if m:
+        return m.group(1), m.group(2), m.group(3)
+    m = _BACKBONE_RE.match(architecture)
+    return (m.group(1) if m else None), None, None
+
+
+def backbone_hub_id(architecture: str) -> Optional[str]:
+    """The timm hub id of the pretrained backbone an architecture starts from, or None if unknown."""
+    size = parse_architecture(architecture)[0]
+    return BACKBONE_HUB_IDS.get(size)
+
+
+def dataset_hub_id(name: Optional[str]) -> Optional[str]:
+    """Map a dataset name as recipes spell it (``hfds/ORG/NAME``, ``hf:ORG/NAME``, built-in) to a Hub id."""
+    if not name:
+        return None
+    name = str(name)
+    for prefix in ('hfds/', 'hf:', 'hf-hub:', 'hf/'):
+        if name.startswith(prefix):
+            return name[len(prefix):] or None
+    short = name.split('/', 1)[1] if name.startswith('torch/') else name
+    if short.lower() in _DATASET_HUB_IDS:
+        return _DATASET_HUB_IDS[short.lower()]
+    if os.sep in name or name.startswith('.') or Path(name).exists():
+        return None  # a local image folder has no Hub id
+    return name if re.fullmatch(r'[\w.-]+/[\w.-]+', name) else None
+
+
+def _parameter_counts(model: nn.Module) -> Dict[str, int]:
+    from titans_timm.vit import split_parameters
+    groups = split_parameters(model)
+    return {k: sum(p.numel() for _, p in groups.get(k, ())) for k in ('backbone', 'memory', 'head')}
+
+
+def _placement(model: nn.Module, approach: Optional[str]) -> str:
+    from titans_timm.vit import memory_modules
+    blocks = sorted({int(i) for i, _ in memory_modules(model)})
+    depth = len(getattr(model, 'blocks', ()))
+    if not blocks:
+        return 'none (plain backbone)'
+    where = f"block{'s' if len(blocks) > 1 else ''} {', '.join(str(b) for b in blocks)} (0-based) of {depth}"
+    if approach == 'mac':
+        return where + '; one memory per image, written and read through depth from block to block'
+    return where + '; each carries its own memory, started fresh from its learned initial weights for every image'
+
+
+def _fmt_number(value: Optional[float], digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return '-'
+    return f'{value:.{digits}f}'
+
+
+def _count(n: int) -> str:
+    if n >= 1e6:
+        return f'{n / 1e6:.2f}M'
+    return f'{n / 1e3:.1f}K' if n >= 1e3 else str(n)
+
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace('|', '\\|').replace('\n', ' ')
+
+
+def _training_section(recipe: Dict[str, Any], has_memory: bool = True) -> str:
+    if not recipe:
+        return ('No training recipe was supplied with this upload (push with `--recipe RUN/args.yaml` to '
+                'record it).')
+    lines = []
+    epochs = recipe.get('epochs')
+    freeze = recipe.get('freeze_epochs') or 0
+    lr = recipe.get('lr')
+    scale = recipe.get('backbone_lr_scale', 0.1)
+    lr_text = f' at lr {lr}' if lr is not None else ''
+    if freeze and epochs:
+        lines.append('Trained in two phases with titans-timm (timm\'s optimizers, schedulers, data pipeline and EMA):')
+        lines.append('')
+        if has_memory:
+            lines.append(f'1. **Phase 1** (epochs 1-{freeze}): the pretrained backbone is frozen; the memory and the '
+                         f'head train{lr_text}. The model starts equal to its backbone (zero-initialised memory '
+                         f'output), so this phase starts from the backbone\'s accuracy.')
+        else:
+            lines.append(f'1. **Phase 1** (epochs 1-{freeze}): the pretrained backbone is frozen; the head trains{lr_text}.')
+        if int(epochs) > int(freeze):
+            lines.append(f'2. **Phase 2** (epochs {int(freeze) + 1}-{epochs}): everything trains; the backbone at '
+                         f'{scale}x the base learning rate, memory and head at the full rate.')
+    else:
+        lines.append('Trained in a single phase with titans-timm (no frozen-backbone phase: `freeze_epochs` = 0).')
+    lines.append('')
+    lines.append('| Hyperparameter | Value |')
+    lines.append('|---|---|')
+    for key in _RECIPE_KEYS:
+        if recipe.get(key) is not None:
+            lines.append(f'| {key} | {_md_escape(json.dumps(recipe[key]) if not isinstance(recipe[key], str) else recipe[key])} |')
+    lines.append('')
+    lines.append('<details><summary>Full recipe (timm train.py flag names; runs with <code>titans-timm-train -c</code>)'
+                 '</summary>')
+    lines.append('')
+    lines.append('```yaml')
+    lines.append(yaml.safe_dump(recipe, sort_keys=True, default_flow_style=False).rstrip())
+    lines.append('```')
+    lines.append('</details>')
+    return '\n'.join(lines)
+
+
+def _results_section(rows: List[Dict[str, Any]], dataset_fallback: str) -> str:
+    if not rows:
+        return ('No evaluation report was supplied with this upload (run `titans-timm-eval` and push with '
+                '`--eval-report REPORT.json`).')
+    lines = ['| Dataset | Split | Top-1 (%) | Top-5 (%) | Loss | Images/s |', '|---|---|---|---|---|---|']
+    for row in rows:
+        lines.append(f"| {_md_escape(row['dataset'] or dataset_fallback)} | {_md_escape(row['split'] or '-')} | "
+                     f"{_fmt_number(row['top1'])} | {_fmt_number(row['top5'])} | {_fmt_number(row['loss'], 4)} | "
+                     f"{_fmt_number(row['img_per_sec'], 1)} |")
+    return '\n'.join(lines)
+
+
+def _model_index(model_name: str, rows: List[Dict[str, Any]], dataset_ids: List[str], dataset_text: str) -> str:
+    results = []
+    for row in rows:
+        ds_id = dataset_hub_id(row['dataset']) or (dataset_ids[0] if dataset_ids else None)
+        metrics = [dict(type='accuracy', value=round(row['top1'], 4), name='Top-1 accuracy (%)')]
+        if row['top5'] is not None:
+            metrics.append(dict(type='accuracy', value=round(row['top5'], 4), name='Top-5 accuracy (%)'))
+        dataset = dict(name=str(row['dataset'] or dataset_text), type=ds_id or str(row['dataset'] or 'custom'))
+        if row['split']:
+            dataset['split'] = str(row['split'])
+        results.append(dict(task=dict(type='image-classification', name='Image Classification'),
+                            dataset=dataset, metrics=metrics))
+    if not results:
+        return ''
+    return yaml.safe_dump({'model-index': [dict(name=model_name, results=results)]}, sort_keys=False)
+
+
+def card_fields(
+        model: nn.Module,
+        *,
+        repo_id: str,
+        architecture: str,
+        model_args: Dict[str, Any],
+        label_names: Optional[Sequence[str]] = None,
+        eval_report: Any = None,
+        recipe: Any = None,
+        license: str = 'apache-2.0',
+        base_model: Optional[str] = None,
+        datasets: Optional[Sequence[str]] = None,
+) -> Dict[str, str]:
+    """Every ``${placeholder}`` value of the card template, as strings (see :func:`render_card`)."""
+    rows = read_eval_report(eval_report)
+    recipe = read_recipe(recipe)
+    size, approach, memory = parse_architecture(architecture)
+    base_model = base_model or backbone_hub_id(architecture)
+    if not base_model:
+        raise HubError(f"cannot tell the backbone hub id of '{architecture}'; pass --base-model "
+                       f'(e.g. {BACKBONE_HUB_IDS["tiny"]})')
+    dataset_names = [r['dataset'] for r in rows if r['dataset']] + ([recipe['dataset']] if recipe.get('dataset') else [])
+    if datasets is None:
+        datasets = [d for d in (dataset_hub_id(n) for n in dataset_names) if d]
+    datasets = list(dict.fromkeys(datasets))  # unique, in order
+    dataset_text = dataset_names[0] if dataset_names else (datasets[0] if datasets else 'not recorded')
+    if dataset_text == 'fashion-mnist-mini':
+        dataset_text = 'fashion-mnist-mini (the Fashion-MNIST subset built into titans-timm, MIT licence)'
+
+    counts = _parameter_counts(model)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    input_size = cfg.get('input_size') or (3, 224, 224)
+    model_name = repo_id.split('/')[-1]
+    tags = ['image-classification', 'timm', 'titans', 'neural-memory', 'vision-transformer']
+    if approach:
+        tags += [approach, f'{memory}-memory']
+        summary = (f'A ViT-{size.capitalize()} with Titans neural memory ({_APPROACHES[approach][0]}, '
+                   f'`{memory}` memory), fine-tuned from the timm checkpoint '
+                   f'[{base_model}](https://huggingface.co/{base_model}) with titans-timm.')
+        approach_text = f'{_APPROACHES[approach][0]}, {_APPROACHES[approach][1]}'
+        memory_text = f'`{memory}`: {_MEMORY_TYPES[memory]}'
+    else:
+        tags += ['baseline']
+        summary = (f'The plain timm Vision Transformer baseline `{architecture}` (no memory), fine-tuned from '
+                   f'[{base_model}](https://huggingface.co/{base_model}) with titans-timm for comparison with its '
+                   f'memory-augmented variants.')
+        approach_text = 'none (plain timm Vision Transformer baseline)'
+        memory_text = 'none'
+    preview = ''
+    if label_names:
+        shown = ', '.join(str(n) for n in list(label_names)[:10])
+        preview = f" ({shown}{', ...' if len(label_names) > 10 else ''})"
+    args_lines = ['| Argument | Value |', '|---|---|']
+    args_lines += [f'| {k} | `{_md_escape(json.dumps(v))}` |' for k, v in sorted(model_args.items())]
+    return dict(
+        license=license,
+        tags=json.dumps(tags),
+        datasets=json.dumps(datasets),
+        metrics=json.dumps(['accuracy']),
+        base_model=json.dumps(base_model),
+        model_index=_model_index(model_name, rows, datasets, dataset_text),
+        model_name=model_name,
+        repo_id=repo_id,
+        summary=summary,
+        architecture=architecture,
+        approach=approach_text,
+        memory_type=memory_text,
+        placement=_placement(model, approach),
+        params_total=_count(sum(counts.values())),
+        params_backbone=_count(counts['backbone']),
+        params_memory=_count(counts['memory']),
+        params_head=_count(counts['head']),
+        image_size=f'{input_size[-2]} x {input_size[-1]}',
+        num_classes=str(getattr(model, 'num_classes', '?')),
+        label_preview=preview,
+        mean=json.dumps([round(float(v), 4) for v in cfg.get('mean', ())]),
+        std=json.dumps([round(float(v), 4) for v in cfg.get('std', ())]),
+        base_model_name=base_model,
+        dataset_text=dataset_text,
+        model_args_table='\n'.join(args_lines),
+        training=_training_section(recipe, has_memory=approach is not None),
+        results=_results_section(rows, dataset_text),
+    )
+
+
+def render_card(model: nn.Module, *, template: Optional[PathLike] = None, **fields) -> str:
+    """Render the model card (README.md) for ``model``.
+
+    Args:
+        model: the trained model (for parameter counts, memory placement, normalisation).
+        template: a ``string.Template`` markdown file; default ``hub_cards/model_card.md``.
+        **fields: the keyword arguments of :func:`card_fields` (``repo_id``, ``architecture``,
+            ``model_args``, ``label_names``, ``eval_report``, ``recipe``, ``license``, ``base_model``,
+            ``datasets``).
+
+    Raises:
+        HubError: missing template, bad report/recipe, or a template placeholder with no value.
+    """
+    text = load_card_template(template)
+    values = card_fields(model, **fields)
+    try:
+        return string.Template(text).substitute(values)
+    except KeyError as e:
+        raise HubError(f'card template placeholder ${{{e.args[0]}}} has no value; use only: '
+                       f"{', '.join(sorted(values))}") from None
+    except ValueError as e:
+        raise HubError(f'card template is malformed ({e}); write a literal $ as $$') from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The folder: weights, config.json, README.md
+
+
+def _signature_defaults(fn) -> Dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def resolved_memory_args(model: nn.Module) -> Dict[str, Any]:
+    """Every memory option of a titans-timm model at its resolved value (``{}`` for plain timm models).
+
+    timm records only the kwargs ``create_model`` was called with; config.json gets these as well so
+    a later change of a default (placement interval, memory heads, chunk size, ...) cannot change
+    what a published repository rebuilds. Values come from the built modules (``heads=None`` is
+    stored as the head count it resolved to) and, where a module keeps none, from the signature.
+    """
+    from titans_timm.vit import TitansVisionTransformer, memory_modules
+    if not isinstance(model, TitansVisionTransformer):
+        return {}
+    args = dict(approach=model.approach, memory_type=model.memory_type, memory_blocks=list(model.memory_blocks))
+    modules = memory_modules(model)
+    options = dict(model.memory_options)
+    if modules:
+        module = modules[0][1]
+        for name, default in _signature_defaults(type(module).__init__).items():
+            if name in ('device', 'dtype'):
+                continue
+            value = getattr(module, name, default)
+            # only plain values of the option's own kind; an attribute of another meaning keeps the default
+            if isinstance(value, (bool, int, float, str, type(None))) and (
+                    default is None or isinstance(value, type(default)) or
+                    (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))):
+                options.setdefault(name, value)
+    args['memory_options'] = options
+    if model.approach == 'mac':
+        defaults = _signature_defaults(TitansVisionTransformer.__init__)
+        for name in ('num_persistent_tokens', 'num_memory_tokens'):
+            args[name] = getattr(model, name, defaults.get(name))
+    return args
+
+
+def _export_model_args(model: nn.Module, model_args: Dict[str, Any]) -> Dict[str, Any]:
+    args = dict(model_args)
+    resolved = resolved_memory_args(model)
+    if 'memory_blocks' in resolved:
+        args.pop('memory_interval', None)  # memory_blocks states the same placement, and overrides it
+    for key, value in resolved.items():
+        if key == 'memory_options':
+            value = {**value, **dict(args.get('memory_options') or {})}
+        args[key] = value if key not in args or key == 'memory_options' else args[key]
+    try:
+        args = get_model_args(model, args)
+        json.dumps(args)
+    except (TypeError, ValueError) as e:
+        raise HubError(f'model_args cannot be written to config.json ({e}); use JSON values (numbers, strings, '
+                       f'lists) for every model argument') from None
+    return args
+
+
+def _data_config(pretrained_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for key in ('mean', 'std', 'input_size', 'interpolation', 'crop_pct', 'crop_mode'):
+        value = pretrained_cfg.get(key)
+        if value is not None:
+            out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _verify_folder(model: nn.Module, folder: Path) -> None:
+    """Reload ``folder`` the way users will and require bit-identical logits."""
+    cfg = model.pretrained_cfg
+    in_chans, height, width = cfg.get('input_size', (3, 224, 224))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, in_chans, height, width, generator=gen)
+    was_training = model.training
+    model.eval()
+    try:
+        reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        with torch.inference_mode():
+            expected, got = model(x), reloaded(x)
+    except Exception as e:  # the reason is in the message; the folder is left for inspection
+        raise HubError(f'the exported folder {folder} does not load back with timm ({type(e).__name__}: {e}); '
+                       f'check that model_args holds every argument the model was built with') from None
+    finally:
+        model.train(was_training)
+    if expected.shape != got.shape or not torch.equal(expected, got):
+        diff = (expected - got).abs().max().item() if expected.shape == got.shape else float('nan')
+        raise HubError(f'the exported folder {folder} loads back with different outputs (max abs diff {diff:.3g}); '
+                       f'a model argument is probably missing from config.json model_args')
+
+
+def export_folder(
+        model: nn.Module,
+        folder: PathLike,
+        *,
+        repo_id: str,
+        architecture: str,
+        model_args: Dict[str, Any],
+        label_names: Optional[Sequence[str]] = None,
+        pretrained_cfg: Optional[Dict[str, Any]] = None,
+        eval_report: Any = None,
+        recipe: Any = None,
+        license: str = 'apache-2.0',
+        base_model: Optional[str] = None,
+        datasets: Optional[Sequence[str]] = None,
+        card_template: Optional[PathLike] = None,
+        verify: bool = True,
+) -> Path:
+    """Write the folder a Hub repository for ``model`` holds: model.safetensors, config.json, README.md.
+
+    Uses timm's ``save_for_hf`` (safetensors only) so ``timm.create_model('hf-hub:...')`` and
+    ``'local-dir:...'`` rebuild the model; ``pretrained_cfg`` (mean/std/input_size/crop from the
+    checkpoint) becomes the exported preprocessing. With ``verify`` the folder is loaded back and must
+    give bit-identical logits. Files other than these three in ``folder`` are left alone.
+
+    Returns:
+        The folder path.
+
+    Raises:
+        HubError: the model cannot be exported, the card cannot be rendered, or verification fails.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HubError(f'{folder} exists and is not a folder; pass a new or empty folder to --dry-run')
+    pretrained_cfg = dict(pretrained_cfg or {})
+    label_names = [str(n) for n in label_names] if label_names else None
+    if label_names and len(label_names) != model.num_classes:
+        raise HubError(f'{len(label_names)} label names for a model with {model.num_classes} classes; '
+                       f'fix the label names in the checkpoint or pass matching ones')
+    args = _export_model_args(model, model_args)
+    # Render first: a bad report or recipe should fail before anything is written.
+    card = render_card(model, template=card_template, repo_id=repo_id, architecture=architecture, model_args=args,
+                       label_names=label_names, eval_report=eval_report, recipe=recipe, license=license,
+                       base_model=base_model, datasets=datasets)
+    model_config = dict(pretrained_cfg=dict(license=license, num_classes=model.num_classes))
+    if label_names:
+        # Top level is where timm reads them; pretrained_cfg is where loaded models expose them.
+        model_config['label_names'] = label_names
+        model_config['pretrained_cfg']['label_names'] = label_names
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        save_for_hf(model, str(folder), model_config=model_config, model_args=args,
+                    safe_serialization=True, data_config=_data_config(pretrained_cfg))
+    except (ValueError, TypeError) as e:
+        raise HubError(f'timm could not export the model ({e}); check the checkpoint metadata') from None
+    (folder / 'README.md').write_text(card, encoding='utf-8')
+    if verify:
+        _verify_folder(model, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Push
+
+
+def _describe_upload_error(e: BaseException, endpoint: str, repo_id: str) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    if isinstance(e, OfflineModeIsEnabled):
+        return ('HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push, or use --dry-run DIR to '
+                'write the folder and upload it later with `hf upload`')
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, 'response', None), 'status_code', None)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if status in (401, 403):
+            return (f'the Hub at {endpoint} refused the token ({status}: {first}); create a token with write '
+                    f'access at https://huggingface.co/settings/tokens and pass --token or set HF_TOKEN')
+        return f'upload of {repo_id} to {endpoint} failed ({status}: {first}); check the repo id and your rights to it'
+    return (f'cannot reach the Hugging Face Hub at {endpoint} ({type(e).__name__}: {str(e)[:200]}); check the '
+            f'network or HF_ENDPOINT, or use --dry-run DIR and upload the folder later with `hf upload`')
+
+
+def _upload(folder: Path, repo_id: str, *, token: str, private: bool, endpoint: Optional[str], revision: Optional[str],
+            commit_message: str) -> Dict[str, Any]:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+    endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
+    api = HfApi(endpoint=endpoint, token=token, library_name='timm', library_version=timm.__version__)
+    # ConnectionError covers OfflineModeIsEnabled and refused connections; the HTTP client's own
+    # transport errors are not OSErrors, hence its base class too.
+    transport_error = HfHubHTTPError.__mro__[1]
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = repo_url.repo_id
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                   commit_message=commit_message,
+                                   allow_patterns=['model.safetensors', 'config.json', 'README.md'])
+    except (OSError, transport_error) as e:
+        raise HubError(_describe_upload_error(e, endpoint, repo_id)) from None
+    return dict(repo_id=repo_id, url=str(repo_url), commit_url=getattr(commit, 'commit_url', str(commit)),
+                commit_oid=getattr(commit, 'oid', None))
+
+
+def push(
+        checkpoint: PathLike,
+        repo_id: str,
+        *,
+        eval_report: Any = None,
+        recipe: Any = None,
+        token: Optional[str] = None,
+        private: bool = False,
+        dry_run_dir: Optional[PathLike] = None,
+        license: str = 'apache-2.0',
+        base_model: Optional[str] = None,
+        datasets: Optional[Sequence[str]] = None,
+        card_template: Optional[PathLike] = None,
+        commit_message: Optional[str] = None,
+        revision: Optional[str] = None,
+        endpoint: Optional[str] = None,
+        label_names: Optional[Sequence[str]] = None,
+        verify: bool = True,
+        **model_overrides,
+) -> Dict[str, Any]:
+    """Publish a trained checkpoint to the Hugging Face Hub (or, with ``dry_run_dir``, write the folder only).
+
+    Args:
+        checkpoint: a ``.safetensors`` file written by training (``OUTPUT/EXPERIMENT/model.safetensors``);
+            a plain state dict (``.safetensors`` or ``.pth``, read with ``weights_only=True``) also works
+            when ``architecture=NAME`` and the model kwargs are passed in ``model_overrides``.
+        repo_id: ``ORG/NAME`` of the Hub repository (created if missing).
+        eval_report: JSON report of ``titans-timm-eval`` (path or dict) for the card's results.
+        recipe: training recipe (path or dict); default: ``args.yaml`` next to the checkpoint, if any.
+        token: Hub token with write access; default ``HF_TOKEN`` / the ``hf auth login`` token.
+        private: create the repository private.
+        dry_run_dir: write the exact folder that would be uploaded here, and upload nothing.
+        license, base_model, datasets: card front matter (defaults: apache-2.0, the backbone's
+            timm hub id, the Hub ids of the datasets named in the report and recipe).
+        card_template: a different ``string.Template`` card; default ``hub_cards/model_card.md``.
+        commit_message, revision: of the upload commit (default message names the checkpoint).
+        endpoint: Hub URL; default ``HF_ENDPOINT`` or https://huggingface.co.
+        label_names: class names, when the checkpoint has none.
+        verify: reload the folder with timm before uploading and require identical logits.
+        **model_overrides: ``architecture=`` and model kwargs for :func:`titans_timm.checkpoint.load_model`.
+
+    Returns:
+        A dict with ``repo_id``, ``folder`` (the dry-run folder, else None), ``files``, and for uploads
+        ``url``, ``commit_url`` and ``commit_oid``.
+
+    Raises:
+        HubError: any failure, with what to do (bad checkpoint, missing token, unreachable Hub, ...).
+    """
+    if not re.fullmatch(r'[\w.-]+/[\w.-]+', str(repo_id)):
+        raise HubError(f"repo id must look like ORG/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}")
+    try:
+        model, meta = load_model(checkpoint, **model_overrides)
+    except CheckpointError as e:
+        raise HubError(str(e)) from None
+    if recipe is None and (Path(checkpoint).parent / 'args.yaml').is_file():
+        recipe = Path(checkpoint).parent / 'args.yaml'
+    if not dry_run_dir:
+        from huggingface_hub import get_token
+        token = token or get_token()
+        if not token:
+            # Checked before the export so the user is told at once, not after a verification run.
+            raise HubError('no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token; '
+                           'or use --dry-run DIR to only write the folder')
+    options = dict(repo_id=repo_id, architecture=meta['architecture'], model_args=meta['model_args'],
+                   label_names=label_names or meta.get('label_names'), pretrained_cfg=meta.get('pretrained_cfg'),
+                   eval_report=eval_report, recipe=recipe, license=license, base_model=base_model,
+                   datasets=datasets, card_template=card_template, verify=verify)
+    if dry_run_dir:
+        folder = export_folder(model, dry_run_dir, **options)
+        return dict(repo_id=repo_id, folder=str(folder), files=sorted(p.name for p in folder.iterdir()))
+    with tempfile.TemporaryDirectory(prefix='titans_timm_push_') as tmp:
+        folder = export_folder(model, tmp, **options)
+        files = sorted(p.name for p in folder.iterdir())
+        result = _upload(folder, repo_id, token=token, private=private, endpoint=endpoint, revision=revision,
+                         commit_message=commit_message or f'Add {meta["architecture"]} from {Path(checkpoint).name}')
+    return dict(result, folder=None, files=files)
+
+
+def populate_cache(folder: PathLike, repo_id: str, *, cache_dir: Optional[PathLike] = None,
+                   commit_sha: Optional[str] = None) -> Path:
+    """Place an exported folder into a Hugging Face cache as if ``repo_id`` had been downloaded.
+
+    ``timm.create_model('hf-hub:REPO_ID', pretrained=True)`` then loads it with ``HF_HUB_OFFLINE=1``
+    (machines without internet, CI). Layout: ``CACHE/models--ORG--NAME/refs/main`` holding a 40-hex
+    commit sha and ``snapshots/<sha>/`` holding the files.
+
+    Args:
+        folder: a folder written by :func:`export_folder` / ``--dry-run``.
+        repo_id: ``ORG/NAME``.
+        cache_dir: the hub cache; default ``HF_HUB_CACHE`` (``~/.cache/huggingface/hub``).
+        commit_sha: 40 hex digits; default a hash of the folder's files.
+
+    Returns:
+        The snapshot folder.
+    """
+    import hashlib
+    from huggingface_hub import constants
+    folder = Path(folder)
+    files = [folder / name for name in ('config.json', *_WEIGHT_FILES, 'README.md') if (folder / name).is_file()]
+    if not (folder / 'config.json').is_file() or not (folder / 'model.safetensors').is_file():
+        raise HubError(f'{folder} has no config.json and model.safetensors; export it first with --dry-run {folder}')
+    if commit_sha is None:
+        digest = hashlib.sha1()
+        for path in files:
+            digest.update(path.name.encode() + path.read_bytes())
+        commit_sha = digest.hexdigest()
+    if not re.fullmatch(r'[0-9a-f]{40}', commit_sha):
+        raise HubError(f'commit_sha must be 40 lowercase hex digits, got {commit_sha!r}')
+    repo_dir = Path(cache_dir or constants.HF_HUB_CACHE) / ('models--' + repo_id.replace('/', '--'))
+    snapshot = repo_dir / 'snapshots' / commit_sha
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, snapshot / path.name)
+    (repo_dir / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo_dir / 'refs' / 'main').write_text(commit_sha)
+    return snapshot
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    out = {}
+    for item in items or ():
+        if '=' not in item:
+            raise HubError(f'--model-kwargs entries look like key=value, got {item!r}')
+        key, value = item.split('=', 1)
+        out[key.replace('-', '_')] = yaml.safe_load(value)
+    return out
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='titans-timm-push',
+        description='Publish a trained titans-timm checkpoint to the Hugging Face Hub (model.safetensors, '
+                    'config.json, README.md model card), loadable with '
+                    "timm.create_model('hf-hub:ORG/NAME', pretrained=True) after `import titans_timm`.")
+    parser.add_argument('checkpoint', help='checkpoint written by training, e.g. output/EXP/model.safetensors')
+    parser.add_argument('repo_id', help='Hub repository ORG/NAME (created if missing)')
+    parser.add_argument('--dry-run', metavar='DIR', default=None,
+                        help='write the exact folder that would be uploaded to DIR; upload nothing')
+    parser.add_argument('--eval-report', metavar='JSON', default=None, help='report of titans-timm-eval for the results table')
+    parser.add_argument('--recipe', metavar='YAML', default=None,
+                        help='training recipe or run args.yaml (default: args.yaml next to the checkpoint)')
+    parser.add_argument('--token', default=None, help='Hub token with write access (default: HF_TOKEN or `hf auth login`)')
+    parser.add_argument('--private', action='store_true', help='create the repository private')
+    parser.add_argument('--license', default='apache-2.0', help='license in the card (default: apache-2.0)')
+    parser.add_argument('--base-model', default=None, help="card base_model (default: the backbone's timm hub id)")
+    parser.add_argument('--dataset-id', dest='datasets', action='append', default=None, metavar='ORG/NAME',
+                        help='Hub dataset id for the card (repeatable; default: from the report and recipe)')
+    parser.add_argument('--card-template', default=None, metavar='MD', help='card template (default: hub_cards/model_card.md)')
+    parser.add_argument('--commit-message', default=None)
+    parser.add_argument('--revision', default=None, help='branch to push to (default: main)')
+    parser.add_argument('--endpoint', default=None, help='Hub URL (default: HF_ENDPOINT or https://huggingface.co)')
+    parser.add_argument('--model', dest='architecture', default=None,
+                        help='timm model name, for plain state dicts without titans-timm metadata')
+    parser.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
+                        help='model kwargs for plain state dicts (timm train.py style), e.g. num_classes=10 img_size=32')
+    parser.add_argument('--no-verify', dest='verify', action='store_false',
+                        help='skip reloading the folder with timm before upload')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``titans-timm-push``; returns the exit status (2 and one ``error:`` line on bad input)."""
+    args = _build_parser().parse_args(argv)
+    try:
+        overrides = _parse_kwargs(args.model_kwargs)
+        if args.architecture:
+            overrides['architecture'] = args.architecture
+        result = push(args.checkpoint, args.repo_id, eval_report=args.eval_report, recipe=args.recipe,
+                      token=args.token, private=args.private, dry_run_dir=args.dry_run, license=args.license,
+                      base_model=args.base_model, datasets=args.datasets, card_template=args.card_template,
+                      commit_message=args.commit_message, revision=args.revision, endpoint=args.endpoint,
+                      verify=args.verify, **overrides)
+    except HubError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if result['folder']:
+        print(f"wrote {', '.join(result['files'])} to {result['folder']} (dry run, nothing uploaded)")
+        print(f"upload later with: hf upload {result['repo_id']} {result['folder']} .")
+    else:
+        print(f"pushed {', '.join(result['files'])} to {result['url']}")
+    print(f"load with: import titans_timm; timm.create_model('hf-hub:{result['repo_id']}', pretrained=True)")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
