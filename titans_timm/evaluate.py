@@ -68,13 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog='titans-timm-eval',
         description='Evaluate a titans-timm checkpoint or a timm model: top-1/top-5, loss, per-class '
                     'accuracy, img/s, confusion matrix and memory surprise maps.')
-    src = parser.add_argument_group('model (one of)')
+    src = parser.add_argument_group('model')
     src.add_argument('--checkpoint', metavar='FILE', default=None,
-                     help='model.safetensors written by titans-timm-train')
+                     help='model.safetensors written by titans-timm-train (with --model NAME: any state dict '
+                          'for that architecture)')
     src.add_argument('--model', metavar='NAME', default=None,
-                     help='timm model name: local-dir:DIR, hf-hub:ORG/NAME, or a registered name with --pretrained')
+                     help='timm model name: local-dir:DIR, hf-hub:ORG/NAME, or a registered name (with '
+                          '--pretrained or --checkpoint)')
     src.add_argument('--pretrained', action='store_true', default=False,
                      help='load pretrained weights for a plain --model name (implied for local-dir:/hf-hub:)')
+    src.add_argument('--num-classes', type=int, default=None, metavar='N',
+                     help='number of classes, for --model NAME --checkpoint FILE with a plain state dict')
     data = parser.add_argument_group('dataset (as in titans-timm-train)')
     data.add_argument('--dataset', default=None,
                       help="dataset name: the built-in 'fashion-mnist-mini' (default), hf:ORG/NAME, hfds/ORG/NAME, "
@@ -112,30 +116,49 @@ def load_model_for_eval(
         model_name: Optional[str] = None,
         pretrained: bool = False,
         img_size: Optional[int] = None,
+        num_classes: Optional[int] = None,
 ) -> Tuple[nn.Module, dict]:
     """Build the model to evaluate and describe where it came from.
 
     Args:
-        checkpoint: a ``model.safetensors`` written by :func:`titans_timm.checkpoint.save_model`.
-        model_name: a timm name (``local-dir:DIR``, ``hf-hub:ORG/NAME`` or a registered name).
+        checkpoint: a ``model.safetensors`` written by :func:`titans_timm.checkpoint.save_model` (it names its
+            architecture), or, with ``model_name``, any safetensors / ``.pth`` state dict to load into that
+            architecture (as in timm's validate.py: ``--model NAME --checkpoint FILE``).
+        model_name: a timm name: ``local-dir:DIR``, ``hf-hub:ORG/NAME`` or a registered name.
         pretrained: load pretrained weights for a registered name (always on for ``local-dir:``/``hf-hub:``).
         img_size: build the model for this input size instead of its own.
+        num_classes: build the model with this many classes (for state dicts without metadata).
 
     Returns:
         ``(model, info)``; ``info`` holds ``source``, ``architecture``, ``model_args`` and ``label_names``
         (``None`` when the model does not record them).
 
     Raises:
-        EvalError: neither or both sources given, a missing/corrupt/incompatible checkpoint, an unknown model.
+        EvalError: no source given, a missing/corrupt checkpoint, a checkpoint that does not fit the named
+            architecture (naming the mismatched keys), an unknown model.
     """
     import timm
     import titans_timm  # noqa: F401  (registers the memory models with timm)
+    _register_models()
 
-    if (checkpoint is None) == (model_name is None):
-        raise EvalError('give exactly one of --checkpoint FILE or --model NAME')
-    overrides = {} if img_size is None else dict(img_size=img_size)
+    if checkpoint is None and model_name is None:
+        raise EvalError('nothing to evaluate: pass --checkpoint FILE (from titans-timm-train) or --model NAME '
+                        '(local-dir:DIR, hf-hub:ORG/NAME)')
+    overrides = {}
+    if img_size is not None:
+        overrides['img_size'] = img_size
+    if num_classes is not None:
+        overrides['num_classes'] = num_classes
     if checkpoint is not None:
         from titans_timm.checkpoint import CheckpointError, load_model
+        if model_name is not None:
+            if model_name.startswith(('hf-hub:', 'local-dir:')):
+                raise EvalError('--checkpoint loads weights into a registered architecture; with hf-hub:/'
+                                'local-dir: models drop --checkpoint (their weights come with them)')
+            if not timm.is_model(model_name):
+                raise EvalError(f'unknown model {model_name!r}; use a name from timm.list_models() '
+                                f'(e.g. vit_tiny_mag_simple)')
+            overrides['architecture'] = model_name
         if not os.path.isfile(checkpoint):
             raise EvalError(f'checkpoint {checkpoint!r} not found; pass the model.safetensors written by '
                             f'titans-timm-train (OUTPUT/EXPERIMENT/model.safetensors)')
@@ -145,9 +168,6 @@ def load_model_for_eval(
             raise EvalError(str(e)) from None
         meta = dict(meta or {})
         cfg = meta.get('pretrained_cfg') or {}
-        if cfg:
-            # The checkpoint's data config (mean/std/input size it was trained with) wins over the registry's.
-            model.pretrained_cfg = {**dict(getattr(model, 'pretrained_cfg', None) or {}), **cfg}
         info = dict(
             source=os.path.abspath(checkpoint),
             architecture=meta.get('architecture'),
@@ -174,11 +194,18 @@ def load_model_for_eval(
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
     info = dict(
         source=model_name,
-        architecture=cfg.get('architecture') or type(model).__name__,
+        architecture=cfg.get('architecture') or model_name,
         model_args=None,
         label_names=cfg.get('label_names'),
     )
     return model, info
+
+
+def _register_models():
+    # The 27 memory models register when titans_timm.vit is imported; the package import may not do it yet.
+    import importlib.util
+    if importlib.util.find_spec('titans_timm.vit') is not None:
+        import titans_timm.vit  # noqa: F401
 
 
 def _create_eval_dataset(args: argparse.Namespace):
@@ -421,6 +448,60 @@ def _patch_grid(model: nn.Module, images: torch.Tensor) -> Tuple[int, int]:
     return tuple(patch_embed.grid_size)
 
 
+def _capture_calls(module: nn.Module, record) -> List[str]:
+    """Wrap ``module``'s forward (and ``write``) so each call also hands its stats to ``record``.
+
+    Returns the names of the instance attributes set, to delete afterwards (the class methods take over again).
+    """
+    if any(name in module.__dict__ for name in ('forward', 'write', '_write')):
+        raise EvalError(f'{type(module).__name__} already has instance-level forward/write overrides; '
+                        f'cannot capture its surprise')
+    forward = module.forward
+
+    def forward_with_stats(*args, **kwargs):
+        if kwargs.get('return_stats'):  # the caller wants the stats itself: leave its call alone
+            out = forward(*args, **kwargs)
+            record(out[1])
+            return out
+        out, stats = forward(*args, return_stats=True, **kwargs)
+        record(stats)
+        return out
+
+    module.forward = forward_with_stats
+    names = ['forward']
+    write = getattr(module, 'write', None)
+    if write is None:
+        return names
+    import inspect
+    if 'return_stats' in inspect.signature(write).parameters:
+        def write_with_stats(*args, **kwargs):
+            if kwargs.get('return_stats'):
+                out = write(*args, **kwargs)
+                record(out[1])
+                return out
+            state, stats = write(*args, return_stats=True, **kwargs)
+            record(stats)
+            return state
+    else:
+        # write() returns only the state; the stats come from the chunk loop it runs (_write), which
+        # forward() shares: borrow them there for the duration of this write call.
+        inner = module._write
+
+        def write_with_stats(*args, **kwargs):
+            def _write(*wargs, **wkwargs):
+                out = inner(*wargs, **wkwargs)  # (state, stats, reads)
+                record(out[1])
+                return out
+            module._write = _write
+            try:
+                return write(*args, **kwargs)
+            finally:
+                del module._write
+    module.write = write_with_stats
+    names.append('write')
+    return names
+
+
 def surprise_maps(
         model: nn.Module,
         images: torch.Tensor,
@@ -429,82 +510,85 @@ def surprise_maps(
 ):
     """Per-patch surprise of the memory at chosen blocks, from one ordinary forward pass.
 
-    The surprise is what the memory module reports as ``stats['surprise']`` (the per-token inner
-    associative loss ``||M(k_t) - v_t||^2``, Titans eq. 12). During the forward each memory module's
-    ``forward`` is wrapped so it is called with ``return_stats=True`` and hands only the output on: the
-    model runs once, exactly as it would without the capture, and the maps are the surprise of that pass.
-    Prefix tokens (class, register, and for MAC the persistent/retrieved tokens, which all precede the
-    patches) are dropped by keeping the last ``H' * W'`` tokens; if a module is called several times in
-    one forward the last call that saw all patches counts.
+    The surprise is what the memory module reports as ``stats['surprise']``: the per-token inner associative
+    loss ``||M(k_t) - v_t||^2`` (Titans eq. 12) at the weights the token was written with. During the forward
+    each memory module is temporarily wrapped so its calls also return their stats (``return_stats=True``)
+    and pass the usual output on: the model runs once, exactly as without the capture (the logits are the
+    same), and the maps are the surprise of that pass.
+
+    * MAL / MAG: one memory per memory block; its surprise when the block writes its tokens.
+    * MAC: one memory shared by the MAC blocks, written by each in turn (a recurrence over depth); the map
+      of block ``l`` is the surprise of block ``l``'s tokens against the memory left by earlier blocks.
+
+    Prefix tokens (class and register tokens, which precede the patches) are dropped by keeping the last
+    ``H' * W'`` tokens of each write.
 
     Args:
         model: a titans-timm model (anything :func:`titans_timm.vit.memory_modules` finds memory in).
         images: normalised images ``[B, C, H, W]`` as the model expects them.
-        blocks: block indices to capture (default: every memory-carrying block).
+        blocks: block indices to keep (default: every memory block).
         return_logits: also return the model output of that forward.
 
     Returns:
         ``{block_index: Tensor[B, H', W']}`` in block order (float32, CPU), or ``(maps, logits)``.
 
     Raises:
-        EvalError: the model has no memory, or ``blocks`` names a block without memory.
+        EvalError: the model has no memory, its memory is never written (``mlp``: no surprise), or ``blocks``
+            names a block without memory.
     """
+    _register_models()
     from titans_timm.vit import memory_modules
     found = list(memory_modules(model))
     if not found:
         raise EvalError(f'{type(model).__name__} has no memory modules, so it has no surprise to map; use a '
                         f'memory model such as vit_tiny_mag_simple')
-    available = [i for i, _ in found]
-    if blocks is None:
-        chosen = found
-    else:
-        missing = [b for b in blocks if b not in available]
-        if missing:
-            raise EvalError(f'block(s) {missing} carry no memory; memory blocks of this model: {available}')
-        chosen = [(i, m) for i, m in found if i in set(blocks)]
-
+    if any(getattr(m, 'kind', None) == 'mlp' for _, m in found):
+        raise EvalError('the mlp memory is persistent (never written at test time), so it has no surprise to '
+                        'map; use a model with simple or advanced memory')
     grid_h, grid_w = _patch_grid(model, images)
     num_patches = grid_h * grid_w
-    captured: Dict[int, torch.Tensor] = {}
+    calls: Dict[int, List[torch.Tensor]] = {i: [] for i, _ in found}
     wrapped = []
 
-    def make_wrapper(block_index, module):
-        original = module.forward
-
-        def forward(*args, **kwargs):
-            if kwargs.get('return_stats'):
-                out = original(*args, **kwargs)  # the caller wants the stats itself: leave its call alone
-                stats = out[1]
-            else:
-                out, stats = original(*args, return_stats=True, **kwargs)
+    def recorder(block_index):
+        def record(stats):
             surprise = stats['surprise']  # [B, N]
-            if surprise.shape[-1] >= num_patches:
-                captured[block_index] = surprise[:, -num_patches:].detach().float().cpu()
-            return out
-        return forward
+            if surprise.shape[-1] >= num_patches:  # skip reads with a few pooled queries (MAC)
+                calls[block_index].append(surprise[:, -num_patches:].detach().float().cpu())
+        return record
 
     was_training = model.training
     model.eval()
     try:
-        for block_index, module in chosen:
-            if 'forward' in module.__dict__:
-                raise EvalError(f'memory module of block {block_index} already has an instance forward; '
-                                f'cannot capture its surprise')
-            module.forward = make_wrapper(block_index, module)
-            wrapped.append(module)
+        for block_index, module in found:
+            wrapped.append((module, _capture_calls(module, recorder(block_index))))
         with torch.inference_mode():
             logits = model(images)
     finally:
-        for module in wrapped:
-            del module.forward  # back to the class's forward
+        for module, names in wrapped:
+            for name in names:
+                module.__dict__.pop(name, None)  # back to the class's methods
         model.train(was_training)
 
-    maps = {}
-    for block_index, _ in chosen:
-        if block_index not in captured:
-            raise EvalError(f'the memory of block {block_index} did not report a surprise for all '
-                            f'{num_patches} patches during the forward')
-        maps[block_index] = captured[block_index].reshape(-1, grid_h, grid_w)  # [B, H', W']
+    memory_blocks = list(getattr(model, 'memory_blocks', None) or [])
+    maps: Dict[int, torch.Tensor] = {}
+    for block_index, _ in found:
+        got = calls[block_index]
+        if not got:
+            raise EvalError(f'the memory of block {block_index} reported no surprise for the {num_patches} '
+                            f'patches during the forward')
+        if len(got) > 1 and len(got) == len(memory_blocks) and len(found) == 1:
+            keys = memory_blocks  # one shared memory (MAC) written once per memory block, in depth order
+        else:
+            keys, got = [block_index], got[-1:]
+        for key, surprise in zip(keys, got):
+            maps[key] = surprise.reshape(-1, grid_h, grid_w)  # [B, H', W']
+    if blocks is not None:
+        missing = [b for b in blocks if b not in maps]
+        if missing:
+            raise EvalError(f'block(s) {missing} carry no memory; memory blocks of this model: {sorted(maps)}')
+        maps = {b: maps[b] for b in sorted(set(blocks))}
+    maps = dict(sorted(maps.items()))
     return (maps, logits) if return_logits else maps
 
 
@@ -598,7 +682,8 @@ def run(args: argparse.Namespace) -> dict:
     blocks = _parse_blocks(args.surprise_blocks)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
 
-    model, info = load_model_for_eval(args.checkpoint, args.model, args.pretrained, args.img_size)
+    model, info = load_model_for_eval(args.checkpoint, args.model, args.pretrained, args.img_size,
+                                      args.num_classes)
     dataset = _create_eval_dataset(args)
     label_names = _label_names(dataset)
     _check_classes(model, info, label_names)
