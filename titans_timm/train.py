@@ -1,0 +1,1047 @@
+"""titans-timm-train: two-phase fine-tuning of (memory-augmented) timm models on timm's training stack.
+
+    titans-timm-train -c train_timm_hparams/fashion_mnist_titans.yaml
+    python -m titans_timm.train --model vit_tiny_mag_advanced --pretrained-path backbone.safetensors \\
+        --freeze-epochs 2 --epochs 4 --output output --experiment mag
+    torchrun --nproc_per_node 2 -m titans_timm.train -c recipe.yaml        # or: accelerate launch -m ...
+
+Flags and YAML keys follow timm's train.py (``-c recipe.yaml`` holds argparse dests such as
+``batch_size``), so one recipe runs here and in timm's train.py with
+``--device-modules titans_timm.two_phase``. Ours on top: ``--freeze-epochs``, ``--backbone-lr-scale``,
+``--memory-options``, ``--train-num-samples``, ``--eval-only``. The pieces are timm's: datasets
+through :mod:`titans_timm.data`, ``create_transform`` / ``create_loader`` / ``resolve_data_config`` /
+``Mixup``, ``create_optimizer_v2`` with role-tagged param groups (:mod:`titans_timm.two_phase`),
+``create_scheduler_v2``, timm losses, ``ModelEmaV3``, ``accuracy`` / ``dispatch_clip_grad``.
+
+Choices (what a timm user would expect, plus what exact resume needs):
+
+- Output ``OUTPUT/EXPERIMENT/``: ``model.safetensors`` (final weights, self-describing, via
+  :func:`titans_timm.checkpoint.save_model`), ``last.safetensors`` + ``train_state.pth`` (optimizer,
+  scheduler, EMA, epoch, step in epoch, RNG states; tensors and plain types only, read back with
+  ``weights_only=True``), ``model_ema.safetensors`` with ``--model-ema``, ``summary.csv`` (one row per
+  epoch), ``args.yaml``, ``results.json``. All writes are atomic; only rank 0 writes.
+- Exact resume: the training order is a function of (seed, epoch) (a seeded sampler, not the global
+  RNG), a resumed epoch skips the steps already done at the sampler, and the RNG states are restored
+  right where the checkpoint was taken. With ``--workers 0`` on CPU a run killed mid-epoch and resumed
+  ends with bit-identical weights; with worker processes the data order is still exact but the
+  augmentation draws of a resumed epoch differ.
+- Ctrl-C finishes the current step, writes a resumable checkpoint and exits (status 130); a second
+  Ctrl-C aborts at once. ``--resume DIR`` reads ``DIR/args.yaml`` as defaults, so
+  ``titans-timm-train --resume DIR`` alone continues a run.
+- ``--img-size`` also sets the model's ``img_size`` (ViTs need it) unless ``--model-kwargs`` does.
+  With ``--pretrained-path`` to a titans-timm checkpoint, its structural model args (img_size,
+  patch_size, depth, ...) are inherited unless given, its head is kept when the class count matches,
+  and its normalisation is used, so a memory model built from a backbone checkpoint starts exactly
+  as accurate as that backbone (evaluated and logged at step 0).
+- Gradient clipping sees only the parameters that move in the current phase.
+"""
+import argparse
+import csv
+import difflib
+import io
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+import timm
+from timm.data import Mixup, create_loader, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
+from timm.utils import (
+    AverageMeter, ModelEmaV3, ParseKwargs, accuracy, dispatch_clip_grad, init_distributed_device,
+    random_seed, reduce_tensor, unwrap_model,
+)
+from tqdm import tqdm
+
+import titans_timm  # noqa: F401  (registers the titans-timm model names with timm)
+from titans_timm import checkpoint as ckpt
+from titans_timm import two_phase
+
+__all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError']
+
+_logger = logging.getLogger('titans_timm.train')
+
+# Model args a memory model inherits from a backbone checkpoint given by --pretrained-path (unless set):
+# they fix the shapes of the backbone weights, so the two must agree for the weights to load unchanged.
+_STRUCTURAL_ARGS = ('img_size', 'patch_size', 'depth', 'embed_dim', 'num_heads', 'mlp_ratio', 'in_chans',
+                    'global_pool', 'class_token', 'reg_tokens', 'no_embed_class', 'qkv_bias')
+# Arguments that describe one invocation, not the run: never written to args.yaml, never inherited on resume.
+_RUN_ONLY_ARGS = ('config', 'resume', 'eval_only', 'stop_after_steps', 'dump_rank_weights')
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class TrainInputError(ValueError):
+    """Bad user input found before any training work (printed as one ``error:`` line, exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+def _float_list(n):
+    return dict(type=float, nargs=n, metavar='F')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; flag names and dests follow timm's train.py."""
+    from titans_timm.data import BUILTIN_DATASET
+    p = argparse.ArgumentParser(
+        prog='titans-timm-train', description='Two-phase fine-tuning of (memory-augmented) timm models.')
+    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe; keys are argparse dests')
+
+    g = p.add_argument_group('Dataset')
+    g.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional, as in timm)')
+    g.add_argument('--data-dir', metavar='DIR', help='path to dataset root (image folders or HF datasets cache)')
+    g.add_argument('--dataset', default=BUILTIN_DATASET, metavar='NAME',
+                   help=f'dataset: {BUILTIN_DATASET} (built in), hf:ORG/NAME or hfds/ORG/NAME, or "" for an '
+                        f'image folder in --data-dir (default: {BUILTIN_DATASET})')
+    g.add_argument('--train-split', default='train', metavar='NAME')
+    g.add_argument('--val-split', default='validation', metavar='NAME', help='evaluation split ("" for none)')
+    g.add_argument('--train-num-samples', type=int, default=None, metavar='N',
+                   help='train on a fixed random subset of N samples (quick runs)')
+    g.add_argument('--val-num-samples', type=int, default=None, metavar='N')
+    g.add_argument('--input-key', default=None, metavar='NAME', help='image column of a HF dataset')
+    g.add_argument('--target-key', default=None, metavar='NAME', help='label column of a HF dataset')
+
+    g = p.add_argument_group('Model')
+    g.add_argument('--model', default='vit_tiny_mag_advanced', metavar='NAME', help='timm model name')
+    g.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
+    g.add_argument('--pretrained-path', default=None, metavar='FILE',
+                   help='local weights (e.g. a backbone model.safetensors) used as the pretrained weights')
+    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='default: from the dataset')
+    g.add_argument('--in-chans', type=int, default=None, metavar='N')
+    g.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (also the model img_size)')
+    g.add_argument('--input-size', default=None, type=int, nargs=3, metavar='N', help='C H W')
+    g.add_argument('--crop-pct', default=None, type=float, metavar='PCT')
+    g.add_argument('--mean', default=None, **_float_list('+'))
+    g.add_argument('--std', default=None, **_float_list('+'))
+    g.add_argument('--interpolation', default='', type=str, metavar='NAME')
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='k=v model kwargs')
+    g.add_argument('--memory-options', default=None, metavar='JSON',
+                   help='memory options as a JSON object, passed to the model as memory_options')
+    g.add_argument('--grad-checkpointing', action='store_true', default=False)
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+
+    g = p.add_argument_group('Two-phase schedule')
+    g.add_argument('--freeze-epochs', type=int, default=0, metavar='N',
+                   help='phase 1 length: epochs with the backbone frozen (memory and head train)')
+    g.add_argument('--backbone-lr-scale', type=float, default=two_phase.DEFAULT_BACKBONE_LR_SCALE, metavar='F',
+                   help='phase 2 backbone LR as a fraction of the base LR (default 0.1)')
+
+    g = p.add_argument_group('Optimizer')
+    g.add_argument('--opt', default='adamw', metavar='NAME')
+    g.add_argument('--opt-eps', default=None, type=float, metavar='EPS')
+    g.add_argument('--opt-betas', default=None, **_float_list('+'))
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    g.add_argument('--clip-mode', type=str, default='norm', help='norm, value or agc')
+    g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+
+    g = p.add_argument_group('Learning rate schedule')
+    g.add_argument('--sched', type=str, default='cosine', metavar='NAME')
+    g.add_argument('--sched-on-updates', action='store_true', default=False)
+    g.add_argument('--lr', type=float, default=None, metavar='LR', help='default: lr_base scaled by batch size')
+    g.add_argument('--lr-base', type=float, default=1e-3, metavar='LR')
+    g.add_argument('--lr-base-size', type=int, default=256, metavar='N')
+    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='linear or sqrt')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None)
+    g.add_argument('--lr-noise-pct', type=float, default=0.67)
+    g.add_argument('--lr-noise-std', type=float, default=1.0)
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0)
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5)
+    g.add_argument('--lr-cycle-limit', type=int, default=1)
+    g.add_argument('--lr-k-decay', type=float, default=1.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0)
+    g.add_argument('--epochs', type=int, default=10)
+    g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
+    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--warmup-epochs', type=int, default=0)
+    g.add_argument('--warmup-prefix', action='store_true', default=False)
+    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--patience-epochs', type=int, default=10)
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+
+    g = p.add_argument_group('Augmentation and regularization')
+    g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--train-crop-mode', type=str, default=None)
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--aa', type=str, default=None, help='auto augment policy, e.g. rand-m9-mstd0.5')
+    g.add_argument('--reprob', type=float, default=0.)
+    g.add_argument('--remode', type=str, default='pixel')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--mixup', type=float, default=0.0)
+    g.add_argument('--cutmix', type=float, default=0.0)
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch')
+    g.add_argument('--mixup-off-epoch', default=0, type=int)
+    g.add_argument('--smoothing', type=float, default=0.1)
+    g.add_argument('--train-interpolation', type=str, default='random')
+
+    g = p.add_argument_group('EMA')
+    g.add_argument('--model-ema', action='store_true', default=False)
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', action='store_true', default=False)
+
+    g = p.add_argument_group('Misc')
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--log-interval', type=int, default=50, help='steps between log lines')
+    g.add_argument('--checkpoint-interval', type=int, default=0, metavar='K',
+                   help='also write a resumable checkpoint every K steps within an epoch (0: epoch ends only)')
+    g.add_argument('-j', '--workers', type=int, default=0,
+                   help='data loader processes (0: load in the training process; needed for exact resume)')
+    g.add_argument('--amp', action='store_true', default=False, help='mixed precision (bfloat16 on CPU)')
+    g.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
+    g.add_argument('--device', default=None, help='cuda or cpu (default: cuda if available)')
+    g.add_argument('--dist-backend', default=None, help='default: nccl on cuda, gloo on cpu')
+    g.add_argument('--dist-url', default=None)
+    g.add_argument('--output', default='./output/train', metavar='DIR')
+    g.add_argument('--experiment', default='', metavar='NAME', help='default: timestamp-model-imgsize')
+    g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'))
+    g.add_argument('--resume', default='', metavar='DIR', help='continue the run saved in DIR')
+    g.add_argument('--eval-only', action='store_true', default=False,
+                   help='evaluate the model (e.g. --pretrained-path or --resume) and exit')
+    g.add_argument('--no-progress', action='store_true', default=False, help='no progress bars')
+    # Test hooks: simulate Ctrl-C after N steps; per-rank weight dumps for replica checks.
+    g.add_argument('--stop-after-steps', type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument('--dump-rank-weights', action='store_true', default=False, help=argparse.SUPPRESS)
+    return p
+
+
+def _read_yaml(path: str, what: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise TrainInputError(f'{what} not found: {path}')
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise TrainInputError(f'{what} {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    if not isinstance(cfg, dict):
+        raise TrainInputError(f'{what} {path} must be a mapping of option names to values')
+    return cfg
+
+
+def _check_keys(parser, cfg: Dict[str, Any], source: str) -> None:
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in cfg if k not in known)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), known, n=1)
+            hints.append(f'{k} (did you mean {close[0]}?)' if close else str(k))
+        raise TrainInputError(f'unknown key(s) in {source}: {", ".join(hints)}; keys are option dests like '
+                              f'batch_size, freeze_epochs (see titans-timm-train --help)')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` with defaults from ``--resume DIR/args.yaml`` then ``-c recipe.yaml`` (CLI wins).
+
+    Raises:
+        TrainInputError: unreadable YAML or unknown YAML keys.
+    """
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('-c', '--config', default='')
+    pre.add_argument('--resume', default='')
+    known, _ = pre.parse_known_args(argv)
+    if known.resume:
+        saved = Path(known.resume) / 'args.yaml'
+        if not saved.is_file():
+            raise TrainInputError(f'--resume {known.resume}: no args.yaml there; pass the experiment directory '
+                                  f'a previous run wrote (OUTPUT/EXPERIMENT)')
+        cfg = _read_yaml(str(saved), 'saved args')
+        cfg = {k: v for k, v in cfg.items() if k not in _RUN_ONLY_ARGS}
+        _check_keys(parser, cfg, str(saved))
+        parser.set_defaults(**cfg)
+    if known.config:
+        cfg = _read_yaml(known.config, 'config file')
+        _check_keys(parser, cfg, known.config)
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(argv)
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: model, data
+# ---------------------------------------------------------------------------------------------
+
+def _check_model_name(name: str) -> None:
+    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')) or timm.is_model(name):
+        return
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models("*mag*")'
+    raise TrainInputError(f'unknown model {name!r}{hint}')
+
+
+def _checkpoint_head_size(path: str, meta: Dict[str, Any], classifier: str) -> Optional[int]:
+    nc = (meta.get('model_args') or {}).get('num_classes') or (meta.get('pretrained_cfg') or {}).get('num_classes')
+    if nc:
+        return int(nc)
+    if path.endswith('.safetensors'):
+        import safetensors
+        with safetensors.safe_open(path, framework='pt') as f:
+            key = f'{classifier}.weight'
+            if key in f.keys():
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def _model_kwargs(args, data_num_classes: int) -> Dict[str, Any]:
+    """JSON-serialisable kwargs for timm.create_model (also stored in the checkpoint as model_args)."""
+    kwargs = dict(args.model_kwargs or {})
+    if args.memory_options:
+        try:
+            options = json.loads(args.memory_options) if isinstance(args.memory_options, str) else args.memory_options
+        except json.JSONDecodeError as e:
+            raise TrainInputError(f'--memory-options is not valid JSON ({e}); pass e.g. \'{{"chunk_size": 16}}\'') from None
+        if not isinstance(options, dict):
+            raise TrainInputError('--memory-options must be a JSON object, e.g. \'{"chunk_size": 16}\'')
+        kwargs['memory_options'] = options
+    kwargs['num_classes'] = data_num_classes
+    if args.img_size is not None:
+        kwargs.setdefault('img_size', args.img_size)
+    elif args.input_size is not None:
+        kwargs.setdefault('img_size', args.input_size[-1])
+    if args.in_chans is not None:
+        kwargs.setdefault('in_chans', args.in_chans)
+    if args.drop:
+        kwargs.setdefault('drop_rate', args.drop)
+    if args.drop_path is not None:
+        kwargs.setdefault('drop_path_rate', args.drop_path)
+    return kwargs
+
+
+def _pretrained_overlay(args, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """pretrained_cfg_overlay for --pretrained-path; may add inherited structural args to ``kwargs``."""
+    path = args.pretrained_path
+    try:
+        meta = ckpt.read_metadata(path, required=False)
+    except ckpt.CheckpointError as e:
+        raise TrainInputError(f'--pretrained-path: {e}') from None
+    inherited = {k: v for k, v in (meta.get('model_args') or {}).items()
+                 if k in _STRUCTURAL_ARGS and k not in kwargs}
+    if inherited:
+        _logger.info(f'model args inherited from {path}: {inherited}')
+        kwargs.update(inherited)
+    overlay = dict(file=str(path))
+    classifier = (timm.models.get_pretrained_cfg(args.model) or {}) if timm.is_model(args.model) else {}
+    classifier = getattr(classifier, 'classifier', None) or 'head'
+    head = _checkpoint_head_size(str(path), meta, classifier)
+    # timm drops the checkpoint's head when its class count differs from the model's, keeps it otherwise.
+    overlay['num_classes'] = head if head is not None else -1
+    cfg = meta.get('pretrained_cfg') or {}
+    for k in ('mean', 'std', 'interpolation', 'crop_pct'):
+        if cfg.get(k) is not None:
+            overlay[k] = tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]
+    return overlay
+
+
+def _create_model(args, kwargs: Dict[str, Any]) -> nn.Module:
+    factory = {}
+    pretrained = args.pretrained
+    if args.pretrained_path:
+        factory['pretrained_cfg_overlay'] = _pretrained_overlay(args, kwargs)
+        pretrained = True
+    try:
+        model = timm.create_model(args.model, pretrained=pretrained, **factory, **kwargs)
+    except TypeError as e:
+        raise TrainInputError(f'model {args.model!r} does not accept these kwargs ({e}); check --model-kwargs '
+                              f'and --memory-options') from None
+    except (RuntimeError, ckpt.CheckpointError) as e:
+        msg = str(e).strip().splitlines()
+        msg = ' '.join(m.strip() for m in msg[:3])
+        if args.pretrained_path:
+            raise TrainInputError(f'--pretrained-path {args.pretrained_path} does not fit {args.model}: '
+                                  f'{msg[:400]}') from None
+        raise TrainInputError(f'could not build {args.model}: {msg[:400]}') from None
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f'could not load weights for {args.model}: {str(e).splitlines()[0][:300]}') from None
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _create_dataset(args, split: str, is_training: bool, num_samples: Optional[int]):
+    from titans_timm import data as tdata
+    try:
+        # num_samples: a fixed, class-balanced subset chosen by the data module (not per epoch).
+        return tdata.create_dataset(
+            args.dataset, root=args.data_dir, split=split, is_training=is_training, num_samples=num_samples,
+            image_column=args.input_key or None, label_column=args.target_key or None)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+        raise TrainInputError(f'dataset {args.dataset!r} split {split!r}: {str(e).strip().splitlines()[0]}') from None
+
+
+class _ResumableBatchSampler(torch.utils.data.BatchSampler):
+    """Batches of a ``DistributedSampler`` (seeded by seed + epoch), optionally skipping the first batches.
+
+    Used in single-process runs too (one replica), so the order is a function of (seed, epoch) only
+    and a resumed epoch can start at the step it stopped at without touching any RNG.
+    """
+
+    def __init__(self, sampler, batch_size: int):
+        super().__init__(sampler, batch_size, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if i >= self.skip:
+                yield batch
+
+
+def _train_loader(args, dataset, data_config):
+    # create_loader picks its own sampler (global-RNG shuffle when not distributed), which cannot
+    # resume mid-epoch; so the training loader is built here from timm's transform and a seeded sampler.
+    interpolation = args.train_interpolation
+    if args.no_aug or not interpolation:
+        interpolation = data_config['interpolation']
+    dataset.transform = create_transform(
+        data_config['input_size'], is_training=True, no_aug=args.no_aug, train_crop_mode=args.train_crop_mode,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=interpolation, mean=data_config['mean'], std=data_config['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=False)
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
+    batch_sampler = _ResumableBatchSampler(sampler, args.batch_size)
+    if len(batch_sampler) == 0:
+        raise TrainInputError(f'the training set has {len(dataset)} samples, fewer than one batch of '
+                              f'{args.batch_size} per process; lower --batch-size')
+    # The loader's own generator seeds worker processes, keeping the global RNG out of iterator creation.
+    generator = torch.Generator().manual_seed(args.seed + args.rank)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=args.workers, generator=generator,
+        persistent_workers=False)
+
+
+def _eval_loader(args, dataset, data_config, device):
+    return create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        crop_pct=data_config['crop_pct'], device=device, use_prefetcher=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint state (tensors and plain types only: train_state.pth loads with weights_only=True)
+# ---------------------------------------------------------------------------------------------
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return dict(
+        torch=torch.get_rng_state(),
+        numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
+                   has_gauss=int(np_state[3]), cached_gaussian=float(np_state[4])),
+        python=[py_state[0], list(py_state[1]), py_state[2]],
+    )
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def _scheduler_state(scheduler) -> Dict[str, Any]:
+    state = scheduler.state_dict()
+    if isinstance(scheduler, PlateauLRScheduler):
+        state['lr_scheduler'] = scheduler.lr_scheduler.state_dict()
+    return state
+
+
+def _load_scheduler_state(scheduler, state: Dict[str, Any]) -> None:
+    state = dict(state)
+    if isinstance(scheduler, PlateauLRScheduler):
+        scheduler.lr_scheduler.load_state_dict(state.pop('lr_scheduler'))
+    scheduler.load_state_dict(state)
+
+
+def _torch_save_atomic(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    ckpt.atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+class _StopRequest:
+    """Ctrl-C handling: the first SIGINT asks to stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _logger.warning('Ctrl-C: finishing this step and writing a resumable checkpoint (Ctrl-C again aborts)')
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class Trainer:
+    """One training run: built by :func:`main` after every input check has passed."""
+
+    def __init__(self, args, model, model_kwargs, label_names, data_config, loader_train, loader_eval,
+                 device, output_dir: Optional[Path]):
+        self.args = args
+        self.model = model
+        self.model_kwargs = model_kwargs
+        self.label_names = label_names
+        self.data_config = data_config
+        self.loader_train = loader_train
+        self.loader_eval = loader_eval
+        self.device = device
+        self.output_dir = output_dir
+        self.is_primary = args.rank == 0
+        self.amp_autocast = (partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
+                             if args.amp else nullcontext)
+
+        self.optimizer = create_optimizer_v2(
+            model, **optimizer_kwargs(cfg=args), **args.opt_kwargs,
+            param_group_fn=partial(
+                two_phase.two_phase_param_groups, weight_decay=args.weight_decay, layer_decay=args.layer_decay))
+        self.steps_per_epoch = len(loader_train)
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+            updates_per_epoch=self.steps_per_epoch)
+        self.ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+            if args.model_ema else None
+
+        self.mixup_fn = None
+        if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+            self.mixup_fn = Mixup(
+                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                label_smoothing=args.smoothing, num_classes=model_kwargs['num_classes'])
+            self.train_loss_fn = SoftTargetCrossEntropy()
+        elif args.smoothing:
+            self.train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        else:
+            self.train_loss_fn = nn.CrossEntropyLoss()
+        self.eval_loss_fn = nn.CrossEntropyLoss()
+
+        self.train_model = model
+        if args.distributed:
+            # No find_unused_parameters: every parameter (memory included) takes part in each forward.
+            ddp_kwargs = dict(device_ids=[device]) if device.type == 'cuda' else {}
+            self.train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+        self.start_epoch = 0
+        self.start_step = 0
+        self.num_updates = 0
+        self.rng_to_restore = None
+        self.best_metric = None
+        self.best_epoch = None
+        self.step0_metrics = None
+        self.epoch_loss = AverageMeter()
+        self.stop = _StopRequest()
+        self.steps_run = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _gather_rng(self) -> List[Dict[str, Any]]:
+        state = _rng_state()
+        if not self.args.distributed:
+            return [state]
+        states = [None] * self.args.world_size
+        torch.distributed.all_gather_object(states, state)
+        return states
+
+    def save_checkpoint(self, epoch: int, step_in_epoch: int) -> None:
+        """Write last.safetensors + train_state.pth for resuming at (epoch, step_in_epoch)."""
+        rng = self._gather_rng()  # collective: every rank takes part
+        if not self.is_primary:
+            return
+        position = dict(epoch=epoch, step_in_epoch=step_in_epoch, num_updates=self.num_updates)
+        self._save_weights(self.output_dir / 'last.safetensors', position)
+        state = dict(
+            format_version=1, model=self.args.model, world_size=self.args.world_size, **position,
+            optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
+            ema=self.ema.state_dict() if self.ema is not None else None, rng=rng,
+            epoch_loss=[float(self.epoch_loss.sum), int(self.epoch_loss.count)],
+            best_metric=self.best_metric, best_epoch=self.best_epoch, step0_metrics=self.step0_metrics,
+        )
+        _torch_save_atomic(state, self.output_dir / 'train_state.pth')
+
+    def _save_weights(self, path: Path, extra: Dict[str, Any], model: Optional[nn.Module] = None) -> None:
+        ckpt.save_model(
+            unwrap_model(model if model is not None else self.model), path, architecture=self.args.model,
+            model_args=self.model_kwargs, label_names=self.label_names,
+            extra_metadata=dict(extra, dataset=self.args.dataset, pretrained_cfg=dict(
+                mean=list(self.data_config['mean']), std=list(self.data_config['std']),
+                interpolation=self.data_config['interpolation'], crop_pct=self.data_config['crop_pct'])))
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore model, optimizer, scheduler, EMA, position and RNG from a run directory."""
+        directory = Path(directory)
+        state_path, weights_path = directory / 'train_state.pth', directory / 'last.safetensors'
+        for p in (state_path, weights_path):
+            if not p.is_file():
+                raise TrainInputError(f'--resume {directory}: {p.name} is missing; that run never wrote a checkpoint')
+        try:
+            state = torch.load(state_path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise TrainInputError(f'--resume {directory}: train_state.pth is unreadable or corrupt '
+                                  f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+        try:
+            meta = ckpt.read_metadata(weights_path)
+            ckpt.load_state_dict_file(self.model, weights_path, strict=True)
+        except ckpt.CheckpointError as e:
+            raise TrainInputError(f'--resume: {e}') from None
+        if meta.get('num_updates') != state.get('num_updates'):
+            raise TrainInputError(f'--resume {directory}: last.safetensors (update {meta.get("num_updates")}) and '
+                                  f'train_state.pth (update {state.get("num_updates")}) are from different steps')
+        if state.get('world_size', 1) != self.args.world_size and state['step_in_epoch']:
+            raise TrainInputError(f'--resume {directory}: stopped mid-epoch with {state["world_size"]} processes; '
+                                  f'resume with the same number of processes')
+        try:
+            self.optimizer.load_state_dict(state['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise TrainInputError(f'--resume {directory}: optimizer state does not fit ({e}); '
+                                  f'use the same model and optimizer settings') from None
+        _load_scheduler_state(self.scheduler, state['scheduler'])
+        if self.ema is not None and state.get('ema') is not None:
+            self.ema.load_state_dict(state['ema'])
+        elif self.ema is not None:
+            self.ema = ModelEmaV3(self.model, decay=self.args.model_ema_decay, use_warmup=self.args.model_ema_warmup)
+        self.start_epoch, self.start_step = int(state['epoch']), int(state['step_in_epoch'])
+        self.num_updates = int(state['num_updates'])
+        rng = state.get('rng') or []
+        self.rng_to_restore = rng[self.args.rank] if len(rng) == self.args.world_size else None
+        self.epoch_loss.sum, self.epoch_loss.count = state.get('epoch_loss', [0.0, 0])
+        self.epoch_loss.avg = self.epoch_loss.sum / max(self.epoch_loss.count, 1)
+        self.best_metric, self.best_epoch = state.get('best_metric'), state.get('best_epoch')
+        self.step0_metrics = state.get('step0_metrics')
+        if self.is_primary:
+            _logger.info(f'resumed from {directory}: epoch {self.start_epoch} step {self.start_step} '
+                         f'(update {self.num_updates})')
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, desc: str = 'eval') -> Dict[str, float]:
+        """Loss / top-1 / top-5 on the eval split (averaged over processes)."""
+        model.eval()
+        losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+        k = min(5, self.model_kwargs['num_classes'])
+        for x, y in tqdm(self.loader_eval, desc=desc, leave=False, disable=self._no_bar()):
+            x, y = x.to(self.device), y.to(self.device)
+            with self.amp_autocast():
+                out = model(x)
+            out = out.float()
+            loss = self.eval_loss_fn(out, y)
+            acc1, acc5 = accuracy(out, y, topk=(1, k))
+            if self.args.distributed:
+                loss, acc1, acc5 = (reduce_tensor(t, self.args.world_size) for t in (loss, acc1, acc5))
+            losses.update(loss.item(), x.shape[0])
+            top1.update(acc1.item(), x.shape[0])
+            top5.update(acc5.item(), x.shape[0])
+        return dict(loss=losses.avg, top1=top1.avg, top5=top5.avg)
+
+    def _no_bar(self) -> bool:
+        return self.args.no_progress or not self.is_primary
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _set_lrs(self, epoch: int, step: int) -> int:
+        phase = two_phase.phase_of(epoch, self.args.freeze_epochs)
+        two_phase.apply_phase(self.optimizer, phase, self.args.backbone_lr_scale)
+        # Recompute every group's LR from the scheduler so a resumed run sets exactly the same values.
+        if not isinstance(self.scheduler, PlateauLRScheduler):
+            if self.scheduler.t_in_epochs:
+                self.scheduler.step(epoch)
+            else:
+                self.scheduler.step_update(epoch * self.steps_per_epoch + step)
+        return phase
+
+    def _stop_now(self) -> bool:
+        stop = self.stop.requested or (
+            self.args.stop_after_steps is not None and self.steps_run >= self.args.stop_after_steps)
+        if self.args.distributed:
+            # Every rank must stop after the same step or the next collective would hang.
+            flag = torch.tensor([1.0 if stop else 0.0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def train_epoch(self, epoch: int, start_step: int) -> Optional[float]:
+        """Train one epoch from ``start_step``; returns the mean loss, or None if stopped early."""
+        args = self.args
+        if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and self.mixup_fn is not None:
+            self.mixup_fn.mixup_enabled = False
+        phase = self._set_lrs(epoch, start_step)
+        if start_step == 0:
+            if args.freeze_epochs and epoch == args.freeze_epochs:
+                dropped = two_phase.reset_optimizer_state(self.optimizer, 'backbone')
+                if self.is_primary:
+                    _logger.info(f'phase switch: backbone unfrozen at lr scale {args.backbone_lr_scale}; '
+                                 f'dropped optimizer state of {dropped} backbone tensors')
+            self.epoch_loss.reset()
+        if self.is_primary:
+            lrs = ', '.join(f'{k} {v:.3e}' for k, v in two_phase.describe_lrs(self.optimizer).items())
+            _logger.info(f'epoch {epoch + 1}/{self.num_epochs} phase {phase} '
+                         f'({"backbone frozen, memory + head train" if phase == 1 else "all train"}): lr {lrs}')
+
+        self.loader_train.batch_sampler.set_epoch(epoch, skip=start_step)
+        batches = iter(self.loader_train)
+        if self.rng_to_restore is not None:
+            # After creating the iterator (which draws from its own generator, not the global RNG).
+            _set_rng_state(self.rng_to_restore)
+            self.rng_to_restore = None
+        self.train_model.train()
+        clip_params = two_phase.active_parameters(self.optimizer)
+        bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f'epoch {epoch + 1} phase {phase}',
+                   leave=False, disable=self._no_bar())
+        for step in range(start_step, self.steps_per_epoch):
+            x, y = next(batches)
+            x, y = x.to(self.device), y.to(self.device)
+            if self.mixup_fn is not None:
+                x, y = self.mixup_fn(x, y)
+            with self.amp_autocast():
+                out = self.train_model(x)
+            loss = self.train_loss_fn(out.float(), y)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or '
+                                         f'use --clip-grad')
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad is not None:
+                dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
+            self.optimizer.step()
+            self.num_updates += 1
+            self.steps_run += 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.num_updates)
+            self.epoch_loss.update(loss.item(), x.shape[0])
+            self.scheduler.step_update(num_updates=self.num_updates, metric=self.epoch_loss.avg)
+            bar.update(1)
+            if self.is_primary and (step % args.log_interval == 0 or step == self.steps_per_epoch - 1):
+                lrs = two_phase.describe_lrs(self.optimizer)
+                bar.set_postfix(loss=f'{self.epoch_loss.avg:.4f}', **{f'lr_{k}': f'{v:.1e}' for k, v in lrs.items()})
+                if self._no_bar():
+                    _logger.info(f'epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} phase {phase} '
+                                 f'loss {loss.item():.4f} ({self.epoch_loss.avg:.4f})')
+            if step + 1 < self.steps_per_epoch:
+                if self._stop_now():
+                    bar.close()
+                    self.save_checkpoint(epoch, step + 1)
+                    return None
+                if args.checkpoint_interval and (step + 1) % args.checkpoint_interval == 0:
+                    self.save_checkpoint(epoch, step + 1)
+        bar.close()
+        loss_avg = self.epoch_loss.avg
+        if args.distributed:
+            loss_avg = reduce_tensor(torch.tensor([loss_avg]), args.world_size).item()
+        return loss_avg
+
+    def _dump_rank_weights(self, tag: str) -> None:
+        if self.args.dump_rank_weights and self.output_dir is not None:
+            import safetensors.torch
+            state = {k: v.detach().contiguous().clone() for k, v in unwrap_model(self.model).state_dict().items()}
+            safetensors.torch.save_file(state, str(self.output_dir / f'rank{self.args.rank}_{tag}.safetensors'))
+
+    def _write_summary_row(self, row: Dict[str, Any]) -> None:
+        path = self.output_dir / 'summary.csv'
+        rows = []
+        if path.is_file():
+            with open(path, newline='') as f:
+                rows = [r for r in csv.DictReader(f) if int(r['epoch']) < row['epoch']]
+        rows.append(row)
+        fields = list(row.keys())
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+        ckpt.atomic_write_bytes(path, buf.getvalue().encode())
+
+    def fit(self) -> Dict[str, Any]:
+        """Run (or continue) the schedule; returns the summary dict."""
+        args = self.args
+        t_start = time.time()
+        if self.start_epoch == 0 and self.start_step == 0 and self.loader_eval is not None:
+            self.step0_metrics = self.evaluate(self.model, desc='step 0 eval')
+            if self.is_primary:
+                m = self.step0_metrics
+                _logger.info(f'step 0 (before training): top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} loss {m["loss"]:.4f}')
+        self._dump_rank_weights('init')
+        interrupted = False
+        last_eval = None
+        with self.stop:
+            for epoch in range(self.start_epoch, self.num_epochs):
+                t_epoch = time.time()
+                start_step = self.start_step if epoch == self.start_epoch else 0
+                lrs = None
+                try:
+                    train_loss = self.train_epoch(epoch, start_step)
+                except KeyboardInterrupt:
+                    # Second Ctrl-C: the step may be half applied, so nothing is written.
+                    raise
+                if train_loss is None:
+                    interrupted = True
+                    break
+                lrs = two_phase.describe_lrs(self.optimizer)
+                phase = two_phase.phase_of(epoch, args.freeze_epochs)
+                eval_metrics = self.evaluate(self.model) if self.loader_eval is not None else None
+                ema_metrics = (self.evaluate(self.ema.module, desc='eval (EMA)')
+                               if self.ema is not None and self.loader_eval is not None else None)
+                last_eval = eval_metrics
+                metric = (eval_metrics or {}).get(args.eval_metric, train_loss if args.eval_metric == 'loss' else None)
+                if metric is not None:
+                    better = self.best_metric is None or (
+                        metric < self.best_metric if args.eval_metric == 'loss' else metric > self.best_metric)
+                    if better:
+                        self.best_metric, self.best_epoch = metric, epoch
+                self._dump_rank_weights(f'epoch{epoch}')
+                if self.is_primary:
+                    row = dict(epoch=epoch, phase=phase,
+                               lr_backbone=lrs.get('backbone', ''), lr_memory=lrs.get('memory', ''),
+                               lr_head=lrs.get('head', ''), train_loss=round(train_loss, 6),
+                               eval_loss='', top1='', top5='', ema_top1='', time=round(time.time() - t_epoch, 2))
+                    if eval_metrics:
+                        row.update(eval_loss=round(eval_metrics['loss'], 6), top1=round(eval_metrics['top1'], 4),
+                                   top5=round(eval_metrics['top5'], 4))
+                    if ema_metrics:
+                        row['ema_top1'] = round(ema_metrics['top1'], 4)
+                    self._write_summary_row(row)
+                    msg = f'epoch {epoch + 1}/{self.num_epochs} phase {phase}: train loss {train_loss:.4f}'
+                    if eval_metrics:
+                        msg += f', eval loss {eval_metrics["loss"]:.4f} top1 {eval_metrics["top1"]:.2f} ' \
+                               f'top5 {eval_metrics["top5"]:.2f}'
+                    if ema_metrics:
+                        msg += f', EMA top1 {ema_metrics["top1"]:.2f}'
+                    _logger.info(msg + f' ({row["time"]:.1f}s)')
+                self.scheduler.step(epoch + 1, metric)
+                self.save_checkpoint(epoch + 1, 0)
+        summary = dict(
+            output_dir=str(self.output_dir) if self.output_dir else None, interrupted=interrupted,
+            epochs=self.num_epochs, num_updates=self.num_updates,
+            step0_top1=(self.step0_metrics or {}).get('top1'), step0=self.step0_metrics,
+            best_top1=self.best_metric if args.eval_metric == 'top1' else None, best_epoch=self.best_epoch,
+            final=last_eval, final_top1=(last_eval or {}).get('top1'), train_time_s=round(time.time() - t_start, 2),
+            checkpoint=None,
+        )
+        if self.is_primary and not interrupted:
+            path = self.output_dir / 'model.safetensors'
+            self._save_weights(path, dict(epoch=self.num_epochs, num_updates=self.num_updates,
+                                          top1=summary['final_top1'], step0_top1=summary['step0_top1']))
+            summary['checkpoint'] = str(path)
+            if self.ema is not None:
+                self._save_weights(self.output_dir / 'model_ema.safetensors', dict(epoch=self.num_epochs),
+                                   model=self.ema.module)
+            ckpt.atomic_write_bytes(self.output_dir / 'results.json', json.dumps(summary, indent=2).encode())
+        if interrupted:
+            summary['checkpoint'] = str(self.output_dir / 'last.safetensors') if self.output_dir else None
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='%(message)s')
+    _logger.setLevel(logging.INFO)
+
+
+def _experiment_dir(args, data_config) -> Path:
+    name = args.experiment
+    if args.resume:
+        return Path(args.resume)
+    if not name:
+        name = '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
+                         str(data_config['input_size'][-1])])
+    return Path(args.output) / name
+
+
+def _args_text(args) -> str:
+    d = {k: v for k, v in vars(args).items()
+         if k not in _RUN_ONLY_ARGS + ('rank', 'world_size', 'local_rank', 'distributed', 'data')}
+    d['device'] = str(d.get('device')) if d.get('device') is not None else None
+    return yaml.safe_dump(d, default_flow_style=False, sort_keys=True)
+
+
+def run(args) -> Dict[str, Any]:
+    """Train (or evaluate) as ``args`` says; raises :class:`TrainInputError` for bad input before any work."""
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    # Validate what is cheap to validate before touching processes or data.
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise TrainInputError(f'data directory not found: {args.data_dir}; check --data-dir')
+    _check_model_name(args.model)
+    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
+        raise TrainInputError(f'--pretrained-path not found: {args.pretrained_path}')
+    if args.freeze_epochs < 0 or args.freeze_epochs > args.epochs:
+        raise TrainInputError(f'--freeze-epochs {args.freeze_epochs} must be between 0 and --epochs {args.epochs}')
+    if args.backbone_lr_scale < 0:
+        raise TrainInputError('--backbone-lr-scale must be >= 0')
+    if args.resume and not os.path.isdir(args.resume):
+        raise TrainInputError(f'--resume {args.resume}: not a directory; pass OUTPUT/EXPERIMENT of the run')
+
+    device = init_distributed_device(args)
+    random_seed(args.seed, args.rank)
+
+    dataset_train = None if args.eval_only else _create_dataset(args, args.train_split, True, args.train_num_samples)
+    dataset_eval = _create_dataset(args, args.val_split, False, args.val_num_samples) if args.val_split else None
+    ref = dataset_train if dataset_train is not None else dataset_eval
+    if ref is None:
+        raise TrainInputError('--eval-only needs an evaluation split; set --val-split')
+    label_names = list(getattr(ref, 'label_names', None) or [])
+    if not label_names:
+        raise TrainInputError(f'dataset {args.dataset!r} has no label names; use a dataset with a class-label column')
+    if args.num_classes is not None and args.num_classes != len(label_names):
+        raise TrainInputError(f'--num-classes {args.num_classes} disagrees with the dataset, which has '
+                              f'{len(label_names)} classes; drop --num-classes or fix it')
+    args.num_classes = len(label_names)
+
+    model_kwargs = _model_kwargs(args, args.num_classes)
+    model = _create_model(args, model_kwargs)
+    model.to(device)
+    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    if args.lr is None:
+        global_batch = args.batch_size * args.world_size
+        scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+        ratio = global_batch / args.lr_base_size
+        args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+    if args.rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        roles = {k: sum(p.numel() for _, p in v) for k, v in two_phase._split_parameters(model).items()}
+        _logger.info(f'model {args.model}: {n_params / 1e6:.2f}M params '
+                     f'({", ".join(f"{k} {v / 1e6:.2f}M" for k, v in roles.items())}); '
+                     f'data {data_config["input_size"]}, {args.num_classes} classes')
+
+    loader_train = _train_loader(args, dataset_train, data_config) if dataset_train is not None else None
+    loader_eval = _eval_loader(args, dataset_eval, data_config, device) if dataset_eval is not None else None
+
+    if args.eval_only:
+        if args.resume:
+            try:
+                ckpt.load_state_dict_file(model, Path(args.resume) / 'last.safetensors')
+            except ckpt.CheckpointError as e:
+                raise TrainInputError(f'--resume: {e}') from None
+        args.epochs = max(args.epochs, 1)
+        trainer = Trainer.__new__(Trainer)
+        trainer.args, trainer.model, trainer.model_kwargs = args, model, model_kwargs
+        trainer.loader_eval, trainer.device, trainer.is_primary = loader_eval, device, args.rank == 0
+        trainer.eval_loss_fn = nn.CrossEntropyLoss()
+        trainer.amp_autocast = (partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
+                                if args.amp else nullcontext)
+        metrics = trainer.evaluate(model)
+        if args.rank == 0:
+            _logger.info(f'eval {args.model}: top1 {metrics["top1"]:.2f} top5 {metrics["top5"]:.2f} '
+                         f'loss {metrics["loss"]:.4f}')
+        return dict(output_dir=None, checkpoint=None, best_top1=metrics['top1'], final=metrics,
+                    final_top1=metrics['top1'], step0_top1=metrics['top1'], interrupted=False)
+
+    output_dir = None
+    if args.rank == 0:
+        output_dir = _experiment_dir(args, data_config)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_bytes(output_dir / 'args.yaml', _args_text(args).encode())
+    elif args.dump_rank_weights:
+        output_dir = _experiment_dir(args, data_config)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(args, model, model_kwargs, label_names, data_config, loader_train, loader_eval, device,
+                      output_dir)
+    if args.resume:
+        trainer.load_checkpoint(args.resume)
+    summary = trainer.fit()
+    if args.rank == 0:
+        if summary['interrupted']:
+            _logger.warning(f'stopped: resumable checkpoint in {output_dir}; continue with '
+                            f'titans-timm-train --resume {output_dir}')
+        else:
+            s0 = summary['step0_top1']
+            _logger.info(f'done: top1 {summary["final_top1"]:.2f}'
+                         + (f' (step 0: {s0:.2f})' if s0 is not None else '')
+                         + f', best {summary["best_top1"]}, weights {summary["checkpoint"]}')
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def main(argv: Optional[List[str]] = None):
+    """Train from command-line style ``argv`` and return the summary dict.
+
+    The summary holds ``output_dir``, ``checkpoint`` (model.safetensors, or last.safetensors if
+    stopped), ``best_top1``, ``final_top1``, ``step0_top1`` (accuracy before training), ``interrupted``.
+    Bad input prints one ``error: ...`` line and raises ``SystemExit(2)`` before any training work.
+    Called without ``argv`` (the console script, which hands the return value to ``sys.exit``)
+    it returns the exit status instead: 0, or 130 when stopped by Ctrl-C.
+    """
+    as_cli = argv is None
+    if as_cli:
+        argv = sys.argv[1:]
+    _setup_logging()
+    try:
+        args = parse_args(argv)
+        summary = run(args)
+    except (TrainInputError, ckpt.CheckpointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        print('error: aborted by a second Ctrl-C; the last checkpoint written (if any) is still resumable',
+              file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    if as_cli:
+        return EXIT_INTERRUPTED if summary.get('interrupted') else 0
+    return summary
+
+
+def cli() -> None:
+    """Console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())
+
+
+if __name__ == '__main__':
+    cli()
