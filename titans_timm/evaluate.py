@@ -45,7 +45,7 @@ import torch.nn.functional as F
 __all__ = [
     'EvalError', 'build_parser', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
     'plot_confusion_matrix', 'plot_per_class_accuracy', 'surprise_maps', 'plot_surprise_maps',
-    'main', 'cli',
+    'confusion_figsize', 'per_class_figsize', 'surprise_figsize', 'PLOT_DPI', 'run', 'main', 'cli',
 ]
 
 REPORT_NAME = 'eval_report.json'
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='input image size (default: the model\'s own)')
     data.add_argument('-j', '--workers', type=int, default=2, metavar='N', help='data loading workers (default: 2)')
     data.add_argument('--num-samples', type=int, default=None, metavar='N',
-                      help='evaluate only the first N samples of the split')
+                      help='evaluate N samples of the split (the class-balanced subset training uses)')
     run = parser.add_argument_group('run')
     run.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
     run.add_argument('--amp', action='store_true', default=False,
@@ -209,14 +209,16 @@ def _register_models():
 
 
 def _create_eval_dataset(args: argparse.Namespace):
-    """The dataset named by the training flags, without a transform yet."""
+    """The dataset named by the training flags (``--num-samples``: the same class-balanced subset training
+    takes), without a transform yet."""
     from titans_timm import data as tdata
     name = args.dataset if args.dataset is not None else tdata.BUILTIN_DATASET
+    if args.num_samples is not None and args.num_samples < 1:
+        raise EvalError(f'--num-samples must be at least 1, got {args.num_samples}')
     try:
-        return tdata.create_dataset(name, root=args.data_dir, split=args.split)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise EvalError(str(e).strip().splitlines()[0] if str(e).strip() else
-                        f'could not load dataset {name!r} split {args.split!r}') from None
+        return tdata.create_dataset(name, root=args.data_dir, split=args.split, num_samples=args.num_samples)
+    except tdata.DataError as e:
+        raise EvalError(str(e)) from None
 
 
 def _label_names(dataset) -> List[str]:
@@ -232,17 +234,12 @@ def _data_config(model: nn.Module, img_size: Optional[int]) -> dict:
     return resolve_data_config(args, model=model)
 
 
-def _make_loader(dataset, data_config: dict, batch_size: int, workers: int, num_samples: Optional[int]):
-    """Eval transform from the model's data config, optional first-N subset, ordered loader."""
+def _make_loader(dataset, data_config: dict, batch_size: int, workers: int):
+    """Eval transform from the model's data config (as timm's validate.py), ordered loader."""
     from timm.data import create_transform
     dataset.transform = create_transform(**data_config, is_training=False)
-    if num_samples is not None:
-        if num_samples < 1:
-            raise EvalError(f'--num-samples must be at least 1, got {num_samples}')
-        dataset = torch.utils.data.Subset(dataset, range(min(num_samples, len(dataset))))
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        persistent_workers=False, drop_last=False)
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
 
 
 def _check_classes(model: nn.Module, info: dict, label_names: Sequence[str]):
@@ -592,6 +589,11 @@ def surprise_maps(
     return (maps, logits) if return_logits else maps
 
 
+def surprise_figsize(num_images: int, num_blocks: int, cell_inches: float = 2.2) -> Tuple[float, float]:
+    """Figure size in inches of :func:`plot_surprise_maps` (saved at ``PLOT_DPI``)."""
+    return (1 + num_blocks) * cell_inches + 0.8, num_images * cell_inches + 0.4  # + colour bar, titles
+
+
 def plot_surprise_maps(
         images: torch.Tensor,
         maps: Dict[int, torch.Tensor],
@@ -625,7 +627,7 @@ def plot_surprise_maps(
     block_ids = list(maps)
     cols = 1 + len(block_ids)
     # The last column gets room for its colour bar; all figures have a deterministic pixel size.
-    fig, axes = plt.subplots(b, cols, figsize=(cols * cell_inches + 0.8, b * cell_inches + 0.4),
+    fig, axes = plt.subplots(b, cols, figsize=surprise_figsize(b, len(block_ids), cell_inches),
                              dpi=PLOT_DPI, squeeze=False, layout='constrained')
     for j, block_index in enumerate(block_ids, start=1):
         m = maps[block_index].detach().float().cpu()
@@ -639,7 +641,7 @@ def plot_surprise_maps(
             im = ax.imshow(up[i].numpy(), cmap='inferno', alpha=0.6, vmin=vmin, vmax=vmax)
             if i == 0:
                 ax.set_title(f'block {block_index} surprise', fontsize=9)
-        fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.8, pad=0.02)
+        fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.8, pad=0.02, label='surprise')
     for i in range(b):
         axes[i, 0].imshow(shown[i])
         if row_titles is not None:
@@ -688,7 +690,7 @@ def run(args: argparse.Namespace) -> dict:
     label_names = _label_names(dataset)
     _check_classes(model, info, label_names)
     data_config = _data_config(model, args.img_size)
-    loader = _make_loader(dataset, data_config, args.batch_size, args.workers, args.num_samples)
+    loader = _make_loader(dataset, data_config, args.batch_size, args.workers)
 
     metrics = evaluate_model(model, loader, len(label_names), label_names, device=device, amp=args.amp,
                              progress=not args.no_progress)

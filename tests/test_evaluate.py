@@ -1,0 +1,200 @@
+"""titans-timm-eval: numbers equal a hand computation, plots open at their size, surprise maps, clear errors."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import timm
+from PIL import Image
+from timm.data import create_transform
+
+import titans_timm  # noqa: F401  (registers the models)
+from titans_timm import evaluate as ev
+from titans_timm.checkpoint import load_model, save_model
+from titans_timm.data import BUILTIN_DATASET, create_dataset
+from titans_timm.vit import memory_modules
+
+# Tiny models: 32 px images in 4x4 patches of 8 px, two blocks, memory in both.
+MODEL_ARGS = dict(img_size=32, patch_size=8, depth=2, num_classes=10, memory_blocks=[0, 1])
+NUM_SAMPLES = 40
+
+
+def _save(path, architecture, model_args, label_names, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, **model_args)
+    # A random head with a large scale makes predictions differ between images, so per-class accuracy,
+    # top-5 and the confusion matrix are not trivially constant.
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    save_model(model, path, architecture=architecture, model_args=model_args, label_names=label_names)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def label_names():
+    return create_dataset(BUILTIN_DATASET, split='validation', num_samples=10).label_names
+
+
+@pytest.fixture(scope='module')
+def mag_checkpoint(tmp_path_factory, label_names):
+    return _save(tmp_path_factory.mktemp('mag') / 'model.safetensors', 'vit_tiny_mag_simple', MODEL_ARGS,
+                 label_names)
+
+
+def _run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ev.main(argv)
+    err = capsys.readouterr().err.strip()
+    return exc.value.code, err
+
+
+def test_eval_report_matches_hand_computation(mag_checkpoint, tmp_path):
+    out = tmp_path / 'eval'
+    report = ev.main(['--checkpoint', mag_checkpoint, '--split', 'validation', '--num-samples', str(NUM_SAMPLES),
+                      '-b', '16', '--workers', '0', '--output', str(out), '--no-progress', '--visualize'])
+
+    # Hand computation: the checkpoint's own transform (its pretrained_cfg), all images in one batch.
+    model, meta = load_model(mag_checkpoint)
+    cfg = meta['pretrained_cfg']
+    assert cfg['input_size'] == [3, 32, 32]
+    dataset = create_dataset(BUILTIN_DATASET, split='validation', num_samples=NUM_SAMPLES)
+    dataset.transform = create_transform(input_size=tuple(cfg['input_size']), interpolation=cfg['interpolation'],
+                                         crop_pct=cfg['crop_pct'], mean=tuple(cfg['mean']), std=tuple(cfg['std']))
+    images, labels = zip(*[dataset[i] for i in range(len(dataset))])
+    x, y = torch.stack(images), torch.tensor(labels)
+    with torch.no_grad():
+        logits = model.eval()(x)
+    pred = logits.argmax(1)
+    top5 = logits.topk(5, dim=1).indices
+    assert len(set(pred.tolist())) > 1, 'test model should not predict one class for everything'
+
+    assert report['num_samples'] == NUM_SAMPLES
+    assert report['top1'] == pytest.approx(100.0 * (pred == y).float().mean().item())
+    assert report['top5'] == pytest.approx(100.0 * sum(int(y[i] in top5[i]) for i in range(len(y))) / len(y))
+    assert report['loss'] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5, abs=1e-5)
+    for c, entry in enumerate(report['per_class']):
+        mask = y == c
+        assert entry['name'] == dataset.label_names[c]
+        assert entry['count'] == int(mask.sum())
+        assert entry['accuracy'] == pytest.approx(100.0 * (pred[mask] == c).float().mean().item())
+    confusion = torch.zeros(10, 10, dtype=torch.long)
+    for t, p in zip(y.tolist(), pred.tolist()):
+        confusion[t, p] += 1
+    assert report['confusion_matrix'] == confusion.tolist()
+    assert report['img_per_sec'] > 0
+    assert report['model'] == 'vit_tiny_mag_simple' and report['label_names'] == dataset.label_names
+
+    # The JSON on disk is the report returned.
+    with open(out / 'eval_report.json') as f:
+        on_disk = json.load(f)
+    assert on_disk['top1'] == report['top1'] and on_disk['confusion_matrix'] == report['confusion_matrix']
+
+    # Plots open as images of the documented size.
+    for name, figsize in (('confusion_matrix.png', ev.confusion_figsize(10)),
+                          ('per_class_accuracy.png', ev.per_class_figsize(10))):
+        with Image.open(out / name) as im:
+            assert im.size == (round(figsize[0] * ev.PLOT_DPI), round(figsize[1] * ev.PLOT_DPI))
+
+
+@pytest.mark.parametrize('num_classes', [200])
+def test_confusion_plot_scales_to_many_classes(tmp_path, num_classes):
+    torch.manual_seed(0)
+    names = [f'class number {i}' for i in range(num_classes)]
+    confusion = torch.randint(0, 5, (num_classes, num_classes)) + 20 * torch.eye(num_classes, dtype=torch.long)
+    metrics = ev.compute_metrics(confusion, 0.0, 0, names)
+    cm_path = ev.plot_confusion_matrix(confusion, names, str(tmp_path / 'cm.png'))
+    pc_path = ev.plot_per_class_accuracy(metrics['per_class'], str(tmp_path / 'pc.png'), overall=metrics['top1'])
+    for path, figsize in ((cm_path, ev.confusion_figsize(num_classes)), (pc_path, ev.per_class_figsize(num_classes))):
+        with Image.open(path) as im:
+            assert im.size == (round(figsize[0] * ev.PLOT_DPI), round(figsize[1] * ev.PLOT_DPI))
+    # Bounded size: a 200-class figure stays a normal image, not a poster.
+    assert max(ev.confusion_figsize(num_classes)) * ev.PLOT_DPI <= 2100
+
+
+def test_surprise_maps_are_the_memory_stats_of_the_forward():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_mag_simple', **MODEL_ARGS).eval()
+    x = torch.randn(3, 3, 32, 32)
+    inputs = {}
+    for i, module in memory_modules(model):
+        module.register_forward_hook(lambda m, args, kwargs, out, i=i: inputs.__setitem__(i, (args, kwargs)),
+                                     with_kwargs=True)
+    maps, logits = ev.surprise_maps(model, x, return_logits=True)
+
+    with torch.no_grad():
+        assert torch.equal(logits, model(x))  # the capture does not change the forward
+    assert list(maps) == [0, 1]
+    for i, module in memory_modules(model):
+        assert 'forward' not in module.__dict__  # wrappers removed
+        assert maps[i].shape == (3, 4, 4)
+        args, kwargs = inputs[i]
+        with torch.no_grad():
+            _, stats = module(*args, **{**kwargs, 'return_stats': True})
+        # Drop the class token, patches in raster order.
+        torch.testing.assert_close(maps[i], stats['surprise'][:, 1:].reshape(3, 4, 4).float())
+        assert maps[i].min() > 0  # a random memory does not predict its values: positive surprise
+
+    only = ev.surprise_maps(model, x, blocks=[1])
+    assert list(only) == [1] and torch.equal(only[1], maps[1])
+    with pytest.raises(ev.EvalError, match='carry no memory'):
+        ev.surprise_maps(model, x, blocks=[5])
+
+
+def test_surprise_maps_mac_one_map_per_block():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_mac_advanced', **MODEL_ARGS).eval()
+    maps = ev.surprise_maps(model, torch.randn(2, 3, 32, 32))
+    # One shared memory written by each MAC block in turn: a map per block, and they differ.
+    assert list(maps) == [0, 1]
+    assert all(m.shape == (2, 4, 4) for m in maps.values())
+    assert not torch.allclose(maps[0], maps[1])
+
+
+def test_surprise_maps_need_a_written_memory():
+    plain = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2, num_classes=10)
+    with pytest.raises(ev.EvalError, match='no memory'):
+        ev.surprise_maps(plain, torch.randn(1, 3, 32, 32))
+    persistent = timm.create_model('vit_tiny_mal_mlp', **MODEL_ARGS)
+    with pytest.raises(ev.EvalError, match='mlp memory'):
+        ev.surprise_maps(persistent, torch.randn(1, 3, 32, 32))
+
+
+def test_cli_surprise_maps_png(mag_checkpoint, tmp_path):
+    report = ev.main(['--checkpoint', mag_checkpoint, '--num-samples', '10', '-b', '10', '--workers', '0',
+                      '--output', str(tmp_path), '--no-progress', '--surprise-maps', '3', '--surprise-blocks', '1'])
+    path = report['files']['surprise_maps']
+    assert os.path.basename(path) == 'surprise_maps.png'
+    with Image.open(path) as im:
+        w, h = ev.surprise_figsize(3, 1)
+        assert im.size == (round(w * ev.PLOT_DPI), round(h * ev.PLOT_DPI))
+
+
+def test_cli_missing_checkpoint(tmp_path, capsys):
+    code, err = _run_cli(['--checkpoint', str(tmp_path / 'nope.safetensors'), '--workers', '0'], capsys)
+    assert code == 2
+    assert err.startswith('error: ') and '\n' not in err and 'not found' in err
+
+
+def test_cli_checkpoint_of_another_architecture(tmp_path, capsys, label_names):
+    plain_args = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
+    path = _save(tmp_path / 'plain.safetensors', 'vit_tiny_patch16_224', plain_args, label_names)
+    code, err = _run_cli(['--model', 'vit_tiny_mag_simple', '--checkpoint', path, '--workers', '0'], capsys)
+    assert code == 2
+    assert err.startswith('error: ') and '\n' not in err
+    assert 'missing keys' in err and 'memory' in err  # names the mismatched keys
+
+
+def test_cli_class_count_mismatch(tmp_path, capsys):
+    args = dict(MODEL_ARGS, num_classes=7)
+    path = _save(tmp_path / 'seven.safetensors', 'vit_tiny_mal_simple', args, [str(i) for i in range(7)])
+    code, err = _run_cli(['--checkpoint', path, '--workers', '0', '--num-samples', '10'], capsys)
+    assert code == 2
+    assert err.startswith('error: ') and '7 classes' in err and '10' in err
+
+
+def test_cli_surprise_maps_on_plain_model(tmp_path, capsys, label_names):
+    path = _save(tmp_path / 'plain.safetensors', 'vit_tiny_patch16_224',
+                 dict(img_size=32, patch_size=8, depth=2, num_classes=10), label_names)
+    code, err = _run_cli(['--checkpoint', path, '--workers', '0', '--num-samples', '10', '--output', str(tmp_path),
+                          '--no-progress', '--surprise-maps', '2'], capsys)
+    assert code == 2 and err.startswith('error: ') and 'no memory' in err
