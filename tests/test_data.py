@@ -214,6 +214,15 @@ def test_unknown_name_lists_the_options():
     assert all(p in msg for p in DATASET_PRESETS)
 
 
+def test_hub_id_without_prefix_and_other_timm_prefixes():
+    with pytest.raises(DataError, match="write 'hf:uoft-cs/cifar10'"):
+        create_dataset('uoft-cs/cifar10')
+    with pytest.raises(DataError, match="timm's 'torch/' datasets are not supported"):
+        create_dataset('torch/cifar10')
+    with pytest.raises(DataError, match='must be a string'):
+        create_dataset(None)
+
+
 def test_missing_data_directory(tmp_path):
     with pytest.raises(DataError, match='data directory not found'):
         create_dataset('folder', root=str(tmp_path / 'nope'))

@@ -44,8 +44,8 @@ import timm
 from timm.models import clean_state_dict
 
 __all__ = [
-    'CheckpointError', 'METADATA_KEY', 'FORMAT_VERSION', 'save_model', 'load_model', 'read_metadata',
-    'read_state_dict', 'load_state_dict_file', 'pretrained_cfg_subset',
+    'CheckpointError', 'METADATA_KEY', 'FORMAT_VERSION', 'save_model', 'load_model', 'read_metadata', 'atomic_write_bytes',
+    'read_state_dict', 'load_state_dict_file', 'check_state_dict', 'pretrained_cfg_subset',
 ]
 
 METADATA_KEY = 'titans_timm'

@@ -86,6 +86,8 @@ DATASET_PRESETS: Dict[str, Dict[str, Any]] = {
 _TRAIN_SPLITS = ('train', 'training')
 _EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation')
 _SPLIT_DIRS = _TRAIN_SPLITS + _EVAL_SPLITS + ('test',)
+# Reader prefixes timm.data.create_dataset knows that this module does not serve.
+_OTHER_TIMM_PREFIXES = ('torch', 'hfids', 'tfds', 'wds')
 _IMAGE_COLUMNS = ('image', 'img', 'pixel_values', 'jpg', 'png')
 _LABEL_COLUMNS = ('label', 'labels', 'fine_label', 'cls', 'class', 'target')
 
@@ -433,7 +435,8 @@ def create_dataset(
         DataError: unknown name, missing directory, split or column, or an unreachable Hub dataset.
     """
     if not isinstance(name, str):
-        raise DataError(f'dataset name must be a string, got {type(name).__name__}')
+        raise DataError(f'dataset name must be a string, got {type(name).__name__}; use one of: '
+                        f'{_accepted_forms()}')
     if not isinstance(split, str) or not split:
         raise DataError(f"split must be a non-empty string such as 'train' or 'validation', got {split!r}")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
@@ -454,8 +457,15 @@ def create_dataset(
             raise DataError(f"an image folder dataset needs root=DIR (timm: --data-dir DIR); or name one of: "
                             f"{_accepted_forms()}")
         ds = _folder(Path(root), split, source=str(root))
-    elif os.sep in key or key.startswith('.') or Path(key).is_dir():
-        ds = _folder(Path(key), split, source=key)
+    elif sep and prefix.lower() in _OTHER_TIMM_PREFIXES and not Path(key).exists():
+        raise DataError(f"timm's '{prefix}/' datasets are not supported here (they stream or download); "
+                        f"use one of: {_accepted_forms()}")
+    elif Path(key).is_dir() or key.startswith(('.', '/', '~')) or os.sep in key:
+        path = Path(key).expanduser()
+        if not path.exists() and key.count('/') == 1 and not key.startswith(('.', '/', '~')):
+            # 'ORG/NAME' is far more likely a Hub id than a relative folder that does not exist
+            raise DataError(f"no folder '{key}' here; for the Hugging Face dataset write 'hf:{key}'")
+        ds = _folder(path, split, source=key)
     else:
         raise DataError(f"unknown dataset '{name}'; use one of: {_accepted_forms()}")
     if num_samples is not None and num_samples < len(ds):
