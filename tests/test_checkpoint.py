@@ -193,3 +193,22 @@ def test_pth_with_code_is_never_unpickled(tmp_path):
     torch.save({'weight': _NotATensor()}, path)
     with pytest.raises(CheckpointError, match='never unpickled'):
         load_model(path, architecture=ARCH, **ARGS)
+
+
+@pytest.mark.parametrize('approach', ['mal', 'mac', 'mag'])
+@pytest.mark.parametrize('memory', ['mlp', 'simple', 'advanced'])
+def test_memory_model_round_trip(tmp_path, approach, memory):
+    import titans_timm  # noqa: F401  (registers the memory models)
+    name = f'vit_tiny_{approach}_{memory}'
+    torch.manual_seed(0)
+    model = timm.create_model(name, **ARGS).eval()
+    path = save_model(model, tmp_path / 'model.safetensors', architecture=name, model_args=ARGS, label_names=LABELS)
+    loaded, meta = load_model(path)
+    assert _same_weights(model, loaded) and meta['architecture'] == name
+    assert meta['pretrained_cfg']['input_size'] == [3, 32, 32]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    # the memory model's weights do not load into the plain backbone, and the error names memory keys
+    with pytest.raises(CheckpointError, match='unexpected keys'):
+        load_model(path, architecture=ARCH)
