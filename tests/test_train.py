@@ -1,0 +1,191 @@
+"""titans-timm-train: two-phase freeze, phase-2 LRs, exact resume, bad input, YAML, step-0 accuracy.
+
+Tiny configs throughout (img 32, patch 8, depth 2, 64 training images) so the file runs in about a minute.
+"""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import yaml
+
+import titans_timm
+from titans_timm import checkpoint as ckpt
+from titans_timm.train import main, parse_args, TrainInputError
+from titans_timm.vit import split_parameters
+
+STRUCT = dict(img_size=32, patch_size=8, depth=2)
+TINY = ['--img-size', '32', '--train-num-samples', '64', '--val-num-samples', '32', '-b', '16',
+        '--lr', '2e-3', '--warmup-epochs', '0', '--seed', '0', '--no-progress', '--log-interval', '100']
+
+
+@pytest.fixture(scope='module')
+def backbone(tmp_path_factory):
+    """A plain timm ViT checkpoint (random weights) with the tiny structure, as the trainer writes them."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, **STRUCT)
+    path = tmp_path_factory.mktemp('backbone') / 'model.safetensors'
+    ckpt.save_model(model, path, architecture='vit_tiny_patch16_224', model_args=dict(STRUCT, num_classes=10))
+    return path
+
+
+def _load(path):
+    return safetensors.torch.load_file(str(path))
+
+
+def _roles(model_name):
+    model = timm.create_model(model_name, num_classes=10, **STRUCT)
+    return {role: [n for n, _ in params] for role, params in split_parameters(model).items()}
+
+
+def _summary_rows(run_dir):
+    with open(Path(run_dir) / 'summary.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_phase1_freezes_backbone_bit_identical_and_phase2_unfreezes(backbone, tmp_path):
+    model_name = 'vit_tiny_mag_advanced'
+    out = main(['--model', model_name, '--pretrained-path', str(backbone), *TINY, '--epochs', '2',
+                '--freeze-epochs', '1', '--backbone-lr-scale', '0.1', '--weight-decay', '0.05', '--opt', 'adamw',
+                '--output', str(tmp_path), '--experiment', 'run', '--dump-rank-weights'])
+    run = Path(out['output_dir'])
+    init, after1, final = (_load(run / f'rank0_{t}.safetensors') for t in ('init', 'epoch0', 'epoch1'))
+    roles = _roles(model_name)
+    assert roles['memory'] and roles['backbone'] and roles['head']
+    # Phase 1: every backbone tensor bit-identical (AdamW with weight decay on, lr_scale 0 + wd 0).
+    for name in roles['backbone']:
+        assert torch.equal(init[name], after1[name]), f'backbone tensor {name} moved in phase 1'
+    # ... and every memory tensor and the head moved.
+    for name in roles['memory'] + roles['head']:
+        assert not torch.equal(init[name], after1[name]), f'{name} did not train in phase 1'
+    # Phase 2: the backbone trains.
+    moved = [n for n in roles['backbone'] if not torch.equal(after1[n], final[n])]
+    assert len(moved) == len(roles['backbone'])
+    # Final weights equal the model.safetensors written at the end.
+    saved = _load(run / 'model.safetensors')
+    assert all(torch.equal(saved[k], final[k]) for k in final)
+
+    rows = _summary_rows(run)
+    assert [int(r['epoch']) for r in rows] == [0, 1] and [int(r['phase']) for r in rows] == [1, 2]
+    assert float(rows[0]['lr_backbone']) == 0.0
+    assert float(rows[0]['lr_memory']) == float(rows[0]['lr_head']) > 0
+    lr_head, lr_bb = float(rows[1]['lr_head']), float(rows[1]['lr_backbone'])
+    assert lr_bb == pytest.approx(0.1 * lr_head, rel=1e-6) and lr_bb > 0
+    assert float(rows[1]['lr_memory']) == lr_head
+    for name in ('args.yaml', 'last.safetensors', 'train_state.pth', 'results.json'):
+        assert (run / name).is_file()
+    state = torch.load(run / 'train_state.pth', weights_only=True)
+    assert (state['epoch'], state['step_in_epoch']) == (2, 0)
+    meta = ckpt.read_metadata(run / 'model.safetensors')
+    assert meta['architecture'] == model_name and meta['model_args']['depth'] == 2
+    assert len(meta['label_names']) == 10
+
+
+@pytest.mark.parametrize('model_name', ['vit_tiny_mal_simple', 'vit_tiny_mac_mlp', 'vit_tiny_mag_advanced'])
+def test_step0_accuracy_equals_backbone(backbone, model_name):
+    common = ['--pretrained-path', str(backbone), *TINY, '--val-num-samples', '64', '--eval-only']
+    base = main(['--model', 'vit_tiny_patch16_224', *common])
+    mem = main(['--model', model_name, *common])
+    assert mem['final_top1'] == base['final_top1']
+    assert mem['final']['top5'] == base['final']['top5']
+    assert mem['final']['loss'] == pytest.approx(base['final']['loss'], abs=1e-5)
+
+
+def test_resume_mid_epoch_gives_identical_final_weights(backbone, tmp_path):
+    # Augmentation, mixup, drop-path and EMA all draw random numbers: resume must restore them exactly.
+    args = ['--model', 'vit_tiny_mag_simple', '--pretrained-path', str(backbone), *TINY, '--epochs', '2',
+            '--freeze-epochs', '1', '--mixup', '0.2', '--drop-path', '0.1', '--model-ema', '--model-ema-decay', '0.9',
+            '--output', str(tmp_path)]
+    ref = main(args + ['--experiment', 'ref'])
+    assert not ref['interrupted']
+    # Stopped mid phase 1 (after 2 of 4 steps), then mid phase 2 (after 6), then finished.
+    first = main(args + ['--experiment', 'cut', '--stop-after-steps', '2'])
+    assert first['interrupted'] and first['checkpoint'].endswith('last.safetensors')
+    assert not (tmp_path / 'cut' / 'model.safetensors').exists()
+    state = torch.load(tmp_path / 'cut' / 'train_state.pth', weights_only=True)
+    assert (state['epoch'], state['step_in_epoch']) == (0, 2)
+    second = main(['--resume', str(tmp_path / 'cut'), '--stop-after-steps', '4'])
+    assert second['interrupted']
+    state = torch.load(tmp_path / 'cut' / 'train_state.pth', weights_only=True)
+    assert (state['epoch'], state['step_in_epoch']) == (1, 2)
+    done = main(['--resume', str(tmp_path / 'cut')])
+    assert not done['interrupted']
+    a, b = _load(tmp_path / 'ref' / 'model.safetensors'), _load(tmp_path / 'cut' / 'model.safetensors')
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f'resumed run differs in {different[:5]}'
+    ea, eb = _load(tmp_path / 'ref' / 'model_ema.safetensors'), _load(tmp_path / 'cut' / 'model_ema.safetensors')
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert done['final_top1'] == ref['final_top1']
+    rows_a, rows_b = _summary_rows(tmp_path / 'ref'), _summary_rows(tmp_path / 'cut')
+    assert [r['train_loss'] for r in rows_a] == [r['train_loss'] for r in rows_b]
+
+
+def _bad_input(capsys, argv, expect):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: '), err
+    assert expect in err[0], err[0]
+    return err[0]
+
+
+def test_bad_inputs_fail_with_one_line_before_work(capsys, tmp_path, backbone):
+    out = ['--output', str(tmp_path / 'out'), '--experiment', 'x', *TINY]
+    line = _bad_input(capsys, ['--model', 'vit_tiny_mag_advancd', *out], 'unknown model')
+    assert 'vit_tiny_mag_advanced' in line
+    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--dataset', 'no-such-dataset', *out], 'no-such-dataset')
+    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--dataset', '', '--data-dir', str(tmp_path / 'missing'),
+                        *out], 'data directory not found')
+    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--num-classes', '7', *out], 'disagrees with the dataset')
+    corrupt = tmp_path / 'corrupt.safetensors'
+    corrupt.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": garbage')
+    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(corrupt), *out], 'corrupt')
+    # A checkpoint of another architecture (no titans-timm metadata): the mismatch is named.
+    other = tmp_path / 'resnet.safetensors'
+    safetensors.torch.save_file(timm.create_model('resnet10t', num_classes=10).state_dict(), str(other))
+    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(other), *out], 'does not fit')
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text(yaml.safe_dump(dict(model='vit_tiny_mag_mlp', batch_sise=8, freeze_epochs=1)))
+    line = _bad_input(capsys, ['-c', str(recipe), *out], 'unknown key')
+    assert 'batch_sise' in line and 'batch_size' in line
+    _bad_input(capsys, ['--resume', str(tmp_path / 'nothing-here')], '--resume')
+    assert not (tmp_path / 'out').exists(), 'bad input must stop before any output is written'
+
+
+def test_corrupt_resume_state_is_one_line_error(capsys, backbone, tmp_path):
+    out = main(['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(backbone), *TINY, '--epochs', '1',
+                '--freeze-epochs', '1', '--output', str(tmp_path), '--experiment', 'r', '--stop-after-steps', '1'])
+    (Path(out['output_dir']) / 'train_state.pth').write_bytes(b'not a checkpoint')
+    capsys.readouterr()
+    _bad_input(capsys, ['--resume', out['output_dir']], 'train_state.pth')
+
+
+def test_yaml_recipe_sets_defaults_and_cli_wins(tmp_path):
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text(yaml.safe_dump(dict(
+        model='vit_tiny_mal_mlp', batch_size=8, freeze_epochs=2, backbone_lr_scale=0.25, lr=3e-4,
+        model_kwargs=dict(patch_size=8, depth=2), memory_options=dict(chunk_size=4), mixup=0.1)))
+    args = parse_args(['-c', str(recipe), '--lr', '1e-3'])
+    assert (args.model, args.batch_size, args.freeze_epochs, args.backbone_lr_scale) == ('vit_tiny_mal_mlp', 8, 2, 0.25)
+    assert args.lr == 1e-3 and args.mixup == 0.1
+    assert args.model_kwargs == dict(patch_size=8, depth=2) and args.memory_options == dict(chunk_size=4)
+    with pytest.raises(TrainInputError, match='unknown key'):
+        recipe.write_text('epochs: 3\nfreeze_epoch: 1\n')
+        parse_args(['-c', str(recipe)])
+
+
+def test_recipes_parse():
+    recipes = sorted((Path(__file__).resolve().parents[1] / 'train_timm_hparams').glob('*.yaml'))
+    names = {p.stem for p in recipes}
+    assert {'cifar10', 'cifar100', 'tiny-imagenet', 'ants-bees', 'imagenet', 'fashion_mnist_backbone',
+            'fashion_mnist_titans', 'fashion_mnist_finetune'} <= names
+    for path in recipes:
+        args = parse_args(['-c', str(path)])
+        assert timm.is_model(args.model), path
+        if path.stem != 'fashion_mnist_backbone':
+            assert args.freeze_epochs >= 0 and args.backbone_lr_scale >= 0
