@@ -1,6 +1,5 @@
 """Datasets: the built-in Fashion-MNIST subset, image folders, cached Hub datasets, and clear errors."""
 import glob
-import json
 import shutil
 from pathlib import Path
 
