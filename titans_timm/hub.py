@@ -60,7 +60,7 @@ import torch.nn as nn
 import timm
 import yaml
 from timm.models import save_for_hf
-from timm.models._input import get_model_args
+from timm.models._input import get_model_args, get_model_input_config
 
 from titans_timm.checkpoint import CheckpointError, load_model
 
@@ -418,7 +418,7 @@ def card_fields(
 
     counts = _parameter_counts(model)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    input_size = cfg.get('input_size') or (3, 224, 224)
+    input_size = get_model_input_config(model)['input_size']  # what the model takes, not its backbone's cfg
     model_name = repo_id.split('/')[-1]
     tags = ['image-classification', 'timm', 'titans', 'neural-memory', 'vision-transformer']
     if approach:
@@ -567,8 +567,7 @@ def _data_config(pretrained_cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def _verify_folder(model: nn.Module, folder: Path) -> None:
     """Reload ``folder`` the way users will and require bit-identical logits."""
-    cfg = model.pretrained_cfg
-    in_chans, height, width = cfg.get('input_size', (3, 224, 224))
+    in_chans, height, width = get_model_input_config(model)['input_size']
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, in_chans, height, width, generator=gen)
     was_training = model.training
@@ -685,6 +684,9 @@ def _upload(folder: Path, repo_id: str, *, token: str, private: bool, endpoint: 
                                    allow_patterns=['model.safetensors', 'config.json', 'README.md'])
     except (OSError, transport_error) as e:
         raise HubError(_describe_upload_error(e, endpoint, repo_id)) from None
+    except ValueError as e:  # the Hub's README front matter check
+        raise HubError(f'the Hub at {endpoint} rejected the model card ({str(e).splitlines()[0]}); fix the card '
+                       f'template front matter') from None
     return dict(repo_id=repo_id, url=str(repo_url), commit_url=getattr(commit, 'commit_url', str(commit)),
                 commit_oid=getattr(commit, 'oid', None))
 

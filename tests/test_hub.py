@@ -1,0 +1,419 @@
+"""Hub publishing and loading, fully offline.
+
+- ``--dry-run`` folders load back with ``local-dir:`` bit-identically (memory models and the plain baseline);
+- the same folder placed in a Hugging Face cache loads with ``hf-hub:ORG/NAME`` under ``HF_HUB_OFFLINE=1``
+  (in a subprocess, because huggingface_hub reads its environment once, at import);
+- the model card renders with the real numbers and parses with ``huggingface_hub.ModelCard``;
+- the upload runs through ``huggingface_hub`` against a minimal Hub API served on 127.0.0.1 (create repo,
+  preupload, commit) that records what arrives; failed uploads give one clear error.
+"""
+import base64
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+import yaml
+import safetensors.torch
+from huggingface_hub import ModelCard
+
+import titans_timm  # noqa: F401  (registers the architectures)
+import titans_timm.vit  # noqa: F401
+from titans_timm import hub
+from titans_timm.checkpoint import load_model, save_model
+
+LABELS = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+EVAL_REPORT = dict(top1=81.25, top5=99.125, loss=0.51234, img_per_sec=812.5, dataset='fashion-mnist-mini', split='test')
+RECIPE = ('model: {model}\ndataset: fashion-mnist-mini\nepochs: 6\nfreeze_epochs: 2\nbackbone_lr_scale: 0.1\n'
+          'lr: 0.0005\nbatch_size: 64\nopt: adamw\nweight_decay: 0.05\nsched: cosine\nmodel_ema: true\n')
+SMALL = dict(img_size=32, depth=2, num_classes=10)
+FILES = ['README.md', 'config.json', 'model.safetensors']
+
+
+def make_run(root: Path, architecture: str, **model_args) -> Path:
+    """A training run folder as titans-timm-train leaves it: model.safetensors, args.yaml, an eval report."""
+    args = dict(SMALL, **model_args)
+    model = timm.create_model(architecture, **args)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        # Trained-looking weights: zero-initialised memory gates opened, so the memory changes the logits.
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    run = root / architecture
+    save_model(model, run / 'model.safetensors', architecture=architecture, model_args=args, label_names=LABELS,
+               extra_metadata=dict(pretrained_cfg=dict(mean=[0.286] * 3, std=[0.353] * 3), dataset='fashion-mnist-mini'))
+    (run / 'args.yaml').write_text(RECIPE.format(model=architecture))
+    (run / 'eval.json').write_text(json.dumps(EVAL_REPORT))
+    return run / 'model.safetensors'
+
+
+class PickledPayload:
+    """An arbitrary object: a .pth holding one must be refused, never unpickled."""
+
+
+def logits(model, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp('runs')
+
+
+@pytest.fixture(scope='module')
+def mac_run(run_dir):
+    return make_run(run_dir, 'vit_tiny_mac_advanced')
+
+
+@pytest.fixture(scope='module')
+def mac_export(mac_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('export') / 'tiny-mac'
+    hub.push(mac_run, 'titans-org/tiny-mac', dry_run_dir=folder, eval_report=mac_run.parent / 'eval.json')
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export and local-dir load
+
+
+@pytest.mark.parametrize('architecture,model_args', [
+    ('vit_tiny_mac_advanced', {}),
+    ('vit_tiny_mag_simple', {}),
+    ('vit_tiny_mal_mlp', {}),
+    # non-default placement and memory options must survive the trip through config.json
+    ('vit_tiny_mal_simple', dict(memory_interval=1, memory_options=dict(chunk_size=8, heads=2))),
+    ('vit_tiny_patch16_224', {}),  # the plain backbone baseline of a sweep publishes the same way
+])
+def test_dry_run_folder_loads_back_identical(run_dir, tmp_path, architecture, model_args):
+    ckpt = make_run(run_dir / 'variants', architecture, **model_args)
+    result = hub.push(ckpt, 'titans-org/model', dry_run_dir=tmp_path / 'out', eval_report=ckpt.parent / 'eval.json')
+    folder = Path(result['folder'])
+    assert result['files'] == FILES == sorted(p.name for p in folder.iterdir())  # safetensors only, no pickle
+
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == architecture
+    assert config['label_names'] == LABELS
+    cfg = config['pretrained_cfg']
+    assert cfg['label_names'] == LABELS and cfg['num_classes'] == 10
+    assert cfg['input_size'] == [3, 32, 32] and cfg['mean'] == [0.286] * 3 and cfg['std'] == [0.353] * 3
+    args = config['model_args']
+    assert args['depth'] == 2 and args['num_classes'] == 10
+    if architecture != 'vit_tiny_patch16_224':
+        expected_blocks = [0, 1] if model_args.get('memory_interval') == 1 else [1]
+        assert args['memory_blocks'] == expected_blocks
+        assert {'heads', 'head_dim', 'depth', 'expansion'} <= set(args['memory_options'])
+        if architecture.endswith(('simple', 'advanced')):
+            assert {'chunk_size', 'read_mode', 'momentum', 'max_lr'} <= set(args['memory_options'])
+        for key, value in model_args.get('memory_options', {}).items():
+            assert args['memory_options'][key] == value
+
+    original, _ = load_model(ckpt)
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert type(reloaded) is type(original)
+    assert torch.equal(logits(reloaded), logits(original))
+    assert reloaded.pretrained_cfg['label_names'] == LABELS
+    data_cfg = timm.data.resolve_model_data_config(reloaded)
+    assert data_cfg['input_size'] == (3, 32, 32) and tuple(data_cfg['mean']) == (0.286,) * 3
+
+
+def test_old_pth_state_dict_is_read_without_unpickling_code(run_dir, tmp_path):
+    ckpt = make_run(run_dir / 'pth', 'vit_tiny_mag_simple')
+    original, _ = load_model(ckpt)
+    pth = tmp_path / 'old.pth'
+    torch.save({'state_dict': original.state_dict(), 'epoch': 3}, pth)
+    result = hub.push(pth, 'titans-org/old', dry_run_dir=tmp_path / 'out', architecture='vit_tiny_mag_simple',
+                      label_names=LABELS, **SMALL)
+    reloaded = timm.create_model(f"local-dir:{result['folder']}", pretrained=True)
+    assert torch.equal(logits(reloaded), logits(original))
+
+    bad = tmp_path / 'unsafe.pth'
+    torch.save({'state_dict': original.state_dict(), 'payload': PickledPayload()}, bad)
+    with pytest.raises(hub.HubError, match='never unpickled'):
+        hub.push(bad, 'titans-org/old', dry_run_dir=tmp_path / 'out2', architecture='vit_tiny_mag_simple', **SMALL)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hf-hub: load from a pre-populated cache, offline
+
+_LOAD_HF_HUB = '''
+import sys, timm, torch, safetensors.torch
+import titans_timm
+from huggingface_hub import constants
+assert constants.HF_HUB_OFFLINE, 'HF_HUB_OFFLINE not seen'
+model = timm.create_model(sys.argv[1], pretrained=True).eval()
+x = safetensors.torch.load_file(sys.argv[2])['x']
+with torch.inference_mode():
+    y = model(x)
+safetensors.torch.save_file({'y': y.contiguous()}, sys.argv[3])
+print(model.pretrained_cfg['source'], model.pretrained_cfg.get('label_names')[0])
+'''
+
+
+def test_hf_hub_load_from_offline_cache_identical(mac_run, mac_export, tmp_path):
+    cache = tmp_path / 'hf_cache'
+    snapshot = hub.populate_cache(mac_export, 'titans-org/tiny-mac', cache_dir=cache)
+    repo = cache / 'models--titans-org--tiny-mac'
+    sha = (repo / 'refs' / 'main').read_text()
+    assert re.fullmatch(r'[0-9a-f]{40}', sha) and snapshot == repo / 'snapshots' / sha
+    assert {'config.json', 'model.safetensors'} <= {p.name for p in snapshot.iterdir()}
+
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    safetensors.torch.save_file({'x': x}, tmp_path / 'x.safetensors')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'hf_home'))
+    env.pop('HF_ENDPOINT', None)
+    proc = subprocess.run(
+        [sys.executable, '-c', _LOAD_HF_HUB, 'hf-hub:titans-org/tiny-mac', str(tmp_path / 'x.safetensors'),
+         str(tmp_path / 'y.safetensors')], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ['hf-hub', LABELS[0]]
+    original, _ = load_model(mac_run)
+    with torch.inference_mode():
+        expected = original(x)
+    assert torch.equal(safetensors.torch.load_file(tmp_path / 'y.safetensors')['y'], expected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model card
+
+
+def test_card_renders_real_numbers_and_parses(mac_export):
+    card = ModelCard.load(mac_export / 'README.md')
+    data = card.data
+    assert data.library_name == 'timm'
+    assert data.license == 'apache-2.0'
+    assert data.base_model == 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'
+    assert {'image-classification', 'timm', 'titans', 'neural-memory', 'mac', 'advanced-memory'} <= set(data.tags)
+    assert data.datasets == ['zalando-datasets/fashion_mnist']
+    assert data.metrics == ['accuracy']
+    results = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert results == {'Top-1 accuracy (%)': 81.25, 'Top-5 accuracy (%)': 99.125}
+
+    text = card.text
+    assert '| fashion-mnist-mini | test | 81.25 | 99.12 | 0.5123 | 812.5 |' in text
+    assert '**Phase 1** (epochs 1-2)' in text and '**Phase 2** (epochs 3-6)' in text and '0.1x' in text
+    assert 'MAC' in text and '`advanced`' in text and 'block 1 (0-based) of 2' in text
+    assert "timm.create_model('hf-hub:titans-org/tiny-mac', pretrained=True)" in text
+    assert 'import titans_timm' in text
+    assert '2501.00663' in text and 'Dosovitskiy' in text and 'Wightman' in text
+    assert '${' not in text
+
+
+def test_card_front_matter_options(mac_run, tmp_path):
+    result = hub.push(mac_run, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', license='mit',
+                      base_model='timm/some_other_backbone', datasets=['org/my-data'], verify=False)
+    card = ModelCard.load(Path(result['folder']) / 'README.md')
+    assert card.data.license == 'mit'
+    assert card.data.base_model == 'timm/some_other_backbone'
+    assert card.data.datasets == ['org/my-data']
+    # recipe picked up from the run's args.yaml; no eval report: the card says how to add one
+    assert 'freeze_epochs' in card.text and 'titans-timm-eval' in card.text
+    assert 'model-index' not in (Path(result['folder']) / 'README.md').read_text()
+
+
+def test_backbone_ids_and_dataset_ids():
+    assert hub.backbone_hub_id('vit_small_mag_simple') == 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k'
+    assert hub.backbone_hub_id('vit_base_mal_mlp') == 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'
+    assert hub.backbone_hub_id('vit_tiny_patch16_224') == 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'
+    assert hub.backbone_hub_id('resnet50') is None
+    assert hub.dataset_hub_id('hfds/uoft-cs/cifar100') == 'uoft-cs/cifar100'
+    assert hub.dataset_hub_id('hf:zh-plus/tiny-imagenet') == 'zh-plus/tiny-imagenet'
+    assert hub.dataset_hub_id('fashion-mnist-mini') == 'zalando-datasets/fashion_mnist'
+    assert hub.dataset_hub_id('/data/ants_bees') is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# upload through huggingface_hub against a local Hub API
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """Just enough of the Hub API for create_repo + upload_folder; records every request it receives."""
+
+    def __init__(self, token='hf_test_token'):
+        super().__init__(('127.0.0.1', 0), _FakeHubHandler)
+        self.token = token
+        self.requests = []
+        self.files = {}
+        self.repos = []
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self):
+        return f'http://127.0.0.1:{self.server_address[1]}'
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _reply(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        if status >= 400:
+            self.send_header('X-Error-Message', payload.get('error', ''))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.server.requests.append(('GET', self.path, None))
+        self._reply(404, {'error': 'not found'})
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+        path = self.path.split('?')[0]
+        self.server.requests.append(('POST', path, self.headers.get('Authorization')))
+        if self.headers.get('Authorization') != f'Bearer {self.server.token}':
+            return self._reply(401, {'error': 'Invalid credentials in Authorization header'})
+        if path == '/api/repos/create':
+            payload = json.loads(body)
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            self.server.repos.append(payload)
+            return self._reply(200, {'url': f'{self.server.url}/{repo_id}', 'name': repo_id, 'id': 'x'})
+        if path == '/api/validate-yaml':  # the Hub checks a README's front matter before the upload
+            content = json.loads(body)['content']
+            front = yaml.safe_load(content.split('---\n')[1])
+            self.server.card_front_matter = front
+            if not isinstance(front, dict) or front.get('library_name') != 'timm':
+                return self._reply(400, {'error': 'invalid model card metadata'})
+            return self._reply(200, {'warnings': []})
+        m = re.fullmatch(r'/api/models/([\w.-]+/[\w.-]+)/(preupload|commit)/(\w+)', path)
+        if not m:
+            return self._reply(404, {'error': f'no route {path}'})
+        repo_id, action, revision = m.groups()
+        if action == 'preupload':
+            files = json.loads(body)['files']
+            return self._reply(200, {'files': [
+                {'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False} for f in files]})
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item['key'] == 'header':
+                self.server.commit_header = item['value']
+            elif item['key'] == 'file':
+                assert item['value']['encoding'] == 'base64'
+                self.server.files[item['value']['path']] = base64.b64decode(item['value']['content'])
+        return self._reply(200, {'commitUrl': f'{self.server.url}/{repo_id}/commit/{"a" * 40}',
+                                 'commitOid': 'a' * 40, 'success': True})
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_upload_sends_exactly_the_dry_run_folder(mac_run, mac_export):
+    with FakeHub() as server:
+        result = hub.push(mac_run, 'titans-org/tiny-mac', token='hf_test_token', endpoint=server.url,
+                          eval_report=mac_run.parent / 'eval.json', private=True)
+    assert len(server.repos) == 1
+    assert server.repos[0]['name'] == 'tiny-mac' and server.repos[0]['organization'] == 'titans-org'
+    assert server.repos[0].get('private') is True or server.repos[0].get('visibility') == 'private'
+    assert server.card_front_matter['base_model'] == 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'
+    assert all(auth == 'Bearer hf_test_token' for _, _, auth in server.requests)
+    posts = [path for method, path, _ in server.requests if method == 'POST']
+    assert posts[0] == '/api/repos/create'
+    assert posts[-1] == '/api/models/titans-org/tiny-mac/commit/main'
+    assert sorted(server.files) == FILES
+    for name in FILES:  # byte for byte what --dry-run wrote
+        assert server.files[name] == (mac_export / name).read_bytes(), name
+    assert result['commit_oid'] == 'a' * 40 and result['repo_id'] == 'titans-org/tiny-mac'
+    assert 'vit_tiny_mac_advanced' in server.commit_header['summary']
+
+
+def test_cli_push_uses_hf_endpoint_and_hf_token(mac_run, tmp_path):
+    """The console script, configured the way users do it: HF_ENDPOINT and HF_TOKEN in the environment."""
+    with FakeHub(token='hf_env_token') as server:
+        env = dict(os.environ, HF_ENDPOINT=server.url, HF_TOKEN='hf_env_token', HF_HOME=str(tmp_path / 'home'))
+        env.pop('HF_HUB_OFFLINE', None)
+        proc = subprocess.run([sys.executable, '-m', 'titans_timm.hub', str(mac_run), 'titans-org/cli-model',
+                               '--no-verify'], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'pushed README.md, config.json, model.safetensors to {server.url}/titans-org/cli-model' in proc.stdout
+    assert sorted(server.files) == FILES
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.delenv('HUGGING_FACE_HUB_TOKEN', raising=False)
+    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(tmp_path / 'no_token'))
+
+
+def test_upload_without_token_fails_clearly(mac_run, no_token, capsys):
+    with pytest.raises(hub.HubError, match=r'no Hugging Face token: run `hf auth login`, set HF_TOKEN'):
+        hub.push(mac_run, 'titans-org/tiny-mac', endpoint='http://127.0.0.1:9')
+    assert hub.main([str(mac_run), 'titans-org/tiny-mac']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: no Hugging Face token') and err.count('\n') == 1 and 'Traceback' not in err
+
+
+def test_upload_to_unreachable_endpoint_fails_clearly(mac_run, capsys):
+    url = f'http://127.0.0.1:{_free_port()}'  # nothing listens there
+    with pytest.raises(hub.HubError, match=f'cannot reach the Hugging Face Hub at {url}.*--dry-run DIR'):
+        hub.push(mac_run, 'titans-org/tiny-mac', token='hf_x', endpoint=url, verify=False)
+    assert hub.main([str(mac_run), 'titans-org/tiny-mac', '--token', 'hf_x', '--endpoint', url, '--no-verify']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: cannot reach') and err.count('\n') == 1
+
+
+def test_upload_with_rejected_token_fails_clearly(mac_run):
+    with FakeHub(token='the-right-token') as server:
+        with pytest.raises(hub.HubError, match='refused the token.*HF_TOKEN'):
+            hub.push(mac_run, 'titans-org/tiny-mac', token='a-wrong-token', endpoint=server.url, verify=False)
+    assert server.files == {}
+
+
+def test_upload_in_offline_mode_fails_clearly(mac_run, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    with pytest.raises(hub.HubError, match='HF_HUB_OFFLINE is set'):
+        hub.push(mac_run, 'titans-org/tiny-mac', token='hf_x', endpoint='http://127.0.0.1:9', verify=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_gives_one_clear_error(mac_run, tmp_path, capsys):
+    assert hub.main([str(tmp_path / 'missing.safetensors'), 'titans-org/x', '--dry-run', str(tmp_path / 'o')]) == 2
+    assert capsys.readouterr().err.startswith('error: checkpoint not found')
+    with pytest.raises(hub.HubError, match='ORG/NAME'):
+        hub.push(mac_run, 'not a repo id', dry_run_dir=tmp_path / 'o')
+    (tmp_path / 'report.json').write_text(json.dumps({'loss': 1.0}))
+    with pytest.raises(hub.HubError, match="no top-1 accuracy"):
+        hub.push(mac_run, 'titans-org/x', dry_run_dir=tmp_path / 'o2', eval_report=tmp_path / 'report.json')
+    assert not (tmp_path / 'o2').exists()  # nothing written before the inputs were checked
+    (tmp_path / 'bad.md').write_text('${not_a_field}')
+    with pytest.raises(hub.HubError, match=r'placeholder \$\{not_a_field\}'):
+        hub.push(mac_run, 'titans-org/x', dry_run_dir=tmp_path / 'o3', card_template=tmp_path / 'bad.md')
+
+
+def test_card_template_is_found_in_the_installed_layouts():
+    """The shipped template is found from the source tree (editable installs) and from package data (wheels)."""
+    text = hub.load_card_template()
+    assert text.startswith('---\nlibrary_name: timm\n')
+    candidates = [str(c) for c in hub._template_candidates('model_card.md')]
+    assert any(c.endswith(os.path.join('titans_timm', 'hub_cards', 'model_card.md')) for c in candidates)
+    assert any(Path(c).is_file() for c in candidates)
