@@ -4,21 +4,25 @@
 
 * ``--checkpoint FILE``: a ``model.safetensors`` written by ``titans-timm-train``
   (:func:`titans_timm.checkpoint.load_model`: architecture, model args and label names come from it);
+* ``--model NAME --checkpoint FILE``: any state dict loaded strictly into architecture NAME (as in
+  timm's validate.py); a file of another architecture fails naming the mismatched keys;
 * ``--model local-dir:DIR`` or ``--model hf-hub:ORG/NAME``: a model exported with timm's
   ``save_for_hf`` / ``push_to_hf_hub`` (``timm.create_model(name, pretrained=True)``); a plain timm
   name with ``--pretrained`` works too;
 
-on a dataset given with the training CLI's dataset flags (``--dataset``, ``--data-dir``, ``--split``,
-``-b``, ``--img-size``, ``--workers``, ``--num-samples``). Images are prepared with the model's own
-data config (timm ``resolve_data_config`` + ``create_transform``, eval mode), so mean/std, input size
-and crop follow the checkpoint.
+on a dataset given with the training CLI's dataset flags (``--dataset``, ``--data-dir``, ``--split`` /
+``--val-split``, ``-b``, ``--img-size``, ``--workers``, ``--num-samples`` / ``--val-num-samples``), or
+taken from a recipe / a run's ``args.yaml`` with ``-c``. Images are prepared with the model's own data
+config (timm ``resolve_data_config`` + ``create_transform``, eval mode), so mean/std, input size and
+crop follow the checkpoint.
 
 It reports top-1 and top-5 accuracy (percent, as timm's validate does), the mean cross-entropy loss,
 per-class accuracy, the confusion matrix and throughput, and writes ``OUTPUT/eval_report.json``.
 ``--visualize`` adds ``confusion_matrix.png`` (row-normalised: each row is the distribution of
 predictions for one true class) and ``per_class_accuracy.png``. ``--surprise-maps N`` adds
 ``surprise_maps.png``: for the first N images, the memory's per-patch surprise (the inner associative
-loss of Titans' neural memory, eq. 12) at each memory-carrying block, as heatmaps over the image.
+loss of Titans' neural memory, eq. 12) at each memory block, as heatmaps over the image
+(:func:`surprise_maps` and :func:`plot_surprise_maps` in Python).
 
 Choices (the issue is silent on them):
 
@@ -29,6 +33,11 @@ Choices (the issue is silent on them):
 * The dataset's label names are the class names; a checkpoint trained on other classes (a different
   count or different names) is refused with one clear error instead of reporting nonsense.
 * Classes with no sample in the evaluated split have accuracy ``null`` in the report.
+* Plots: the confusion matrix shows class names up to 60 classes and every n-th class index beyond
+  (figure size grows with the class count, capped at 21 x 20 inches); values are printed in the cells
+  up to 15 classes. Surprise heatmaps share one colour scale per block column.
+* ``mlp`` memories are never written at test time, so they have no surprise; asking for their maps is
+  an error rather than a picture of zeros.
 """
 import argparse
 import json
@@ -45,7 +54,8 @@ import torch.nn.functional as F
 __all__ = [
     'EvalError', 'build_parser', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
     'plot_confusion_matrix', 'plot_per_class_accuracy', 'surprise_maps', 'plot_surprise_maps',
-    'confusion_figsize', 'per_class_figsize', 'surprise_figsize', 'PLOT_DPI', 'run', 'main', 'cli',
+    'confusion_figsize', 'per_class_figsize', 'surprise_figsize', 'PLOT_DPI', 'parse_args', 'run', 'main',
+    'cli',
 ]
 
 REPORT_NAME = 'eval_report.json'
@@ -68,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog='titans-timm-eval',
         description='Evaluate a titans-timm checkpoint or a timm model: top-1/top-5, loss, per-class '
                     'accuracy, img/s, confusion matrix and memory surprise maps.')
+    parser.add_argument('-c', '--config', default=None, metavar='YAML',
+                        help='training recipe or a run\'s args.yaml: its dataset keys (dataset, data_dir, val_split, '
+                             'val_num_samples, validation_batch_size/batch_size, workers) become defaults; '
+                             'other keys are ignored')
     src = parser.add_argument_group('model')
     src.add_argument('--checkpoint', metavar='FILE', default=None,
                      help='model.safetensors written by titans-timm-train (with --model NAME: any state dict '
@@ -84,12 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dataset name: the built-in 'fashion-mnist-mini' (default), hf:ORG/NAME, hfds/ORG/NAME, "
                            "or empty for an image folder given by --data-dir")
     data.add_argument('--data-dir', default=None, metavar='DIR', help='dataset root folder')
-    data.add_argument('--split', default='validation', help='dataset split to evaluate (default: validation)')
+    data.add_argument('--split', '--val-split', dest='split', default='validation',
+                      help='dataset split to evaluate (default: validation)')
     data.add_argument('-b', '--batch-size', type=int, default=64, metavar='N', help='batch size (default: 64)')
     data.add_argument('--img-size', type=int, default=None, metavar='N',
                       help='input image size (default: the model\'s own)')
     data.add_argument('-j', '--workers', type=int, default=2, metavar='N', help='data loading workers (default: 2)')
-    data.add_argument('--num-samples', type=int, default=None, metavar='N',
+    data.add_argument('--num-samples', '--val-num-samples', dest='num_samples', type=int, default=None, metavar='N',
                       help='evaluate N samples of the split (the class-balanced subset training uses)')
     run = parser.add_argument_group('run')
     run.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
@@ -106,6 +121,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help='block indices for the surprise maps (default: every memory block)')
     run.add_argument('--no-progress', action='store_true', default=False, help='no progress bar')
     return parser
+
+
+# Recipe (YAML, timm train.py dests) keys that mean the same thing for evaluation, in priority order.
+_RECIPE_KEYS = (
+    ('dataset', 'dataset'), ('data_dir', 'data_dir'), ('val_split', 'split'), ('val_num_samples', 'num_samples'),
+    ('batch_size', 'batch_size'), ('validation_batch_size', 'batch_size'), ('workers', 'workers'),
+)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse evaluator arguments; ``-c YAML`` supplies dataset defaults from a training recipe (CLI wins)."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('-c', '--config', default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        import yaml
+        try:
+            with open(known.config) as f:
+                recipe = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise EvalError(f'cannot read recipe {known.config!r} ({type(e).__name__}); pass a YAML file with -c') \
+                from None
+        if not isinstance(recipe, dict):
+            raise EvalError(f'recipe {known.config!r} is not a YAML mapping of training arguments')
+        defaults = {}
+        for key, dest in _RECIPE_KEYS:  # later keys win: validation_batch_size over batch_size
+            if recipe.get(key) is not None:
+                defaults[dest] = recipe[key]
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -766,27 +812,29 @@ def _print_summary(report: dict):
         print(f'{kind}: {path}')
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None):
     """``titans-timm-eval``: evaluate a model and write ``OUTPUT/eval_report.json`` (plus plots on request).
 
     Returns the report dict (also written as JSON: metrics, per-class accuracy, confusion matrix, data
-    config, source). Bad input prints ``error: ...`` and exits with status 2.
+    config, source). Called without ``argv`` (the console script, which hands the return value to
+    ``sys.exit``) it returns exit status 0 instead, as ``titans_timm.train.main`` does. Bad input prints
+    ``error: ...`` and raises ``SystemExit(2)``.
     """
-    args = build_parser().parse_args(argv)
+    as_cli = argv is None
     try:
+        args = parse_args(sys.argv[1:] if as_cli else list(argv))
         report = run(args)
     except EvalError as e:
         print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     _print_summary(report)
-    return report
+    return 0 if as_cli else report
 
 
-def cli() -> int:
-    """Console-script entry: like :func:`main` but returns exit status 0 instead of the report."""
-    main()
-    return 0
+def cli() -> None:
+    """Console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())
 
 
 if __name__ == '__main__':
-    sys.exit(cli())
+    cli()

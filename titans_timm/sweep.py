@@ -21,17 +21,21 @@ Choices (the issue is silent on them):
   state, which also makes the train time comparable. Its output goes to ``OUTPUT/NAME/train.log``
   (``--verbose`` streams it instead); on failure the log's tail is printed, the sweep moves on and the
   run is listed as failed (exit status 1 at the end).
-* A run is finished when ``OUTPUT/NAME/model.safetensors`` and the sweep's final summary
-  ``OUTPUT/NAME/sweep_run.json`` (written only after training returned successfully) exist. A re-run skips
-  finished runs, re-evaluating only if ``eval_report.json`` is missing; anything else is trained again.
-  ``--force`` retrains everything.
+* A run is finished when ``OUTPUT/NAME/model.safetensors`` and training's final summary
+  ``OUTPUT/NAME/results.json`` exist (training writes both only when it completes). A re-run skips
+  finished runs, re-evaluating only if ``eval_report.json`` is missing; an interrupted run (one with
+  ``train_state.pth`` but no final summary) continues with training's ``--resume``, a run that never got
+  that far is trained again. ``--force`` retrains everything from scratch.
 * Baselines run first, so the change against the baseline is known as each memory model finishes.
-* Train time is the wall time of the training subprocess (so it includes process start-up, the same
-  for every run); img/s is the evaluator's inference throughput.
+* Evaluation reads the run's own ``args.yaml`` (``titans-timm-eval -c``), so it uses the dataset, split and
+  sample count the run validated on, whatever came from the recipe or the pass-through arguments.
+* Train time is training's own ``train_time_s`` (process start-up excluded); img/s is the evaluator's
+  inference throughput (model forward only, batch size of the recipe's validation).
 """
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,11 +43,13 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ['SIZES', 'APPROACHES', 'SweepError', 'SweepRun', 'build_parser', 'plan_runs', 'is_finished',
-           'eval_argv_from_train_args', 'write_results', 'main', 'cli']
+           'eval_argv', 'write_results', 'main', 'cli']
 
 SIZES = ('tiny', 'small', 'base')
 APPROACHES = ('mal', 'mac', 'mag')
-RUN_SUMMARY = 'sweep_run.json'
+RUN_SUMMARY = 'results.json'  # training's final summary
+SWEEP_RECORD = 'sweep_run.json'
+TRAIN_STATE = 'train_state.pth'  # written by training at each epoch end and on Ctrl-C
 CHECKPOINT = 'model.safetensors'
 EVAL_REPORT = 'eval_report.json'
 RESULT_COLUMNS = ('name', 'model', 'size', 'approach', 'memory_type', 'status', 'params', 'top1', 'top5',
@@ -117,7 +123,7 @@ def plan_runs(sizes: Sequence[str], approaches: Sequence[str], memory_types: Seq
 
 
 def is_finished(run_dir: str) -> bool:
-    """A run is finished when its final weights and the sweep's final summary both exist."""
+    """A run is finished when its final weights and training's final summary (results.json) both exist."""
     return os.path.isfile(os.path.join(run_dir, CHECKPOINT)) and os.path.isfile(os.path.join(run_dir, RUN_SUMMARY))
 
 
@@ -128,27 +134,14 @@ def _read_yaml(path: str) -> dict:
     return data or {}
 
 
-def eval_argv_from_train_args(train_args: dict, run_dir: str, split: Optional[str] = None) -> List[str]:
-    """Evaluator arguments that evaluate ``run_dir``'s model on the data its training validated on.
-
-    ``train_args`` is the run's ``args.yaml`` (timm train.py key names: ``dataset``, ``data_dir``,
-    ``val_split``, ``validation_batch_size``/``batch_size``, ``workers``, ``val_num_samples``).
-    """
+def eval_argv(run_dir: str, split: Optional[str] = None) -> List[str]:
+    """Evaluator arguments for ``run_dir``: its model on the data its training validated on (its args.yaml)."""
     argv = ['--checkpoint', os.path.join(run_dir, CHECKPOINT), '--output', run_dir, '--no-progress']
-    if train_args.get('dataset') is not None:
-        argv += ['--dataset', str(train_args['dataset'])]
-    if train_args.get('data_dir'):
-        argv += ['--data-dir', str(train_args['data_dir'])]
-    split = split or train_args.get('val_split') or 'validation'
-    argv += ['--split', str(split)]
-    batch = train_args.get('validation_batch_size') or train_args.get('batch_size')
-    if batch:
-        argv += ['-b', str(int(batch))]
-    if train_args.get('workers') is not None:
-        argv += ['--workers', str(int(train_args['workers']))]
-    num = train_args.get('val_num_samples') or train_args.get('num_samples')
-    if num:
-        argv += ['--num-samples', str(int(num))]
+    args_yaml = os.path.join(run_dir, 'args.yaml')
+    if os.path.isfile(args_yaml):
+        argv = ['-c', args_yaml] + argv
+    if split:
+        argv += ['--split', split]
     return argv
 
 
@@ -167,10 +160,17 @@ def _tail(path: str, lines: int = 15) -> str:
         return ''
 
 
-def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], verbose: bool) -> dict:
+def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], verbose: bool,
+           resume: bool = False) -> dict:
     run_dir = os.path.join(output, run['name'])
     os.makedirs(run_dir, exist_ok=True)
+    # Stale markers of an earlier attempt must not make a failed run look finished.
+    for name in (CHECKPOINT, RUN_SUMMARY, EVAL_REPORT):
+        if os.path.isfile(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
     cmd = _train_command(config, run, output, passthrough)
+    if resume:
+        cmd += ['--resume', run_dir]
     log_path = os.path.join(run_dir, 'train.log')
     start = time.perf_counter()
     if verbose:
@@ -184,10 +184,7 @@ def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], 
 
 def _evaluate(run_dir: str, split: Optional[str]) -> dict:
     from titans_timm import evaluate
-    args_path = os.path.join(run_dir, 'args.yaml')
-    train_args = _read_yaml(args_path) if os.path.isfile(args_path) else {}
-    eval_args = evaluate.build_parser().parse_args(eval_argv_from_train_args(train_args, run_dir, split))
-    return evaluate.run(eval_args)
+    return evaluate.run(evaluate.parse_args(eval_argv(run_dir, split)))
 
 
 def _result_row(run: SweepRun, run_dir: str, status: str) -> Dict[str, object]:
@@ -264,11 +261,13 @@ def _plot_results(rows: List[dict], path: str):
             ax.hlines(base[0], min(idx) - 0.4, max(idx) + 0.4, colors='black', linestyles='dashed', linewidth=1)
     ax.set_xticks(range(n), [r['name'].replace('vit_', '') for r in rows], rotation=60, ha='right', fontsize=8)
     ax.set_ylabel('top-1 (%)')
-    ax.set_ylim(0, 100)
+    done = [r['top1'] for r in rows if r['top1'] is not None]
+    # Zoom to the range the runs span (the numbers are printed on the bars): runs a point apart stay visible.
+    ax.set_ylim(max(0.0, 10.0 * math.floor((min(done) - 5.0) / 10.0)) if done else 0.0, 100.0)
     ax.set_title('Sweep: top-1 per model (dashed: baseline of that size)')
     handles = [matplotlib.patches.Patch(color=c, label=k) for k, c in colors.items()
                if any(r['approach'] == k for r in rows)]
-    ax.legend(handles=handles, fontsize=8, loc='lower right')
+    ax.legend(handles=handles, fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -300,7 +299,12 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
         print(f'plan: {total} runs, recipe {args.config}, output {output}')
         for i, run in enumerate(runs, 1):
             run_dir = os.path.join(output, run['name'])
-            state = 'finished, skip' if is_finished(run_dir) and not args.force else 'train + eval'
+            if args.force or not (is_finished(run_dir) or os.path.isfile(os.path.join(run_dir, TRAIN_STATE))):
+                state = 'train + eval'
+            elif is_finished(run_dir):
+                state = 'finished, skip'
+            else:
+                state = 'resume + eval'
             print(f'[{i}/{total}] {run["name"]} ({run["model"]}): {state}')
             print('    ' + ' '.join(_train_command(args.config, run, output, passthrough)[1:]))
         return dict(plan=runs, rows=[], files={}, failed=[])
@@ -314,31 +318,28 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
             status = 'skipped'
             print(f'{prefix}: finished earlier, skipping', flush=True)
         else:
-            print(f'{prefix}: training', flush=True)
-            result = _train(args.config, run, output, passthrough, args.verbose)
-            if result['returncode'] != 0 or not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+            resume = not args.force and os.path.isfile(os.path.join(run_dir, TRAIN_STATE))
+            print(f'{prefix}: ' + ('resuming the interrupted run' if resume else 'training'), flush=True)
+            result = _train(args.config, run, output, passthrough, args.verbose, resume=resume)
+            if result['returncode'] != 0 or not is_finished(run_dir):
                 failed.append(run['name'])
-                why = f'exit status {result["returncode"]}' if result['returncode'] else f'no {CHECKPOINT} written'
+                why = f'exit status {result["returncode"]}' if result['returncode'] else \
+                    f'no {CHECKPOINT} + {RUN_SUMMARY} written'
                 print(f'{prefix}: training failed ({why}); log: {result["log"]}', flush=True)
                 if result['log']:
                     print(_tail(result['log']), end='', flush=True)
                 rows.append(_result_row(run, run_dir, 'failed'))
                 continue
-            # Removed before evaluation: a stale report must not pass for this run's numbers.
-            if os.path.isfile(os.path.join(run_dir, EVAL_REPORT)):
-                os.remove(os.path.join(run_dir, EVAL_REPORT))
-            summary = dict(run, train_time_s=result['train_time_s'], command=result['command'],
-                           finished_at=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-            tmp = os.path.join(run_dir, RUN_SUMMARY + '.tmp')
-            with open(tmp, 'w') as f:
-                json.dump(summary, f, indent=2)
-            os.replace(tmp, os.path.join(run_dir, RUN_SUMMARY))
+            record = dict(run, wall_time_s=result['train_time_s'], command=result['command'],
+                          finished_at=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+            with open(os.path.join(run_dir, SWEEP_RECORD), 'w') as f:
+                json.dump(record, f, indent=2)  # provenance only: how the sweep ran it
             status = 'done'
         if not os.path.isfile(os.path.join(run_dir, EVAL_REPORT)):
             from titans_timm.evaluate import EvalError
             try:
                 _evaluate(run_dir, args.eval_split)
-            except EvalError as e:
+            except (EvalError, SystemExit) as e:  # SystemExit: argparse rejected the run's args
                 failed.append(run['name'])
                 print(f'{prefix}: evaluation failed: {e}', flush=True)
                 rows.append(_result_row(run, run_dir, 'eval failed'))
@@ -358,24 +359,30 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
     return dict(plan=runs, rows=rows, files=files, failed=failed)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None):
     """``titans-timm-sweep``: train + evaluate every combination, then write results.csv/.md/.png.
 
-    Returns ``{'plan', 'rows', 'files', 'failed'}``. Bad input prints ``error: ...`` and exits with status 2.
+    Returns ``{'plan', 'rows', 'files', 'failed'}``. Called without ``argv`` (the console script, which hands
+    the return value to ``sys.exit``) it returns the exit status instead: 0, or 1 if any run failed. Bad input
+    prints ``error: ...`` and raises ``SystemExit(2)``.
     """
-    own, passthrough = _split_argv(sys.argv[1:] if argv is None else argv)
+    as_cli = argv is None
+    own, passthrough = _split_argv(sys.argv[1:] if as_cli else argv)
     args = build_parser().parse_args(own)
     try:
-        return run_sweep(args, passthrough)
+        result = run_sweep(args, passthrough)
     except SweepError as e:
         print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
+    if as_cli:
+        return 1 if result['failed'] else 0
+    return result
 
 
-def cli() -> int:
-    """Console-script entry: like :func:`main`, exit status 1 if any run failed."""
-    return 1 if main()['failed'] else 0
+def cli() -> None:
+    """Console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())
 
 
 if __name__ == '__main__':
-    sys.exit(cli())
+    cli()
