@@ -1,0 +1,119 @@
+"""titans-timm-sweep: a 2x2 sweep trains, evaluates and tabulates; a re-run skips finished runs; bad input."""
+import csv
+import json
+import os
+
+import pytest
+import yaml
+from PIL import Image
+
+from titans_timm import sweep
+
+# A recipe small enough for a test: 32 px images, 2 blocks, a few dozen samples, one epoch.
+TINY_RECIPE = dict(
+    dataset='fashion-mnist-mini', img_size=32, model_kwargs=dict(patch_size=8, depth=2), epochs=1,
+    batch_size=8, train_num_samples=16, val_num_samples=10, workers=0, lr=1e-3, log_interval=100, seed=0,
+)
+GRID = ['--approaches', 'mal,mag', '--memory-types', 'mlp,simple']
+NAMES = ['vit_tiny_mal_mlp', 'vit_tiny_mal_simple', 'vit_tiny_mag_mlp', 'vit_tiny_mag_simple']
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / 'tiny.yaml'
+    path.write_text(yaml.safe_dump(TINY_RECIPE))
+    return str(path)
+
+
+def test_plan_and_dry_run(recipe, tmp_path, capsys):
+    out = tmp_path / 'sweep'
+    result = sweep.main(['-c', recipe, '--model-sizes', 'tiny,small', *GRID, '--output', str(out), '--dry-run',
+                         '--', '--epochs', '3'])
+    names = [r['name'] for r in result['plan']]
+    # Per size: the plain backbone first, then approach x memory type.
+    assert names == ['vit_tiny_baseline'] + NAMES + ['vit_small_baseline'] + [n.replace('tiny', 'small') for n in NAMES]
+    assert result['plan'][0]['model'] == 'vit_tiny_patch16_224'
+    printed = capsys.readouterr().out
+    assert '[1/10] vit_tiny_baseline' in printed and '[10/10] vit_small_mag_simple' in printed
+    assert '--epochs 3' in printed  # pass-through arguments reach every run
+    assert not out.exists()  # a dry run writes nothing
+
+
+def test_two_by_two_sweep_then_rerun_skips(recipe, tmp_path, capsys):
+    out = tmp_path / 'sweep'
+    result = sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out)])
+    printed = capsys.readouterr().out
+    assert result['failed'] == [], printed
+    assert '[3/4] vit_tiny_mag_mlp' in printed
+    rows = result['rows']
+    assert [r['name'] for r in rows] == NAMES
+    for r in rows:
+        assert r['status'] == 'done'
+        assert 0.0 <= r['top1'] <= r['top5'] <= 100.0
+        assert r['params'] > 0 and r['img_per_sec'] > 0 and r['train_time_s'] > 0
+        run_dir = out / r['name']
+        assert sweep.is_finished(str(run_dir))
+        with open(run_dir / 'eval_report.json') as f:
+            report = json.load(f)
+        # Evaluated on the data the run validated on (its args.yaml), with the run's checkpoint.
+        assert report['num_samples'] == TINY_RECIPE['val_num_samples'] and report['model'] == r['name']
+        with open(run_dir / 'results.json') as f:
+            assert report['top1'] == pytest.approx(json.load(f)['final_top1'])
+
+    with open(out / 'results.csv') as f:
+        table = list(csv.DictReader(f))
+    assert [t['name'] for t in table] == NAMES and all(float(t['top1']) == r['top1'] for t, r in zip(table, rows))
+    md = (out / 'results.md').read_text().splitlines()
+    assert md[0].startswith('| model | params (M) | top-1 (%) | top-5 (%) | train time (s) | img/s |')
+    assert len(md) == 2 + len(NAMES)
+    with Image.open(out / 'results.png') as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+    # Re-run: every run is finished, nothing is trained again.
+    mtimes = {n: os.path.getmtime(out / n / 'model.safetensors') for n in NAMES}
+    again = sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count('finished earlier, skipping') == 4
+    assert [r['status'] for r in again['rows']] == ['skipped'] * 4
+    assert [r['top1'] for r in again['rows']] == [r['top1'] for r in rows]
+    assert mtimes == {n: os.path.getmtime(out / n / 'model.safetensors') for n in NAMES}
+
+    # A run without training's final summary is not finished: the plan resumes it (train_state.pth exists).
+    os.remove(out / 'vit_tiny_mal_simple' / 'results.json')
+    sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out), '--dry-run'])
+    printed = capsys.readouterr().out
+    assert '[2/4] vit_tiny_mal_simple (vit_tiny_mal_simple): resume + eval' in printed
+    assert '[1/4] vit_tiny_mal_mlp (vit_tiny_mal_mlp): finished, skip' in printed
+
+
+def test_results_delta_against_baseline(tmp_path):
+    rows = []
+    for name, approach, top1 in (('vit_tiny_baseline', 'baseline', 80.0), ('vit_tiny_mag_simple', 'mag', 82.5)):
+        rows.append(dict({k: None for k in sweep.RESULT_COLUMNS}, name=name, model=name, size='tiny',
+                         approach=approach, memory_type='-', status='done', params=5_500_000, top1=top1,
+                         top5=99.0, train_time_s=12.0, img_per_sec=100.0))
+    sweep._add_deltas(rows)
+    files = sweep.write_results(rows, str(tmp_path))
+    md = open(files['md']).read()
+    assert '| vit_tiny_baseline | 5.50 | 80.00 | 99.00 | 12 | 100.0 | (baseline) |' in md
+    assert '| vit_tiny_mag_simple | 5.50 | 82.50 | 99.00 | 12 | 100.0 | +2.50 |' in md
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--approaches', 'mal,mxc'], 'unknown mxc'),
+    (['--memory-types', 'deep'], 'unknown deep'),
+    (['--model-sizes', 'huge'], 'unknown huge'),
+    (['--', '--model', 'vit_tiny_mag_simple'], 'override'),
+])
+def test_bad_input_is_one_clear_error(recipe, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(['-c', recipe, '--output', str(tmp_path / 'out'), *argv])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith('error: ') and '\n' not in err and message in err
+
+
+def test_missing_recipe(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(['-c', str(tmp_path / 'nope.yaml'), '--output', str(tmp_path / 'out')])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith('error: ') and 'not found' in err
