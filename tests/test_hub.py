@@ -38,8 +38,8 @@ SMALL = dict(img_size=32, depth=2, num_classes=10)
 FILES = ['README.md', 'config.json', 'model.safetensors']
 
 
-def make_run(root: Path, architecture: str, **model_args) -> Path:
-    """A training run folder as titans-timm-train leaves it: model.safetensors, args.yaml, an eval report."""
+def make_run(root: Path, architecture: str, with_report: bool = True, **model_args) -> Path:
+    """A run folder as titans-timm-train and titans-timm-eval leave it: model.safetensors, args.yaml, eval_report.json."""
     args = dict(SMALL, **model_args)
     model = timm.create_model(architecture, **args)
     gen = torch.Generator().manual_seed(0)
@@ -51,7 +51,9 @@ def make_run(root: Path, architecture: str, **model_args) -> Path:
     save_model(model, run / 'model.safetensors', architecture=architecture, model_args=args, label_names=LABELS,
                extra_metadata=dict(pretrained_cfg=dict(mean=[0.286] * 3, std=[0.353] * 3), dataset='fashion-mnist-mini'))
     (run / 'args.yaml').write_text(RECIPE.format(model=architecture))
-    (run / 'eval.json').write_text(json.dumps(EVAL_REPORT))
+    if with_report:
+        report = dict(EVAL_REPORT, model=architecture, source=str((run / 'model.safetensors').resolve()))
+        (run / 'eval_report.json').write_text(json.dumps(report))
     return run / 'model.safetensors'
 
 
@@ -78,7 +80,7 @@ def mac_run(run_dir):
 @pytest.fixture(scope='module')
 def mac_export(mac_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp('export') / 'tiny-mac'
-    hub.push(mac_run, 'titans-org/tiny-mac', dry_run_dir=folder, eval_report=mac_run.parent / 'eval.json')
+    hub.push(mac_run, 'titans-org/tiny-mac', dry_run_dir=folder)  # report and recipe found next to the checkpoint
     return folder
 
 
@@ -96,7 +98,8 @@ def mac_export(mac_run, tmp_path_factory):
 ])
 def test_dry_run_folder_loads_back_identical(run_dir, tmp_path, architecture, model_args):
     ckpt = make_run(run_dir / 'variants', architecture, **model_args)
-    result = hub.push(ckpt, 'titans-org/model', dry_run_dir=tmp_path / 'out', eval_report=ckpt.parent / 'eval.json')
+    result = hub.push(ckpt, 'titans-org/model', dry_run_dir=tmp_path / 'out', eval_report=ckpt.parent / 'eval_report.json',
+                      recipe=ckpt.parent / 'args.yaml')
     folder = Path(result['folder'])
     assert result['files'] == FILES == sorted(p.name for p in folder.iterdir())  # safetensors only, no pickle
 
@@ -208,8 +211,11 @@ def test_card_renders_real_numbers_and_parses(mac_export):
     assert '${' not in text
 
 
-def test_card_front_matter_options(mac_run, tmp_path):
-    result = hub.push(mac_run, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', license='mit',
+def test_card_front_matter_options(run_dir, tmp_path):
+    ckpt = make_run(run_dir / 'no_report', 'vit_tiny_mac_advanced', with_report=False)
+    # a report of other weights of the run (last.safetensors) does not describe these
+    (ckpt.parent / 'eval_report.json').write_text(json.dumps(dict(EVAL_REPORT, source=str(ckpt.parent / 'last.safetensors'))))
+    result = hub.push(ckpt, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', license='mit',
                       base_model='timm/some_other_backbone', datasets=['org/my-data'], verify=False)
     card = ModelCard.load(Path(result['folder']) / 'README.md')
     assert card.data.license == 'mit'
@@ -325,7 +331,7 @@ def _free_port():
 def test_upload_sends_exactly_the_dry_run_folder(mac_run, mac_export):
     with FakeHub() as server:
         result = hub.push(mac_run, 'titans-org/tiny-mac', token='hf_test_token', endpoint=server.url,
-                          eval_report=mac_run.parent / 'eval.json', private=True)
+                          private=True)
     assert len(server.repos) == 1
     assert server.repos[0]['name'] == 'tiny-mac' and server.repos[0]['organization'] == 'titans-org'
     assert server.repos[0].get('private') is True or server.repos[0].get('visibility') == 'private'
@@ -417,3 +423,26 @@ def test_card_template_is_found_in_the_installed_layouts():
     candidates = [str(c) for c in hub._template_candidates('model_card.md')]
     assert any(c.endswith(os.path.join('titans_timm', 'hub_cards', 'model_card.md')) for c in candidates)
     assert any(Path(c).is_file() for c in candidates)
+
+
+def test_wheel_ships_the_card_template(tmp_path):
+    """``pip install titans-timm`` (a wheel, no source tree) must still find hub_cards/model_card.md."""
+    import shutil
+    import zipfile
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path / 'src'
+    src.mkdir()
+    for name in ('setup.cfg', 'pyproject.toml', 'README.md'):
+        shutil.copy(root / name, src / name)
+    for name in ('titans_timm', 'hub_cards'):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns('__pycache__', '*.parquet'))
+    proc = subprocess.run(
+        [sys.executable, '-c', f'from setuptools import build_meta; print(build_meta.build_wheel({str(tmp_path)!r}))'],
+        cwd=src, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheel = tmp_path / proc.stdout.strip().splitlines()[-1]
+    names = zipfile.ZipFile(wheel).namelist()
+    assert 'titans_timm/hub.py' in names
+    assert 'titans_timm/hub_cards/model_card.md' in names, (
+        'the wheel lacks the card template: setup.cfg must map hub_cards/ into the package '
+        '(package_dir titans_timm.hub_cards = hub_cards, package_data titans_timm.hub_cards = *.md)')

@@ -691,6 +691,26 @@ def _upload(folder: Path, repo_id: str, *, token: str, private: bool, endpoint: 
                 commit_oid=getattr(commit, 'oid', None))
 
 
+def _run_file(checkpoint: PathLike, name: str) -> Optional[Path]:
+    path = Path(checkpoint).parent / name
+    return path if path.is_file() else None
+
+
+def _run_eval_report(checkpoint: PathLike) -> Optional[Path]:
+    """``eval_report.json`` next to the checkpoint (titans-timm-eval's default), if it evaluated this very file."""
+    path = _run_file(checkpoint, 'eval_report.json')
+    if path is None:
+        return None
+    try:
+        source = json.loads(path.read_text(encoding='utf-8')).get('source')
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # not ours to judge here; an explicit --eval-report gets the full error
+    # a report of last.safetensors or of the EMA weights describes other weights
+    if source and os.path.abspath(source) == os.path.abspath(checkpoint):
+        return path
+    return None
+
+
 def push(
         checkpoint: PathLike,
         repo_id: str,
@@ -718,7 +738,8 @@ def push(
             a plain state dict (``.safetensors`` or ``.pth``, read with ``weights_only=True``) also works
             when ``architecture=NAME`` and the model kwargs are passed in ``model_overrides``.
         repo_id: ``ORG/NAME`` of the Hub repository (created if missing).
-        eval_report: JSON report of ``titans-timm-eval`` (path or dict) for the card's results.
+        eval_report: JSON report of ``titans-timm-eval`` (path or dict) for the card's results; default:
+            ``eval_report.json`` next to the checkpoint when its ``source`` is this checkpoint.
         recipe: training recipe (path or dict); default: ``args.yaml`` next to the checkpoint, if any.
         token: Hub token with write access; default ``HF_TOKEN`` / the ``hf auth login`` token.
         private: create the repository private.
@@ -745,8 +766,8 @@ def push(
         model, meta = load_model(checkpoint, **model_overrides)
     except CheckpointError as e:
         raise HubError(str(e)) from None
-    if recipe is None and (Path(checkpoint).parent / 'args.yaml').is_file():
-        recipe = Path(checkpoint).parent / 'args.yaml'
+    recipe = recipe if recipe is not None else _run_file(checkpoint, 'args.yaml')
+    eval_report = eval_report if eval_report is not None else _run_eval_report(checkpoint)
     if not dry_run_dir:
         from huggingface_hub import get_token
         token = token or get_token()
@@ -833,7 +854,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('repo_id', help='Hub repository ORG/NAME (created if missing)')
     parser.add_argument('--dry-run', metavar='DIR', default=None,
                         help='write the exact folder that would be uploaded to DIR; upload nothing')
-    parser.add_argument('--eval-report', metavar='JSON', default=None, help='report of titans-timm-eval for the results table')
+    parser.add_argument('--eval-report', metavar='JSON', default=None,
+                        help='report of titans-timm-eval for the results table (default: eval_report.json next to '
+                             'the checkpoint, if it evaluated this checkpoint)')
     parser.add_argument('--recipe', metavar='YAML', default=None,
                         help='training recipe or run args.yaml (default: args.yaml next to the checkpoint)')
     parser.add_argument('--token', default=None, help='Hub token with write access (default: HF_TOKEN or `hf auth login`)')
