@@ -63,60 +63,60 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _silu_grad(z: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
-
-
 def memory_mlp_forward(weights: List[torch.Tensor], x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Run the memory MLP ``x -> silu(x W1) W2 ...`` and keep what the closed-form backward needs.
 
     weights: per layer ``[..., d_in, d_out]`` (broadcast over leading dims); x: ``[..., T, d_in]``.
-    Returns (output, layer inputs, pre-activations of the hidden layers).
+    Returns (output, layer inputs, silu derivative at each hidden layer).
     """
-    inputs, pre = [], []
+    inputs, act_grads = [], []
     h = x
     for i, w in enumerate(weights):
         inputs.append(h)
         h = h @ w
         if i < len(weights) - 1:
-            pre.append(h)
-            h = F.silu(h)
-    return h, inputs, pre
+            s = torch.sigmoid(h)
+            a = h * s                                   # silu
+            act_grads.append(s + a - a * s)             # silu'(h) = s (1 + h (1 - s))
+            h = a
+    return h, inputs, act_grads
 
 
-def memory_mlp_grads(
-        weights: List[torch.Tensor],
-        inputs: List[torch.Tensor],
-        pre: List[torch.Tensor],
-        grad_out: torch.Tensor,
-        token_coef: torch.Tensor,
-) -> List[torch.Tensor]:
-    """Closed-form, token-weighted gradient of the memory MLP weights.
-
-    grad_out: d loss_t / d M(k_t) per token ``[..., T, d_out]``; token_coef: ``[..., T, m]``, m weightings of the
-    per-token gradients. Returns per layer ``[..., d_in, m * d_out]``: the m sums ``sum_t coef[t, j] grad_W loss_t``
-    side by side (one matmul serves all m weightings).
-    """
-    m = token_coef.shape[-1]
-    grads = [None] * len(weights)
+def memory_mlp_backprop(weights: List[torch.Tensor], act_grads: List[torch.Tensor], grad_out: torch.Tensor):
+    """Closed-form backward of the memory MLP: yields ``(layer, grad of that layer's output)`` per token, last
+    layer first. The weight gradient of layer i is ``inputs[i]^T @ grad`` (summed over tokens)."""
     g = grad_out
     for i in range(len(weights) - 1, -1, -1):
-        weighted = torch.cat([g * token_coef[..., j:j + 1] for j in range(m)], dim=-1) if m > 1 else g * token_coef
-        grads[i] = inputs[i].transpose(-1, -2) @ weighted  # [..., d_in, m * d_out]
+        yield i, g
         if i > 0:
-            g = (g @ weights[i].transpose(-1, -2)) * _silu_grad(pre[i - 1])
+            g = (g @ weights[i].transpose(-1, -2)) * act_grads[i - 1]
+
+
+def memory_mlp_grads(weights, inputs, act_grads, grad_out, token_coef):
+    """Token-weighted weight gradients ``sum_t coef[t] grad_W loss_t`` per layer (token_coef: ``[..., T]``)."""
+    grads = [None] * len(weights)
+    for i, g in memory_mlp_backprop(weights, act_grads, grad_out):
+        grads[i] = inputs[i].transpose(-1, -2) @ (g * token_coef.unsqueeze(-1))
     return grads
 
 
-def step_normaliser(inputs: List[torch.Tensor]) -> torch.Tensor:
+def step_normaliser(inputs: List[torch.Tensor], first: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token sum of squared layer inputs ``||k||^2 + ||a_1||^2 + ...`` ([..., T]).
 
     Each token's step is divided by it (normalised LMS): the change a step of size theta makes to that token's
     own prediction is then about ``2 theta`` times its error whatever the scale of the memory's activations, so
-    theta < 1 descends and the write cannot blow up as the memory weights grow.
+    theta < 1 descends and the write cannot blow up as the memory weights grow. ``first``: ``||k||^2`` if known.
     """
-    return sum(t.pow(2).sum(-1) for t in inputs)
+    total = inputs[0].pow(2).sum(-1) if first is None else first
+    for t in inputs[1:]:
+        total = total + t.pow(2).sum(-1)
+    return total
+
+
+def _exp(log_value: torch.Tensor) -> torch.Tensor:
+    """exp, with products below 1e-20 set to exactly 0: they are negligible, and as float32 denormals they would
+    make every later matmul that touches them many times slower on CPU."""
+    return torch.exp(log_value).masked_fill(log_value < -46.0, 0.0)
 
 
 def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -131,8 +131,8 @@ def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: t
     log_keep = torch.log(keep.clamp_min(1e-12))
     lk = torch.cumsum(log_keep, dim=-1)                    # [..., b] log prod_{m<=j} keep_m
     lk_total = lk[..., -1:]
-    keep_after = torch.exp(lk_total - lk)                  # F(j, b) = prod_{m>j} keep_m
-    out = {'w_decay': torch.exp(lk_total[..., 0])}
+    keep_after = _exp(lk_total - lk)                  # F(j, b) = prod_{m>j} keep_m
+    out = {'w_decay': _exp(lk_total[..., 0])}
     if eta is None:
         out['w_tok'] = theta * keep_after
         return out
@@ -140,11 +140,26 @@ def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: t
     b = theta.shape[-1]
     # E(i, j) = prod_{i<m<=j} eta_m for j >= i, as a [..., i, j] matrix
     upper = torch.ones(b, b, dtype=torch.bool, device=theta.device).triu()
-    e_ij = torch.exp((le.unsqueeze(-2) - le.unsqueeze(-1)).masked_fill(~upper, -float('inf')))
+    e_ij = _exp((le.unsqueeze(-2) - le.unsqueeze(-1)).masked_fill(~upper, -float('inf')))
     out['w_tok'] = theta * (e_ij * keep_after.unsqueeze(-2)).sum(-1)
-    out['s_tok'] = theta * torch.exp(le[..., -1:] - le)
-    out['s_decay'] = torch.exp(le[..., -1])
-    out['w_from_s'] = (keep_after * torch.exp(le)).sum(-1)
+    out['s_tok'] = theta * _exp(le[..., -1:] - le)
+    out['s_decay'] = _exp(le[..., -1])
+    out['w_from_s'] = (keep_after * _exp(le)).sum(-1)
+    return out
+
+
+def _coefficients_per_chunk(theta, eta, keep, b: int) -> List[Dict[str, torch.Tensor]]:
+    """``chunk_coefficients`` of every chunk of length b (the last may be shorter), computed in one go."""
+    N = theta.shape[-1]
+    n_full = N // b
+    out = []
+    if n_full:
+        gates = [t[..., :n_full * b].unflatten(-1, (n_full, b)) if t is not None else None for t in (theta, eta, keep)]
+        c = chunk_coefficients(*gates)                                          # values [..., C, (b)]
+        per_chunk = {name: val.unbind(theta.dim() - 1) for name, val in c.items()}
+        out = [{name: val[j] for name, val in per_chunk.items()} for j in range(n_full)]
+    if n_full * b < N:
+        out.append(chunk_coefficients(*(t[..., n_full * b:] if t is not None else None for t in (theta, eta, keep))))
     return out
 
 
@@ -251,45 +266,64 @@ class _NeuralMemory(_MemoryBase):
         """Write keys/values chunk by chunk. k, v: [B, H, N, dh]; gates [B, H, N]. Returns (state, stats, reads).
 
         When q is given (causal read) each chunk's queries read the memory *before* that chunk is written.
+        With momentum, each layer's weights W and momentum S are kept stacked as one ``[B*H, 2, d_in, d_out]``
+        tensor, so a chunk's forgetting/momentum mixing is one small bmm and its gradient step one baddbmm: the
+        weight-sized tensors are touched twice per chunk (the loop is bound by that memory traffic).
         """
-        N = k.shape[2]
+        B, H, N, _ = k.shape
+        BH = B * H
         b = self.chunk_size or N
-        weights = [_f32(w) for w in state['weights']]
-        mom = [_f32(s) for s in state['momentum']] if state['momentum'] is not None else None
+        coefs = _coefficients_per_chunk(theta.flatten(0, 1), None if eta is None else eta.flatten(0, 1), keep.flatten(0, 1), b)
+        k, v = k.flatten(0, 1), v.flatten(0, 1)                               # [B*H, N, dh]
+        ks, vs, kks = k.split(b, dim=1), v.split(b, dim=1), k.pow(2).sum(-1).split(b, dim=-1)
+        qs = q.flatten(0, 1).split(b, dim=1) if q is not None else None
+        use_mom = eta is not None
+        weights = [_f32(w).expand(B, H, *w.shape[-2:]).flatten(0, 1) for w in state['weights']]
+        if use_mom:
+            moms = state['momentum'] or [torch.zeros_like(w) for w in weights]
+            packed = [torch.stack([w, _f32(m).reshape(w.shape)], dim=1) for w, m in zip(weights, moms)]  # [BH, 2, din, dout]
+            weights = [p[:, 0] for p in packed]
         surprise, reads = [], []
-        for start in range(0, N, b):
-            end = min(start + b, N)
-            kc, vc = k[:, :, start:end], v[:, :, start:end]
-            nk = end - start
-            inp = kc if q is None else torch.cat([kc, q[:, :, start:end]], dim=2)  # one forward serves write and read
-            pred, inputs, pre = memory_mlp_forward(weights, inp)
+        for ci, (kc, vc, c) in enumerate(zip(ks, vs, coefs)):
+            nk = kc.shape[1]
+            inp = kc if q is None else torch.cat([kc, qs[ci]], dim=1)  # one forward serves write and read
+            pred, inputs, act_grads = memory_mlp_forward(weights, inp)
             if q is not None:
-                reads.append(pred[:, :, nk:])
-                pred, inputs, pre = pred[:, :, :nk], [t[:, :, :nk] for t in inputs], [t[:, :, :nk] for t in pre]
-            err = pred - vc                                                   # [B, H, b, dh]
+                reads.append(pred[:, nk:])
+                pred, inputs, act_grads = pred[:, :nk], [t[:, :nk] for t in inputs], [t[:, :nk] for t in act_grads]
+            err = pred - vc                                                   # [B*H, b, dh]
             surprise.append(err.pow(2).sum(-1))                               # (12) loss_t at the chunk-start weights
-            c = chunk_coefficients(theta[..., start:end], None if eta is None else eta[..., start:end], keep[..., start:end])
-            coef = c['w_tok'].unsqueeze(-1) if eta is None else torch.stack([c['w_tok'], c['s_tok']], dim=-1)
-            coef = coef / step_normaliser(inputs).unsqueeze(-1)
-            grads = memory_mlp_grads(weights, inputs, pre, 2 * err, coef)    # d||M(k)-v||^2 / dW, token-weighted
-            w_decay = c['w_decay'][..., None, None]
-            new_weights, new_mom = [], []
-            for i, (w, g) in enumerate(zip(weights, grads)):
-                d_out = w.shape[-1]
-                gw = g[..., :d_out]
-                w_new = w_decay * w - gw                                       # (13) forgetting + surprise
-                if eta is not None:
-                    gs = g[..., d_out:]
-                    s_new = -gs                                                # (10) momentum scan
-                    if mom is not None:
-                        w_new = w_new + c['w_from_s'][..., None, None] * mom[i]
-                        s_new = s_new + c['s_decay'][..., None, None] * mom[i]
-                    new_mom.append(s_new)
-                new_weights.append(w_new)
-            weights = new_weights
-            mom = new_mom if eta is not None else None
-        stats = {'surprise': torch.cat(surprise, dim=-1).mean(1)}             # [B, N], mean over heads
-        return {'weights': weights, 'momentum': mom}, stats, reads
+            # d||M(k)-v||^2/dM = 2 err; each token's step normalised (see step_normaliser)
+            scale = 2 / step_normaliser(inputs, kks[ci])                      # [B*H, b]
+            if use_mom:
+                zero = torch.zeros_like(c['w_decay'])
+                mix = torch.stack([c['w_decay'], c['w_from_s'], zero, c['s_decay']], dim=-1).view(BH, 2, 2)
+                tok = torch.stack([c['w_tok'], c['s_tok']], dim=1) * scale.unsqueeze(1)  # [B*H, 2, b]
+            else:
+                tok = c['w_tok'] * scale
+            new_packed = [None] * len(weights)
+            for i, g in memory_mlp_backprop(weights, act_grads, err):
+                xt = inputs[i].transpose(-1, -2)                               # [B*H, d_in, b]
+                d_in, d_out = xt.shape[1], g.shape[-1]
+                if use_mom:
+                    # (13) forget W and add momentum, (10) decay S: [W; S] <- mix @ [W; S]
+                    mixed = torch.bmm(mix, packed[i].view(BH, 2, d_in * d_out)).view(BH * 2, d_in, d_out)
+                    xt2 = xt.unsqueeze(1).expand(BH, 2, d_in, nk).reshape(BH * 2, d_in, nk)
+                    gg = (g.unsqueeze(1) * tok.unsqueeze(-1)).view(BH * 2, nk, d_out)
+                    # minus the chunk's token-weighted surprise, for W and S at once
+                    new_packed[i] = torch.baddbmm(mixed, xt2, gg, alpha=-1).view(BH, 2, d_in, d_out)
+                else:
+                    new_packed[i] = torch.baddbmm(weights[i] * c['w_decay'][:, None, None], xt, g * tok.unsqueeze(-1), alpha=-1)
+            if use_mom:
+                packed = new_packed
+                weights = [p[:, 0] for p in packed]
+            else:
+                weights = new_packed
+        stats = {'surprise': torch.cat(surprise, dim=-1).view(B, H, N).mean(1)}  # [B, N], mean over heads
+        unflat = lambda t: t.reshape(B, H, *t.shape[-2:])
+        state = {'weights': [unflat(w) for w in weights],
+                 'momentum': [unflat(p[:, 1]) for p in packed] if use_mom else None}
+        return state, stats, [unflat(r) for r in reads]
 
     def _prepare(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         xn = self.norm(x)

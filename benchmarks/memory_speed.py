@@ -1,0 +1,107 @@
+"""Forward+backward time of each memory type against a timm ViT Block of the same width.
+
+Every candidate is timed alternately with the Block in one process (warm-up, then the median of several rounds),
+so the printed ratios are robust to a busy machine. ``--vs-titans-pytorch`` also times
+``titans_pytorch.NeuralMemory`` (``pip install titans-pytorch``; only for this benchmark) at the matching config.
+
+    python benchmarks/memory_speed.py                       # D = 192/384/768, N = 197, batch 8
+    python benchmarks/memory_speed.py --widths 192 --vs-titans-pytorch
+"""
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from timm.models.vision_transformer import Block
+
+from titans_timm import MEMORY_TYPES, create_memory
+
+
+CLOCK = time.perf_counter
+
+
+def fwd_bwd_time(module, x):
+    x = x.detach().requires_grad_(True)
+    t0 = CLOCK()
+    out = module(x)
+    if isinstance(out, tuple):  # titans_pytorch returns (retrieved, state)
+        out = out[0]
+    out.float().pow(2).mean().backward()
+    return CLOCK() - t0
+
+
+def compare(candidates, x, warmup, rounds):
+    """Median seconds per fwd+bwd of each named module, timed round-robin."""
+    times = {name: [] for name in candidates}
+    for i in range(warmup + rounds):
+        for name, mod in candidates.items():
+            t = fwd_bwd_time(mod, x)
+            if i >= warmup:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--widths', default='192,384,768', help='comma-separated token widths (heads = width // 64)')
+    parser.add_argument('--tokens', type=int, default=197)
+    parser.add_argument('-b', '--batch-size', type=int, default=8)
+    parser.add_argument('--chunk-size', type=int, default=16)
+    parser.add_argument('--depth', type=int, default=2, help='memory MLP depth')
+    parser.add_argument('--expansion', type=float, default=4.0)
+    parser.add_argument('--memory-types', default=','.join(MEMORY_TYPES))
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
+    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
+                        help="'cpu': one thread, timed by its own CPU time (robust when other jobs share the machine)")
+    parser.add_argument('--vs-titans-pytorch', action='store_true', help='also time titans_pytorch.NeuralMemory')
+    args = parser.parse_args(argv)
+    global CLOCK
+    if args.clock == 'cpu':
+        args.threads, CLOCK = 1, time.thread_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = []
+    for dim in [int(w) for w in args.widths.split(',')]:
+        heads = dim // 64
+        x = torch.randn(args.batch_size, args.tokens, dim)
+        candidates = {'block': Block(dim, heads, qkv_bias=True)}
+        for kind in args.memory_types.split(','):
+            candidates[kind] = create_memory(kind, dim, heads=heads, head_dim=64, depth=args.depth,
+                                             expansion=args.expansion, chunk_size=args.chunk_size)
+        if args.vs_titans_pytorch:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                from titans_pytorch import NeuralMemory
+            candidates['titans_pytorch'] = NeuralMemory(
+                dim=dim, heads=heads, dim_head=64, chunk_size=args.chunk_size,
+                default_model_kwargs=dict(depth=args.depth, expansion_factor=args.expansion))
+        med = compare(candidates, x, args.warmup, args.rounds)
+        for name, t in med.items():
+            if name == 'block':
+                continue
+            row = {'D': dim, 'heads': heads, 'memory': name, 'ms': 1000 * t, 'block_ms': 1000 * med['block'],
+                   'x_block': t / med['block']}
+            if 'titans_pytorch' in med and name != 'titans_pytorch':
+                row['faster_than_titans_pytorch'] = med['titans_pytorch'] / t
+            rows.append(row)
+
+    print(f'\nforward+backward, N={args.tokens}, batch {args.batch_size}, chunk {args.chunk_size}, '
+          f'memory depth {args.depth}, expansion {args.expansion:g}, threads {torch.get_num_threads()}, {args.clock} clock')
+    header = '| D / heads | memory | ms | Block ms | x Block |' + (' titans_pytorch / ours |' if args.vs_titans_pytorch else '')
+    print(header)
+    print('|' + '---|' * (header.count('|') - 1))
+    for r in rows:
+        line = f"| {r['D']} / {r['heads']} | {r['memory']} | {r['ms']:.1f} | {r['block_ms']:.1f} | {r['x_block']:.2f} |"
+        if args.vs_titans_pytorch:
+            line += f" {r['faster_than_titans_pytorch']:.1f}x |" if 'faster_than_titans_pytorch' in r else ' - |'
+        print(line)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
