@@ -169,6 +169,22 @@ def test_cli_surprise_maps_png(mag_checkpoint, tmp_path):
         assert im.size == (round(w * ev.PLOT_DPI), round(h * ev.PLOT_DPI))
 
 
+def test_local_dir_model_gives_the_checkpoint_numbers(mag_checkpoint, tmp_path):
+    from titans_timm import hub
+    model, meta = load_model(mag_checkpoint)
+    folder = tmp_path / 'export'
+    hub.export_folder(model, folder, repo_id='someone/tiny-mag', architecture=meta['architecture'],
+                      model_args=meta['model_args'], label_names=meta['label_names'],
+                      pretrained_cfg=meta['pretrained_cfg'], verify=False)
+    common = ['--num-samples', '10', '-b', '10', '--workers', '0', '--no-progress']
+    from_dir = ev.main(['--model', f'local-dir:{folder}', '--output', str(tmp_path / 'a'), *common])
+    from_file = ev.main(['--checkpoint', mag_checkpoint, '--output', str(tmp_path / 'b'), *common])
+    assert from_dir['model'] == 'vit_tiny_mag_simple'
+    assert from_dir['data_config'] == from_file['data_config']
+    for key in ('top1', 'top5', 'loss', 'confusion_matrix'):
+        assert from_dir[key] == from_file[key]
+
+
 def test_cli_missing_checkpoint(tmp_path, capsys):
     code, err = _run_cli(['--checkpoint', str(tmp_path / 'nope.safetensors'), '--workers', '0'], capsys)
     assert code == 2
