@@ -32,7 +32,7 @@ from titans_timm.checkpoint import load_model, save_model
 
 LABELS = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 EVAL_REPORT = dict(top1=81.25, top5=99.125, loss=0.51234, img_per_sec=812.5, dataset='fashion-mnist-mini', split='test')
-RECIPE = ('model: {model}\ndataset: fashion-mnist-mini\nepochs: 6\nfreeze_epochs: 2\nbackbone_lr_scale: 0.1\n'
+RECIPE = ('model: {model}\npretrained: true\ndataset: fashion-mnist-mini\nepochs: 6\nfreeze_epochs: 2\nbackbone_lr_scale: 0.1\n'
           'lr: 0.0005\nbatch_size: 64\nopt: adamw\nweight_decay: 0.05\nsched: cosine\nmodel_ema: true\n')
 SMALL = dict(img_size=32, depth=2, num_classes=10)
 FILES = ['README.md', 'config.json', 'model.safetensors']
@@ -204,6 +204,7 @@ def test_card_renders_real_numbers_and_parses(mac_export):
     text = card.text
     assert '| fashion-mnist-mini | test | 81.25 | 99.12 | 0.5123 | 812.5 |' in text
     assert '**Phase 1** (epochs 1-2)' in text and '**Phase 2** (epochs 3-6)' in text and '0.1x' in text
+    assert '| lr | 0.0005 |' in text and '| weight_decay | 0.05 |' in text
     assert 'MAC' in text and '`advanced`' in text and 'block 1 (0-based) of 2' in text
     assert "timm.create_model('hf-hub:titans-org/tiny-mac', pretrained=True)" in text
     assert 'import titans_timm' in text
@@ -224,6 +225,24 @@ def test_card_front_matter_options(run_dir, tmp_path):
     # recipe picked up from the run's args.yaml; no eval report: the card says how to add one
     assert 'freeze_epochs' in card.text and 'titans-timm-eval' in card.text
     assert 'model-index' not in (Path(result['folder']) / 'README.md').read_text()
+
+
+@pytest.mark.parametrize('recipe,base_model,start', [
+    (dict(pretrained=True, epochs=2), 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k',
+     'starting from the timm checkpoint [timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k]'),
+    # the offline main job: memory model started from a backbone trained locally by the same tool
+    (dict(pretrained_path='/home/me/output/fashion-backbone/model.safetensors', output='/home/me/output',
+          data_dir='/home/me/data', epochs=2, freeze_epochs=1), None,
+     'starting from the local checkpoint `fashion-backbone/model.safetensors`'),
+    (dict(pretrained=False, epochs=1), None, 'starting from random initialisation'),
+])
+def test_card_names_a_base_model_only_when_the_weights_descend_from_it(mac_run, tmp_path, recipe, base_model, start):
+    result = hub.push(mac_run, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', recipe=recipe, verify=False)
+    text = (Path(result['folder']) / 'README.md').read_text()
+    card = ModelCard(text)
+    assert card.data.base_model == base_model
+    assert start in card.text
+    assert '/home/me' not in text  # machine-local paths and dirs are not published
 
 
 def test_backbone_ids_and_dataset_ids():

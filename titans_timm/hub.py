@@ -31,7 +31,11 @@ Choices made here (and why):
   pretrained=True)`` and its logits are compared bit for bit with the checkpoint's model
   (``verify=True``). A ``config.json`` that misses a model argument fails here, not for users.
 - ``base_model`` is the timm hub checkpoint of the backbone size (tiny/small/base, the same ids the
-  model registry's pretrained tags use); ``--base-model`` overrides it.
+  model registry's pretrained tags use) when the weights descend from it (recipe ``pretrained: true``,
+  or no recipe); a run started from a local ``pretrained_path`` checkpoint or from scratch gets no
+  ``base_model`` (the card says what it started from); ``--base-model`` sets it explicitly.
+- The recipe is published without machine-local entries (output dir, data dir, device, workers...),
+  and checkpoint paths are cut to ``run/file``.
 - ``datasets`` lists Hub dataset ids: ``hfds/X``/``hf:X`` become ``X``; the built-in
   Fashion-MNIST subset is listed as ``zalando-datasets/fashion_mnist``; local folders are named in
   the card text only.
@@ -116,8 +120,8 @@ _REPORT_KEYS = {
 _RECIPE_KEYS = (
     'model', 'dataset', 'img_size', 'input_size', 'epochs', 'freeze_epochs', 'backbone_lr_scale', 'batch_size',
     'opt', 'lr', 'min_lr', 'weight_decay', 'sched', 'warmup_epochs', 'warmup_lr', 'smoothing', 'mixup', 'cutmix',
-    'drop_path', 'clip_grad', 'model_ema', 'model_ema_decay', 'amp', 'amp_dtype', 'pretrained', 'initial_checkpoint',
-    'seed',
+    'drop_path', 'clip_grad', 'model_ema', 'model_ema_decay', 'amp', 'amp_dtype', 'pretrained', 'pretrained_path',
+    'initial_checkpoint', 'seed',
 )
 _WEIGHT_FILES = ('model.safetensors',)
 
@@ -301,6 +305,30 @@ def _placement(model: nn.Module, approach: Optional[str]) -> str:
     return where + '; each carries its own memory, started fresh from its learned initial weights for every image'
 
 
+def _initialisation(architecture: str, recipe: Dict[str, Any], base_model: Optional[str]) -> Tuple[Optional[str], str]:
+    """``(base_model for the front matter or None, what training started from, in words)``.
+
+    The front matter names a base model only when the weights really descend from it: the recipe
+    loaded the backbone's timm hub checkpoint (``pretrained: true``), the user named one, or no recipe
+    says otherwise. A run started from a local checkpoint (``pretrained_path``) or from scratch gets
+    no ``base_model``; the card says what it started from instead.
+    """
+    if base_model:
+        return base_model, f'[{base_model}](https://huggingface.co/{base_model})'
+    local = recipe.get('pretrained_path') or recipe.get('initial_checkpoint') or recipe.get('resume_from')
+    if local:
+        # only the run folder and file name: the rest of a local path means nothing to readers
+        shown = '/'.join(Path(str(local)).parts[-2:])
+        return None, f'the local checkpoint `{shown}` (not on the Hub)'
+    if recipe and not recipe.get('pretrained'):
+        return None, 'random initialisation (trained from scratch)'
+    hub_id = backbone_hub_id(architecture)
+    if not hub_id:
+        raise HubError(f"cannot tell the backbone hub id of '{architecture}'; pass --base-model ORG/NAME "
+                       f'(e.g. {BACKBONE_HUB_IDS["tiny"]})')
+    return hub_id, f'the timm checkpoint [{hub_id}](https://huggingface.co/{hub_id})'
+
+
 def _fmt_number(value: Optional[float], digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return '-'
@@ -317,7 +345,25 @@ def _md_escape(text: Any) -> str:
     return str(text).replace('|', '\\|').replace('\n', ' ')
 
 
-def _training_section(recipe: Dict[str, Any], has_memory: bool = True) -> str:
+# Recipe entries that describe one machine or one invocation, not the training: never published.
+_LOCAL_RECIPE_KEYS = {
+    'output', 'experiment', 'resume', 'data_dir', 'device', 'dist_backend', 'dist_url', 'no_progress',
+    'log_interval', 'checkpoint_interval', 'workers', 'eval_only', 'local_rank', 'pin_mem',
+}
+_PATH_RECIPE_KEYS = ('pretrained_path', 'initial_checkpoint', 'resume_from')
+
+
+def _publishable_recipe(recipe: Dict[str, Any]) -> Dict[str, Any]:
+    """The recipe without machine-local entries; checkpoint paths cut to their run folder and file name."""
+    out = {k: v for k, v in recipe.items() if k not in _LOCAL_RECIPE_KEYS}
+    for key in _PATH_RECIPE_KEYS:
+        if out.get(key):
+            out[key] = '/'.join(Path(str(out[key])).parts[-2:])
+    return out
+
+
+def _training_section(recipe: Dict[str, Any], has_memory: bool = True, from_checkpoint: bool = True) -> str:
+    recipe = _publishable_recipe(recipe)
     if not recipe:
         return ('No training recipe was supplied with this upload (push with `--recipe RUN/args.yaml` to '
                 'record it).')
@@ -326,18 +372,22 @@ def _training_section(recipe: Dict[str, Any], has_memory: bool = True) -> str:
     freeze = recipe.get('freeze_epochs') or 0
     lr = recipe.get('lr')
     scale = recipe.get('backbone_lr_scale', 0.1)
-    lr_text = f' at lr {lr}' if lr is not None else ''
+    lr_text = f' at lr {lr:.3g}' if isinstance(lr, (int, float)) else ''
+
+    def epochs_text(first: int, last: int) -> str:
+        return f'epoch {first}' if first == last else f'epochs {first}-{last}'
     if freeze and epochs:
         lines.append('Trained in two phases with titans-timm (timm\'s optimizers, schedulers, data pipeline and EMA):')
         lines.append('')
         if has_memory:
-            lines.append(f'1. **Phase 1** (epochs 1-{freeze}): the pretrained backbone is frozen; the memory and the '
-                         f'head train{lr_text}. The model starts equal to its backbone (zero-initialised memory '
-                         f'output), so this phase starts from the backbone\'s accuracy.')
+            same = (' The model starts equal to its backbone (zero-initialised memory output), so this phase starts '
+                    'from the backbone\'s accuracy.') if from_checkpoint else ''
+            lines.append(f'1. **Phase 1** ({epochs_text(1, int(freeze))}): the backbone is frozen; the memory and the '
+                         f'head train{lr_text}.{same}')
         else:
-            lines.append(f'1. **Phase 1** (epochs 1-{freeze}): the pretrained backbone is frozen; the head trains{lr_text}.')
+            lines.append(f'1. **Phase 1** ({epochs_text(1, int(freeze))}): the backbone is frozen; the head trains{lr_text}.')
         if int(epochs) > int(freeze):
-            lines.append(f'2. **Phase 2** (epochs {int(freeze) + 1}-{epochs}): everything trains; the backbone at '
+            lines.append(f'2. **Phase 2** ({epochs_text(int(freeze) + 1, int(epochs))}): everything trains; the backbone at '
                          f'{scale}x the base learning rate, memory and head at the full rate.')
     else:
         lines.append('Trained in a single phase with titans-timm (no frozen-backbone phase: `freeze_epochs` = 0).')
@@ -346,7 +396,12 @@ def _training_section(recipe: Dict[str, Any], has_memory: bool = True) -> str:
     lines.append('|---|---|')
     for key in _RECIPE_KEYS:
         if recipe.get(key) is not None:
-            lines.append(f'| {key} | {_md_escape(json.dumps(recipe[key]) if not isinstance(recipe[key], str) else recipe[key])} |')
+            value = recipe[key]
+            if isinstance(value, float):
+                value = f'{value:.4g}'
+            elif not isinstance(value, str):
+                value = json.dumps(value)
+            lines.append(f'| {key} | {_md_escape(value)} |')
     lines.append('')
     lines.append('<details><summary>Full recipe (timm train.py flag names; runs with <code>titans-timm-train -c</code>)'
                  '</summary>')
@@ -404,10 +459,7 @@ def card_fields(
     rows = read_eval_report(eval_report)
     recipe = read_recipe(recipe)
     size, approach, memory = parse_architecture(architecture)
-    base_model = base_model or backbone_hub_id(architecture)
-    if not base_model:
-        raise HubError(f"cannot tell the backbone hub id of '{architecture}'; pass --base-model "
-                       f'(e.g. {BACKBONE_HUB_IDS["tiny"]})')
+    base_model, start_text = _initialisation(architecture, recipe, base_model)
     dataset_names = [r['dataset'] for r in rows if r['dataset']] + ([recipe['dataset']] if recipe.get('dataset') else [])
     if datasets is None:
         datasets = [d for d in (dataset_hub_id(n) for n in dataset_names) if d]
@@ -424,15 +476,13 @@ def card_fields(
     if approach:
         tags += [approach, f'{memory}-memory']
         summary = (f'A ViT-{size.capitalize()} with Titans neural memory ({_APPROACHES[approach][0]}, '
-                   f'`{memory}` memory), fine-tuned from the timm checkpoint '
-                   f'[{base_model}](https://huggingface.co/{base_model}) with titans-timm.')
+                   f'`{memory}` memory), trained with titans-timm starting from {start_text}.')
         approach_text = f'{_APPROACHES[approach][0]}, {_APPROACHES[approach][1]}'
         memory_text = f'`{memory}`: {_MEMORY_TYPES[memory]}'
     else:
         tags += ['baseline']
-        summary = (f'The plain timm Vision Transformer baseline `{architecture}` (no memory), fine-tuned from '
-                   f'[{base_model}](https://huggingface.co/{base_model}) with titans-timm for comparison with its '
-                   f'memory-augmented variants.')
+        summary = (f'The plain timm Vision Transformer baseline `{architecture}` (no memory), trained with '
+                   f'titans-timm starting from {start_text}, for comparison with its memory-augmented variants.')
         approach_text = 'none (plain timm Vision Transformer baseline)'
         memory_text = 'none'
     preview = ''
@@ -446,7 +496,7 @@ def card_fields(
         tags=json.dumps(tags),
         datasets=json.dumps(datasets),
         metrics=json.dumps(['accuracy']),
-        base_model=json.dumps(base_model),
+        base_model_yaml=f'base_model: {json.dumps(base_model)}\n' if base_model else '',
         model_index=_model_index(model_name, rows, datasets, dataset_text),
         model_name=model_name,
         repo_id=repo_id,
@@ -464,10 +514,11 @@ def card_fields(
         label_preview=preview,
         mean=json.dumps([round(float(v), 4) for v in cfg.get('mean', ())]),
         std=json.dumps([round(float(v), 4) for v in cfg.get('std', ())]),
-        base_model_name=base_model,
+        initialisation=start_text[0].upper() + start_text[1:],
         dataset_text=dataset_text,
         model_args_table='\n'.join(args_lines),
-        training=_training_section(recipe, has_memory=approach is not None),
+        training=_training_section(recipe, has_memory=approach is not None,
+                                    from_checkpoint=not start_text.startswith('random')),
         results=_results_section(rows, dataset_text),
     )
 
@@ -862,7 +913,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--token', default=None, help='Hub token with write access (default: HF_TOKEN or `hf auth login`)')
     parser.add_argument('--private', action='store_true', help='create the repository private')
     parser.add_argument('--license', default='apache-2.0', help='license in the card (default: apache-2.0)')
-    parser.add_argument('--base-model', default=None, help="card base_model (default: the backbone's timm hub id)")
+    parser.add_argument('--base-model', default=None, metavar='ORG/NAME',
+                        help="card base_model (default: the backbone's timm hub id when the run loaded it)")
     parser.add_argument('--dataset-id', dest='datasets', action='append', default=None, metavar='ORG/NAME',
                         help='Hub dataset id for the card (repeatable; default: from the report and recipe)')
     parser.add_argument('--card-template', default=None, metavar='MD', help='card template (default: hub_cards/model_card.md)')
