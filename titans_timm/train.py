@@ -960,6 +960,9 @@ def run(args) -> Dict[str, Any]:
                      f'({", ".join(f"{k} {v / 1e6:.2f}M" for k, v in roles.items())}); '
                      f'data {data_config["input_size"]}, {args.num_classes} classes')
 
+    if not (args.pretrained or args.pretrained_path or args.resume) and args.backbone_lr_scale != 1 and args.rank == 0:
+        _logger.warning(f'the backbone starts from random weights but trains at {args.backbone_lr_scale}x the base '
+                        f'LR (--backbone-lr-scale); pass --backbone-lr-scale 1 to train it from scratch')
     loader_train = _train_loader(args, dataset_train, data_config) if dataset_train is not None else None
     loader_eval = _eval_loader(args, dataset_eval, data_config, device) if dataset_eval is not None else None
 
