@@ -430,6 +430,10 @@ def test_bad_input_gives_one_clear_error(mac_run, tmp_path, capsys):
     with pytest.raises(hub.HubError, match="no top-1 accuracy"):
         hub.push(mac_run, 'titans-org/x', dry_run_dir=tmp_path / 'o2', eval_report=tmp_path / 'report.json')
     assert not (tmp_path / 'o2').exists()  # nothing written before the inputs were checked
+    (tmp_path / 'busy').mkdir()
+    (tmp_path / 'busy' / 'notes.txt').write_text('mine')
+    with pytest.raises(hub.HubError, match=r'already holds other files \(notes.txt\)'):
+        hub.push(mac_run, 'titans-org/x', dry_run_dir=tmp_path / 'busy')
     (tmp_path / 'bad.md').write_text('${not_a_field}')
     with pytest.raises(hub.HubError, match=r'placeholder \$\{not_a_field\}'):
         hub.push(mac_run, 'titans-org/x', dry_run_dir=tmp_path / 'o3', card_template=tmp_path / 'bad.md')

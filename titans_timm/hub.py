@@ -124,6 +124,7 @@ _RECIPE_KEYS = (
     'initial_checkpoint', 'seed',
 )
 _WEIGHT_FILES = ('model.safetensors',)
+_EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
 
 
 class HubError(RuntimeError):
@@ -660,7 +661,7 @@ def export_folder(
     Uses timm's ``save_for_hf`` (safetensors only) so ``timm.create_model('hf-hub:...')`` and
     ``'local-dir:...'`` rebuild the model; ``pretrained_cfg`` (mean/std/input_size/crop from the
     checkpoint) becomes the exported preprocessing. With ``verify`` the folder is loaded back and must
-    give bit-identical logits. Files other than these three in ``folder`` are left alone.
+    give bit-identical logits. A folder holding other files is refused (an earlier export is replaced).
 
     Returns:
         The folder path.
@@ -671,6 +672,12 @@ def export_folder(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise HubError(f'{folder} exists and is not a folder; pass a new or empty folder to --dry-run')
+    if folder.is_dir():
+        # The folder must end up holding exactly what would be uploaded (an earlier export may be replaced).
+        others = sorted(p.name for p in folder.iterdir() if p.name not in _EXPORT_FILES)
+        if others:
+            raise HubError(f"{folder} already holds other files ({', '.join(others[:5])}); pass a new or empty "
+                           f'folder to --dry-run, so it holds exactly what would be uploaded')
     pretrained_cfg = dict(pretrained_cfg or {})
     label_names = [str(n) for n in label_names] if label_names else None
     if label_names and len(label_names) != model.num_classes:
@@ -732,7 +739,7 @@ def _upload(folder: Path, repo_id: str, *, token: str, private: bool, endpoint: 
         repo_id = repo_url.repo_id
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                    commit_message=commit_message,
-                                   allow_patterns=['model.safetensors', 'config.json', 'README.md'])
+                                   allow_patterns=list(_EXPORT_FILES))
     except (OSError, transport_error) as e:
         raise HubError(_describe_upload_error(e, endpoint, repo_id)) from None
     except ValueError as e:  # the Hub's README front matter check
@@ -921,7 +928,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--commit-message', default=None)
     parser.add_argument('--revision', default=None, help='branch to push to (default: main)')
     parser.add_argument('--endpoint', default=None, help='Hub URL (default: HF_ENDPOINT or https://huggingface.co)')
-    parser.add_argument('--model', dest='architecture', default=None,
+    parser.add_argument('--model', dest='architecture', default=None, metavar='NAME',
                         help='timm model name, for plain state dicts without titans-timm metadata')
     parser.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
                         help='model kwargs for plain state dicts (timm train.py style), e.g. num_classes=10 img_size=32')
