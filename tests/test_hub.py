@@ -26,7 +26,6 @@ import safetensors.torch
 from huggingface_hub import ModelCard
 
 import titans_timm  # noqa: F401  (registers the architectures)
-import titans_timm.vit  # noqa: F401
 from titans_timm import hub
 from titans_timm.checkpoint import load_model, save_model
 
