@@ -31,14 +31,15 @@ from titans_timm.checkpoint import load_model, save_model
 
 LABELS = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 EVAL_REPORT = dict(top1=81.25, top5=99.125, loss=0.51234, img_per_sec=812.5, dataset='fashion-mnist-mini', split='test')
-RECIPE = ('model: {model}\npretrained: true\ndataset: fashion-mnist-mini\nepochs: 6\nfreeze_epochs: 2\nbackbone_lr_scale: 0.1\n'
+RECIPE = ('model: {model}\npretrained: true\ndataset: fashion-mnist-mini\nepochs: 6\nfreeze_epochs: 2\n'
+          'backbone_lr_scale: 0.1\n'
           'lr: 0.0005\nbatch_size: 64\nopt: adamw\nweight_decay: 0.05\nsched: cosine\nmodel_ema: true\n')
 SMALL = dict(img_size=32, depth=2, num_classes=10)
 FILES = ['README.md', 'config.json', 'model.safetensors']
 
 
 def make_run(root: Path, architecture: str, with_report: bool = True, **model_args) -> Path:
-    """A run folder as titans-timm-train and titans-timm-eval leave it: model.safetensors, args.yaml, eval_report.json."""
+    """A run folder as titans-timm-train and -eval leave it: model.safetensors, args.yaml, eval_report.json."""
     args = dict(SMALL, **model_args)
     model = timm.create_model(architecture, **args)
     gen = torch.Generator().manual_seed(0)
@@ -48,7 +49,8 @@ def make_run(root: Path, architecture: str, with_report: bool = True, **model_ar
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     run = root / architecture
     save_model(model, run / 'model.safetensors', architecture=architecture, model_args=args, label_names=LABELS,
-               extra_metadata=dict(pretrained_cfg=dict(mean=[0.286] * 3, std=[0.353] * 3), dataset='fashion-mnist-mini'))
+               extra_metadata=dict(pretrained_cfg=dict(mean=[0.286] * 3, std=[0.353] * 3),
+                                   dataset='fashion-mnist-mini'))
     (run / 'args.yaml').write_text(RECIPE.format(model=architecture))
     if with_report:
         report = dict(EVAL_REPORT, model=architecture, source=str((run / 'model.safetensors').resolve()))
@@ -97,7 +99,8 @@ def mac_export(mac_run, tmp_path_factory):
 ])
 def test_dry_run_folder_loads_back_identical(run_dir, tmp_path, architecture, model_args):
     ckpt = make_run(run_dir / 'variants', architecture, **model_args)
-    result = hub.push(ckpt, 'titans-org/model', dry_run_dir=tmp_path / 'out', eval_report=ckpt.parent / 'eval_report.json',
+    result = hub.push(ckpt, 'titans-org/model', dry_run_dir=tmp_path / 'out',
+                      eval_report=ckpt.parent / 'eval_report.json',
                       recipe=ckpt.parent / 'args.yaml')
     folder = Path(result['folder'])
     assert result['files'] == FILES == sorted(p.name for p in folder.iterdir())  # safetensors only, no pickle
@@ -214,7 +217,8 @@ def test_card_renders_real_numbers_and_parses(mac_export):
 def test_card_front_matter_options(run_dir, tmp_path):
     ckpt = make_run(run_dir / 'no_report', 'vit_tiny_mac_advanced', with_report=False)
     # a report of other weights of the run (last.safetensors) does not describe these
-    (ckpt.parent / 'eval_report.json').write_text(json.dumps(dict(EVAL_REPORT, source=str(ckpt.parent / 'last.safetensors'))))
+    other = dict(EVAL_REPORT, source=str(ckpt.parent / 'last.safetensors'))
+    (ckpt.parent / 'eval_report.json').write_text(json.dumps(other))
     result = hub.push(ckpt, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', license='mit',
                       base_model='timm/some_other_backbone', datasets=['org/my-data'], verify=False)
     card = ModelCard.load(Path(result['folder']) / 'README.md')

@@ -70,7 +70,8 @@ from titans_timm.checkpoint import CheckpointError, load_model
 
 __all__ = [
     'HubError', 'push', 'export_folder', 'render_card', 'card_fields', 'load_card_template', 'read_eval_report',
-    'read_recipe', 'backbone_hub_id', 'resolved_memory_args', 'populate_cache', 'main', 'BACKBONE_HUB_IDS', 'DEFAULT_CARD_TEMPLATE',
+    'read_recipe', 'parse_architecture', 'backbone_hub_id', 'dataset_hub_id', 'resolved_memory_args',
+    'populate_cache', 'main', 'BACKBONE_HUB_IDS', 'DEFAULT_CARD_TEMPLATE',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -204,7 +205,8 @@ def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict
         try:
             report = json.loads(path.read_text(encoding='utf-8'))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HubError(f'{path} is not a JSON eval report ({e}); pass the JSON file titans-timm-eval wrote') from None
+            raise HubError(f'{path} is not a JSON eval report ({e}); pass the JSON file titans-timm-eval '
+                           f'wrote') from None
     entries = report if isinstance(report, (list, tuple)) else [report]
     rows = []
     for entry in entries:
@@ -245,11 +247,13 @@ def read_recipe(recipe: Union[None, PathLike, Dict[str, Any]]) -> Dict[str, Any]
         try:
             recipe = yaml.safe_load(path.read_text(encoding='utf-8'))
         except yaml.YAMLError as e:
-            raise HubError(f'{path} is not valid YAML ({str(e).splitlines()[0]}); pass a training recipe file') from None
+            raise HubError(f'{path} is not valid YAML ({str(e).splitlines()[0]}); pass a training recipe '
+                           f'file') from None
         if recipe is None:
             recipe = {}
     if not isinstance(recipe, dict):
-        raise HubError(f'the training recipe must be a YAML mapping of flag names to values, got {type(recipe).__name__}')
+        raise HubError(f'the training recipe must be a YAML mapping of flag names to values, '
+                       f'got {type(recipe).__name__}')
     return {str(k).replace('-', '_'): v for k, v in recipe.items()}
 
 
@@ -386,9 +390,11 @@ def _training_section(recipe: Dict[str, Any], has_memory: bool = True, from_chec
             lines.append(f'1. **Phase 1** ({epochs_text(1, int(freeze))}): the backbone is frozen; the memory and the '
                          f'head train{lr_text}.{same}')
         else:
-            lines.append(f'1. **Phase 1** ({epochs_text(1, int(freeze))}): the backbone is frozen; the head trains{lr_text}.')
+            lines.append(f'1. **Phase 1** ({epochs_text(1, int(freeze))}): the backbone is frozen; '
+                         f'the head trains{lr_text}.')
         if int(epochs) > int(freeze):
-            lines.append(f'2. **Phase 2** ({epochs_text(int(freeze) + 1, int(epochs))}): everything trains; the backbone at '
+            lines.append(f'2. **Phase 2** ({epochs_text(int(freeze) + 1, int(epochs))}): everything trains; '
+                         f'the backbone at '
                          f'{scale}x the base learning rate, memory and head at the full rate.')
     else:
         lines.append('Trained in a single phase with titans-timm (no frozen-backbone phase: `freeze_epochs` = 0).')
@@ -461,7 +467,8 @@ def card_fields(
     recipe = read_recipe(recipe)
     size, approach, memory = parse_architecture(architecture)
     base_model, start_text = _initialisation(architecture, recipe, base_model)
-    dataset_names = [r['dataset'] for r in rows if r['dataset']] + ([recipe['dataset']] if recipe.get('dataset') else [])
+    dataset_names = [r['dataset'] for r in rows if r['dataset']]
+    dataset_names += [recipe['dataset']] if recipe.get('dataset') else []
     if datasets is None:
         datasets = [d for d in (dataset_hub_id(n) for n in dataset_names) if d]
     datasets = list(dict.fromkeys(datasets))  # unique, in order
@@ -917,21 +924,24 @@ def _build_parser() -> argparse.ArgumentParser:
                              'the checkpoint, if it evaluated this checkpoint)')
     parser.add_argument('--recipe', metavar='YAML', default=None,
                         help='training recipe or run args.yaml (default: args.yaml next to the checkpoint)')
-    parser.add_argument('--token', default=None, help='Hub token with write access (default: HF_TOKEN or `hf auth login`)')
+    parser.add_argument('--token', default=None,
+                        help='Hub token with write access (default: HF_TOKEN or `hf auth login`)')
     parser.add_argument('--private', action='store_true', help='create the repository private')
     parser.add_argument('--license', default='apache-2.0', help='license in the card (default: apache-2.0)')
     parser.add_argument('--base-model', default=None, metavar='ORG/NAME',
                         help="card base_model (default: the backbone's timm hub id when the run loaded it)")
     parser.add_argument('--dataset-id', dest='datasets', action='append', default=None, metavar='ORG/NAME',
                         help='Hub dataset id for the card (repeatable; default: from the report and recipe)')
-    parser.add_argument('--card-template', default=None, metavar='MD', help='card template (default: hub_cards/model_card.md)')
+    parser.add_argument('--card-template', default=None, metavar='MD',
+                        help='card template (default: hub_cards/model_card.md)')
     parser.add_argument('--commit-message', default=None)
     parser.add_argument('--revision', default=None, help='branch to push to (default: main)')
     parser.add_argument('--endpoint', default=None, help='Hub URL (default: HF_ENDPOINT or https://huggingface.co)')
     parser.add_argument('--model', dest='architecture', default=None, metavar='NAME',
                         help='timm model name, for plain state dicts without titans-timm metadata')
     parser.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
-                        help='model kwargs for plain state dicts (timm train.py style), e.g. num_classes=10 img_size=32')
+                        help='model kwargs for plain state dicts (timm train.py style), '
+                             'e.g. num_classes=10 img_size=32')
     parser.add_argument('--no-verify', dest='verify', action='store_false',
                         help='skip reloading the folder with timm before upload')
     return parser
