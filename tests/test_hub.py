@@ -248,6 +248,18 @@ def test_card_names_a_base_model_only_when_the_weights_descend_from_it(mac_run, 
     assert '/home/me' not in text  # machine-local paths and dirs are not published
 
 
+def test_card_does_not_publish_local_dataset_paths(mac_run, tmp_path):
+    report = dict(EVAL_REPORT, dataset='/home/me/data/ants_bees', split='val')
+    recipe = dict(dataset='/home/me/data/ants_bees', pretrained=True, epochs=1)
+    result = hub.push(mac_run, 'titans-org/ants', dry_run_dir=tmp_path / 'out', eval_report=report, recipe=recipe,
+                      verify=False)
+    text = (Path(result['folder']) / 'README.md').read_text()
+    assert '/home/me' not in text
+    card = ModelCard(text)
+    assert card.data.datasets == [] and card.data.eval_results[0].dataset_type == 'custom'
+    assert '| ants_bees (local image folder) | val | 81.25 |' in card.text
+
+
 def test_backbone_ids_and_dataset_ids():
     assert hub.backbone_hub_id('vit_small_mag_simple') == 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k'
     assert hub.backbone_hub_id('vit_base_mal_mlp') == 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'

@@ -292,6 +292,13 @@ def dataset_hub_id(name: Optional[str]) -> Optional[str]:
     return name if re.fullmatch(r'[\w.-]+/[\w.-]+', name) else None
 
 
+def _dataset_label(name: Optional[str]) -> Optional[str]:
+    """How the card names a dataset: as given, but a local image folder by its folder name only."""
+    if not name or dataset_hub_id(name) or not (os.sep in str(name) or Path(str(name)).exists()):
+        return name
+    return f'{Path(str(name)).name} (local image folder)'
+
+
 def _parameter_counts(model: nn.Module) -> Dict[str, int]:
     from titans_timm.vit import split_parameters
     groups = split_parameters(model)
@@ -364,6 +371,8 @@ def _publishable_recipe(recipe: Dict[str, Any]) -> Dict[str, Any]:
     for key in _PATH_RECIPE_KEYS:
         if out.get(key):
             out[key] = '/'.join(Path(str(out[key])).parts[-2:])
+    if out.get('dataset') and _dataset_label(out['dataset']) != out['dataset']:
+        out['dataset'] = Path(str(out['dataset'])).name  # a local image folder: its name, not where it lives
     return out
 
 
@@ -439,7 +448,7 @@ def _model_index(model_name: str, rows: List[Dict[str, Any]], dataset_ids: List[
         metrics = [dict(type='accuracy', value=round(row['top1'], 4), name='Top-1 accuracy (%)')]
         if row['top5'] is not None:
             metrics.append(dict(type='accuracy', value=round(row['top5'], 4), name='Top-5 accuracy (%)'))
-        dataset = dict(name=str(row['dataset'] or dataset_text), type=ds_id or str(row['dataset'] or 'custom'))
+        dataset = dict(name=str(row['dataset'] or dataset_text), type=ds_id or 'custom')
         if row['split']:
             dataset['split'] = str(row['split'])
         results.append(dict(task=dict(type='image-classification', name='Image Classification'),
@@ -464,11 +473,13 @@ def card_fields(
 ) -> Dict[str, str]:
     """Every ``${placeholder}`` value of the card template, as strings (see :func:`render_card`)."""
     rows = read_eval_report(eval_report)
+    for row in rows:
+        row['dataset'] = _dataset_label(row['dataset'])
     recipe = read_recipe(recipe)
     size, approach, memory = parse_architecture(architecture)
     base_model, start_text = _initialisation(architecture, recipe, base_model)
     dataset_names = [r['dataset'] for r in rows if r['dataset']]
-    dataset_names += [recipe['dataset']] if recipe.get('dataset') else []
+    dataset_names += [_dataset_label(recipe['dataset'])] if recipe.get('dataset') else []
     if datasets is None:
         datasets = [d for d in (dataset_hub_id(n) for n in dataset_names) if d]
     datasets = list(dict.fromkeys(datasets))  # unique, in order
