@@ -1,0 +1,229 @@
+"""Speed and memory of the registered titans-timm models against their plain timm ViT backbone.
+
+For each model the plain backbone (``vit_{size}_patch16_224``) is built next to it and both are timed alternately in
+one process (warm-up, then the median over ``--repeats`` rounds), so the printed ratios hold up on a busy machine:
+
+* inference img/s: ``model(x)`` under ``torch.inference_mode()`` in eval mode;
+* train-step img/s: forward, cross-entropy, backward and an AdamW step in train mode;
+* parameters;
+* peak training memory: parameters + AdamW state (2x parameters) + the peak of tensor bytes allocated during one
+  train step, from ``torch.profiler`` (``profile_memory=True``; each op's self allocation summed in time order).
+  This counts exactly what torch allocates, unlike process RSS, which glibc's caching and the other models in the
+  process blur, or ``tracemalloc``, which does not see torch's CPU allocator.
+
+Ratios are model / backbone (lower is better); the issue-3 targets are printed next to them.
+
+    python benchmarks/model_speed.py                            # the 9 tiny models, batch 8, 224 px
+    python benchmarks/model_speed.py --sizes tiny,small --csv speed.csv
+    python benchmarks/model_speed.py --models 'vit_tiny_mag_*' --memory-interval 3 --repeats 5
+"""
+import argparse
+import csv
+import fnmatch
+import json
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+import timm
+
+import titans_timm  # noqa: F401  (registers the models)
+
+# issue 3 targets (tiny, 224 px, CPU): train step, inference, peak train memory ratios per memory type
+TARGETS = {
+    'mlp': {'train': 1.3, 'infer': 1.2, 'memory': 2.0},
+    'simple': {'train': 2.0, 'infer': None, 'memory': 2.0},
+    'advanced': {'train': 2.0, 'infer': 1.8, 'memory': 2.0},
+}
+
+
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    """A closure running one forward + cross-entropy + backward + AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        opt.step()
+    return step
+
+
+def infer_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A closure running one eval-mode forward under inference_mode."""
+    def infer():
+        with torch.inference_mode():
+            model(x)
+    return infer
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peak_step_bytes(fn: Callable[[], None]) -> int:
+    """Peak tensor bytes allocated during ``fn`` above the level before it, from torch.profiler memory events."""
+    from torch.profiler import ProfilerActivity, profile
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_pair(
+        name: str,
+        backbone: torch.nn.Module,
+        kwargs: Dict,
+        batch_size: int,
+        img_size: int,
+        warmup: int,
+        repeats: int,
+        train: bool,
+        infer: bool,
+) -> Dict:
+    """Time one model against its backbone, alternating, and measure params and peak training memory."""
+    model = timm.create_model(name, img_size=img_size, **kwargs)
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    target = torch.randint(0, model.num_classes, (batch_size,))
+    pair = {'backbone': backbone, 'model': model}
+    row = {'model': name, 'memory_blocks': json.dumps(model.memory_blocks),
+           'params_M': num_params(model) / 1e6, 'backbone_params_M': num_params(backbone) / 1e6}
+    if infer:
+        fns = {k: infer_fn(m.eval(), x) for k, m in pair.items()}
+        times = {k: [] for k in fns}
+        for i in range(warmup + repeats):
+            for k, fn in fns.items():
+                t = timed(fn)
+                if i >= warmup:
+                    times[k].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row.update(infer_img_s=batch_size / med['model'], backbone_infer_img_s=batch_size / med['backbone'],
+                   infer_ratio=med['model'] / med['backbone'])
+    if train:
+        for m in pair.values():
+            m.train()
+        fns = {k: train_step_fn(m, x, target) for k, m in pair.items()}
+        times = {k: [] for k in fns}
+        for i in range(warmup + repeats):
+            for k, fn in fns.items():
+                t = timed(fn)
+                if i >= warmup:
+                    times[k].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row.update(train_img_s=batch_size / med['model'], backbone_train_img_s=batch_size / med['backbone'],
+                   train_ratio=med['model'] / med['backbone'])
+        # static: parameters + AdamW exp_avg/exp_avg_sq; dynamic: activations and grads of one step
+        mem = {k: 3 * 4 * num_params(m) + peak_step_bytes(fns[k]) for k, m in pair.items()}
+        row.update(peak_train_MB=mem['model'] / 2 ** 20, backbone_peak_train_MB=mem['backbone'] / 2 ** 20,
+                   memory_ratio=mem['model'] / mem['backbone'])
+    return row
+
+
+def _check(ratio, target) -> str:
+    if ratio is None:
+        return '-'
+    mark = '' if target is None else (' ok' if ratio <= target else ' OVER')
+    return f'{ratio:.2f}x{mark}'
+
+
+def format_table(rows: List[Dict]) -> str:
+    """Markdown table of the ratios with the issue-3 targets marked."""
+    head = ('| model | memory blocks | params (M) | infer img/s (backbone) | infer ratio | '
+            'train img/s (backbone) | train ratio | peak train MB (backbone) | memory ratio |')
+    lines = [head, '|' + '---|' * 9]
+    for r in rows:
+        t = TARGETS[r['model'].rsplit('_', 1)[-1]]
+        infer = f"{r['infer_img_s']:.1f} ({r['backbone_infer_img_s']:.1f})" if 'infer_ratio' in r else '-'
+        train = f"{r['train_img_s']:.1f} ({r['backbone_train_img_s']:.1f})" if 'train_ratio' in r else '-'
+        mem = f"{r['peak_train_MB']:.0f} ({r['backbone_peak_train_MB']:.0f})" if 'memory_ratio' in r else '-'
+        lines.append(
+            f"| {r['model']} | {r['memory_blocks']} | {r['params_M']:.2f} | {infer} | "
+            f"{_check(r.get('infer_ratio'), t['infer'])} | {train} | {_check(r.get('train_ratio'), t['train'])} | "
+            f"{mem} | {_check(r.get('memory_ratio'), t['memory'])} |")
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> List[Dict]:
+    """Benchmark CLI; returns the result rows."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--sizes', default='tiny', help='comma-separated backbone sizes: tiny,small,base')
+    parser.add_argument('--models', default='*', help='fnmatch pattern(s), comma-separated, on registered names')
+    parser.add_argument('-b', '--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5, help='timed rounds per model (median)')
+    parser.add_argument('--memory-blocks', default=None, help='override placement: comma-separated block indices')
+    parser.add_argument('--memory-interval', type=int, default=None, help='override placement: every n-th block')
+    parser.add_argument('--memory-options', default=None, help='JSON dict passed to create_memory')
+    parser.add_argument('--no-train', action='store_true', help='skip the train-step timing and memory')
+    parser.add_argument('--no-infer', action='store_true', help='skip the inference timing')
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
+    parser.add_argument('--csv', default=None, help='write the rows to this CSV file')
+    args = parser.parse_args(argv)
+
+    sizes = [s.strip() for s in args.sizes.split(',') if s.strip()]
+    bad = [s for s in sizes if s not in ('tiny', 'small', 'base')]
+    if bad:
+        print(f'error: unknown size(s) {bad}; use tiny, small or base', file=sys.stderr)
+        sys.exit(2)
+    kwargs = {}
+    try:
+        if args.memory_blocks:
+            kwargs['memory_blocks'] = [int(i) for i in args.memory_blocks.split(',')]
+        if args.memory_options:
+            kwargs['memory_options'] = json.loads(args.memory_options)
+    except ValueError as e:
+        print(f'error: bad --memory-blocks / --memory-options ({e})', file=sys.stderr)
+        sys.exit(2)
+    if args.memory_interval:
+        kwargs['memory_interval'] = args.memory_interval
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    patterns = [p.strip() for p in args.models.split(',') if p.strip()]
+    torch.manual_seed(0)
+
+    rows = []
+    for size in sizes:
+        names = [n for n in timm.list_models(f'vit_{size}_ma[lcg]_*')
+                 if any(fnmatch.fnmatch(n, p) for p in patterns)]
+        if not names:
+            continue
+        backbone = timm.create_model(f'vit_{size}_patch16_224', img_size=args.img_size)
+        for name in names:
+            row = measure_pair(name, backbone, kwargs, args.batch_size, args.img_size, args.warmup, args.repeats,
+                               train=not args.no_train, infer=not args.no_infer)
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1], flush=True)
+    if not rows:
+        print(f'error: no registered model matches {args.models!r} for sizes {sizes}', file=sys.stderr)
+        sys.exit(2)
+    print()
+    print(f'batch {args.batch_size}, {args.img_size} px, torch threads {torch.get_num_threads()}, '
+          f'median of {args.repeats} alternating rounds; ratios = model / plain backbone')
+    print(format_table(rows))
+    if args.csv:
+        with open(args.csv, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f'wrote {args.csv}')
+    return rows
+
+
+if __name__ == '__main__':
+    main()

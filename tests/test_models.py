@@ -1,0 +1,319 @@
+"""The 27 registered memory-augmented ViTs: registration, pretrained loading, function preservation, timm model API.
+
+Models run small (img_size 32, patch 8, depth 2) so the whole file stays fast on 2 CPU cores; the backbone
+checkpoints are random timm ViTs of the matching width saved with safetensors in the test.
+"""
+import json
+
+import pytest
+import torch
+import timm
+from safetensors.torch import load_file, save_file
+from timm.models import group_parameters
+from timm.optim import create_optimizer_v2
+
+import titans_timm
+from titans_timm.vit import (
+    APPROACHES, PretrainedCheckpointError, TitansVisionTransformer, memory_modules, resolve_memory_blocks,
+    split_parameters)
+
+SIZES = ('tiny', 'small', 'base')
+MEMORY = ('mlp', 'simple', 'advanced')
+ALL_NAMES = [f'vit_{s}_{a}_{m}' for s in SIZES for a in APPROACHES for m in MEMORY]
+TINY_NAMES = [n for n in ALL_NAMES if n.startswith('vit_tiny_')]
+SMALL_KW = dict(img_size=32, patch_size=8, depth=2)
+
+
+def _size(name):
+    return name.split('_')[1]
+
+
+def _save(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def backbone_ckpts(tmp_path_factory):
+    """A random plain timm ViT per size (img 32, patch 8, depth 2, 1000 classes) and its safetensors file."""
+    root = tmp_path_factory.mktemp('backbones')
+    out = {}
+    torch.manual_seed(0)
+    for size in SIZES:
+        bb = timm.create_model(f'vit_{size}_patch16_224', **SMALL_KW).eval()
+        out[size] = (bb, _save(bb, root / f'{size}.safetensors'))
+    return out
+
+
+def _from_backbone(name, path, **kwargs):
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **{**SMALL_KW, **kwargs})
+
+
+def _open_gates(model, seed=0):
+    """Make every zero-initialised gate non-zero, as after training, so the memory changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'memory_ls' in name or 'memory_gate' in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def _images(n=3, size=32, seed=1, chans=3):
+    return torch.randn(n, chans, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_lists_27_models_with_backbone_pretrained_cfgs():
+    assert sorted(timm.list_models('vit_*_ma[lcg]_*')) == sorted(ALL_NAMES)
+    assert len(timm.list_models('vit_*_mag_*')) == 9
+    hub = {'tiny': 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k',
+           'small': 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k',
+           'base': 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'}
+    for name in ALL_NAMES:
+        tags = timm.list_pretrained(f'{name}.*')
+        assert len(tags) == 1, tags
+        cfg = timm.get_pretrained_cfg(tags[0]).to_dict()
+        assert cfg['hf_hub_id'] == hub[_size(name)]
+        assert cfg['mean'] == (0.5, 0.5, 0.5) and cfg['std'] == (0.5, 0.5, 0.5)
+        assert cfg['input_size'] == (3, 224, 224) and cfg['num_classes'] == 1000
+        assert not cfg.get('custom_load')
+
+
+def test_default_build_is_224_patch16_with_memory_in_last_block():
+    model = timm.create_model('vit_tiny_mag_mlp')
+    assert isinstance(model, TitansVisionTransformer)
+    assert model.patch_embed.patch_size == (16, 16) and model.patch_embed.img_size == (224, 224)
+    assert model.memory_blocks[-1] == len(model.blocks) - 1
+    assert model.pretrained_cfg['input_size'] == (3, 224, 224)
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_pretrained_backbone_preserved_and_only_memory_missing(name, backbone_ckpts):
+    """Step-0 logits equal the backbone's; only memory keys are absent from the backbone checkpoint."""
+    backbone, path = backbone_ckpts[_size(name)]
+    model = _from_backbone(name, path).eval()
+    x = _images()
+    with torch.no_grad():
+        diff = (model(x) - backbone(x)).abs().max().item()
+    assert diff <= 1e-4, diff
+    fresh = timm.create_model(name, **SMALL_KW)
+    result = fresh.load_state_dict(load_file(path), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all('memory' in k for k in result.missing_keys)
+    # every parameter in exactly one of backbone / memory / head
+    groups = split_parameters(model)
+    names = [n for g in groups.values() for n, _ in g]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert {n for n, _ in groups['memory']} == {n for n, _ in model.named_parameters() if 'memory' in n}
+    assert {n for n, _ in groups['head']} == {'head.weight', 'head.bias'}
+    assert memory_modules(model)
+
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_per_image_and_repeatable(name):
+    """Memory state is per image: a batch equals each image alone; repeated calls agree; train (no dropout) = eval."""
+    torch.manual_seed(0)
+    model = _open_gates(timm.create_model(name, num_classes=10, **SMALL_KW))
+    x = _images()
+    for train in (True, False):
+        model.train(train)
+        with torch.no_grad():
+            batch = model(x)
+            again = model(x)
+            alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+        assert torch.equal(batch, again)
+        torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), batch, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', TINY_NAMES)
+def test_every_parameter_trains_within_two_steps(name):
+    """Zero gates first, then memory: after two SGD steps every parameter has received gradient."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **SMALL_KW)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _images(4), torch.tensor([0, 1, 2, 3])
+    touched = set()
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        touched |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        opt.step()
+    assert touched == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize('approach', APPROACHES)
+def test_overrides_with_pretrained_backbone(approach, backbone_ckpts):
+    """img_size / patch_size / in_chans / num_classes overrides: timm's filter resamples, only memory + head fresh."""
+    _, path = backbone_ckpts['tiny']
+    model = _from_backbone(f'vit_tiny_{approach}_simple', path, img_size=64, patch_size=16, in_chans=1,
+                           num_classes=5)
+    assert model.patch_embed.proj.weight.shape == (192, 1, 16, 16)
+    assert model.pos_embed.shape == (1, 17, 192)
+    out = model(_images(2, 64, chans=1))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('img_size', [24, 40, 64])
+def test_mac_any_token_count(img_size):
+    """MAC pools N_l queries from any number of tokens, also fewer tokens than N_l."""
+    model = timm.create_model('vit_tiny_mac_simple', img_size=img_size, patch_size=8, depth=2, num_classes=3,
+                              num_memory_tokens=16, num_persistent_tokens=2)
+    out = _open_gates(model)(_images(2, img_size))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+def test_pretrained_224_backbone_into_32px_model(tmp_path):
+    """A full-size 224 px / patch 16 backbone checkpoint loads into a 32 px model (pos-embed resampled)."""
+    bb = timm.create_model('vit_tiny_patch16_224', depth=2, num_classes=10).eval()
+    path = _save(bb, tmp_path / 'bb224.safetensors')
+    model = timm.create_model('vit_tiny_mal_mlp', pretrained=True, depth=2, img_size=32, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=path, num_classes=10))
+    assert torch.equal(model.head.weight, bb.head.weight)
+    assert model.pos_embed.shape == (1, 5, 192)
+
+
+def test_incompatible_checkpoint_names_keys(backbone_ckpts, tmp_path):
+    _, small_path = backbone_ckpts['small']
+    with pytest.raises(PretrainedCheckpointError) as err:
+        _from_backbone('vit_tiny_mag_simple', small_path)
+    msg = str(err.value)
+    assert '\n' not in msg and 'mismatched shapes' in msg and 'blocks.0.attn.qkv.weight' in msg
+
+    sd = load_file(backbone_ckpts['tiny'][1])
+    sd['blocks.0.attn.extra'] = torch.zeros(3)
+    del sd['blocks.1.mlp.fc1.weight']
+    path = tmp_path / 'odd.safetensors'
+    save_file(sd, str(path))
+    with pytest.raises(PretrainedCheckpointError, match=r'unexpected keys: blocks\.0\.attn\.extra.*'
+                                                        r'missing backbone keys: blocks\.1\.mlp\.fc1\.weight'):
+        _from_backbone('vit_tiny_mal_mlp', str(path))
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(ValueError, match='approach must be one of'):
+        TitansVisionTransformer(approach='mad', **SMALL_KW)
+    with pytest.raises(ValueError, match='memory_type must be one of'):
+        TitansVisionTransformer(memory_type='huge', **SMALL_KW)
+    with pytest.raises(ValueError, match='memory_blocks'):
+        timm.create_model('vit_tiny_mal_mlp', memory_blocks=[5], **SMALL_KW)
+    with pytest.raises(ValueError, match='num_memory_tokens'):
+        timm.create_model('vit_tiny_mac_mlp', num_memory_tokens=0, **SMALL_KW)
+    with pytest.raises(ValueError, match='JSON'):
+        timm.create_model('vit_tiny_mal_mlp', memory_options={'chunk_size': object()}, **SMALL_KW)
+
+
+def test_memory_placement():
+    assert resolve_memory_blocks(12, None, 4) == [3, 7, 11]
+    assert resolve_memory_blocks(12, None, 6) == [5, 11]
+    assert resolve_memory_blocks(2, None, 4) == [1]
+    assert resolve_memory_blocks(12, [-1, 0, 0], None) == [0, 11]
+    model = timm.create_model('vit_tiny_mag_mlp', memory_blocks=[0, 2], img_size=32, patch_size=8, depth=4)
+    assert [i for i, _ in memory_modules(model)] == [0, 2]
+    assert [i for i, b in enumerate(model.blocks) if hasattr(b, 'memory')] == [0, 2]
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_mal_advanced', 'vit_tiny_mac_simple', 'vit_tiny_mag_advanced'])
+def test_model_args_json_and_state_dict_round_trip(name, tmp_path):
+    kwargs = dict(SMALL_KW, num_classes=7, memory_blocks=[0, 1],
+                  memory_options={'chunk_size': 4, 'heads': 2, 'depth': 2})
+    model = _open_gates(timm.create_model(name, **kwargs)).eval()
+    args = json.loads(json.dumps(model._model_args))
+    assert args['memory_options'] == kwargs['memory_options']
+    path = _save(model, tmp_path / 'm.safetensors')
+    clone = timm.create_model(name, **args).eval()
+    clone.load_state_dict(load_file(path), strict=True)
+    x = _images(2)
+    with torch.no_grad():
+        assert torch.equal(model(x), clone(x))
+    json.dumps(model.pretrained_cfg)
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_mal_advanced', 'vit_tiny_mac_advanced', 'vit_tiny_mac_mlp',
+                                  'vit_tiny_mag_simple'])
+def test_grad_checkpointing_same_outputs_and_grads(name):
+    torch.manual_seed(0)
+    model = _open_gates(timm.create_model(name, num_classes=4, **SMALL_KW))
+    x = _images(2)
+
+    def run(enable):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out0, grads0 = run(False)
+    out1, grads1 = run(True)
+    assert model.grad_checkpointing
+    torch.testing.assert_close(out1, out0)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize('approach', APPROACHES)
+def test_timm_model_api(approach):
+    model = _open_gates(timm.create_model(f'vit_tiny_{approach}_simple', num_classes=6, **SMALL_KW)).eval()
+    x = _images(2)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 17, 192)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 192)
+        torch.testing.assert_close(model.forward_head(feats), model(x))
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert [t.shape for t in inter] == [(2, 192, 4, 4)] * 2
+        only = model.forward_intermediates(x, indices=[0], output_fmt='NLC', intermediates_only=True)
+        assert only[0].shape == (2, 16, 192)
+        feature_model = timm.create_model(f'vit_tiny_{approach}_mlp', features_only=True, out_indices=(1,),
+                                          **SMALL_KW)
+        assert feature_model(x)[0].shape == (2, 192, 4, 4)
+    assert model.get_classifier() is model.head
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 192)
+
+
+@pytest.mark.parametrize('approach', APPROACHES)
+def test_group_matcher_puts_memory_with_its_block(approach):
+    model = timm.create_model(f'vit_tiny_{approach}_simple', img_size=32, patch_size=8, depth=4,
+                              memory_blocks=[1, 3])
+    layer_of = group_parameters(model, model.group_matcher(), reverse=True)
+    assert set(layer_of) == {n for n, _ in model.named_parameters()}
+    for name in layer_of:
+        if 'memory' not in name:
+            continue
+        block = int(name.split('.')[1]) if name.startswith('blocks.') else model.memory_blocks[0]
+        assert layer_of[name] == layer_of[f'blocks.{block}.norm1.weight'], name
+    # layer-wise lr decay builds groups without complaint
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.8)
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_no_weight_decay_covers_persistent_tokens():
+    model = timm.create_model('vit_tiny_mac_simple', **SMALL_KW)
+    nwd = model.no_weight_decay()
+    assert {'pos_embed', 'cls_token', 'blocks.*.memory_persistent'} <= nwd
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    assert id(model.blocks[1].memory_persistent) not in decayed
+
+
+def test_split_parameters_plain_timm_vit():
+    vit = timm.create_model('vit_tiny_patch16_224', **SMALL_KW)
+    groups = split_parameters(vit)
+    assert groups['memory'] == []
+    assert len(groups['backbone']) + len(groups['head']) == len(list(vit.parameters()))
+    assert memory_modules(vit) == []
+    assert titans_timm.split_parameters is split_parameters
+
+
+def test_torch_compile_same_outputs():
+    """One tiny config through dynamo (full graph) + AOT autograd: the MAC state recurrence compiles unchanged."""
+    model = _open_gates(timm.create_model('vit_tiny_mac_advanced', num_classes=4, **SMALL_KW)).eval()
+    x = _images(2)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
