@@ -1,5 +1,6 @@
 """The two-phase schedule as a patch for timm's own train.py (``--device-modules titans_timm.two_phase``)."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -153,15 +154,18 @@ def test_timm_train_py_two_phase(tmp_path):
     safetensors.torch.save_file(backbone.state_dict(), str(backbone_path))
     recipe = tmp_path / 'recipe.yaml'
     recipe.write_text(yaml.safe_dump(dict(
-        model='vit_tiny_mag_mlp', pretrained_path=str(backbone_path), num_classes=10,
+        model='vit_tiny_mag_mlp', pretrained=True, pretrained_path=str(backbone_path), num_classes=10,
         model_kwargs=dict(img_size=32, patch_size=8, depth=2), img_size=32, dataset='', data_dir=str(data),
         train_split='train', val_split='validation', batch_size=8, opt='adamw', lr=2e-3, weight_decay=0.05,
         sched='cosine', epochs=2, warmup_epochs=0, freeze_epochs=1, backbone_lr_scale=0.1, device='cpu',
         no_prefetcher=True, workers=0, checkpoint_hist=5, output=str(tmp_path / 'out'), experiment='timm',
         log_interval=1)))
+    # A copy outside the checkout, so the installed timm is used rather than the checkout's own timm/ package.
+    script = tmp_path / 'train.py'
+    shutil.copy(timm_train, script)
     env = dict(os.environ, PYTHONPATH=str(Path(titans_timm.__file__).resolve().parents[1]))
     out = subprocess.run(
-        [sys.executable, timm_train, '--device-modules', 'titans_timm.two_phase', '-c', str(recipe)],
+        [sys.executable, str(script), '--device-modules', 'titans_timm.two_phase', '-c', str(recipe)],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
