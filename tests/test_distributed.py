@@ -1,0 +1,85 @@
+"""Several processes: 2 CPU ranks (gloo) through the phase switch under torchrun and accelerate launch.
+
+Each rank dumps its parameters (test-only ``--dump-rank-weights``) at the start and after every epoch;
+the replicas must be identical, and no backbone weight may move in phase 1.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from titans_timm import checkpoint as ckpt
+from titans_timm.vit import split_parameters
+
+STRUCT = dict(img_size=32, patch_size=8, depth=2)
+MODEL = 'vit_tiny_mal_mlp'
+
+
+@pytest.fixture(scope='module')
+def backbone(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, **STRUCT)
+    path = tmp_path_factory.mktemp('ddp_backbone') / 'model.safetensors'
+    ckpt.save_model(model, path, architecture='vit_tiny_patch16_224', model_args=dict(STRUCT, num_classes=10))
+    return path
+
+
+def _train_args(backbone, out, experiment, epochs=2):
+    return ['-m', 'titans_timm.train', '--model', MODEL, '--pretrained-path', str(backbone), '--img-size', '32',
+            '--train-num-samples', '64', '--val-num-samples', '32', '-b', '8', '--lr', '2e-3', '--epochs', str(epochs),
+            '--freeze-epochs', '1', '--warmup-epochs', '0', '--no-progress', '--output', str(out),
+            '--experiment', experiment, '--dump-rank-weights', '--device', 'cpu']
+
+
+def _run(cmd, cwd):
+    # One thread per rank: two ranks share the two cores.
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    return log
+
+
+def _check_replicas(run: Path, tags):
+    roles = {k: [n for n, _ in v] for k, v in
+             split_parameters(timm.create_model(MODEL, num_classes=10, **STRUCT)).items()}
+    dumps = {(r, t): safetensors.torch.load_file(str(run / f'rank{r}_{t}.safetensors')) for r in (0, 1) for t in tags}
+    for t in tags:
+        a, b = dumps[(0, t)], dumps[(1, t)]
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f'replicas differ after {t}: {differ[:5]}'
+    init, phase1 = dumps[(0, 'init')], dumps[(0, 'epoch0')]
+    for n in roles['backbone']:
+        assert torch.equal(init[n], phase1[n]), f'backbone {n} moved in phase 1'
+    assert all(not torch.equal(init[n], phase1[n]) for n in roles['head'] + roles['memory'])
+    return dumps, roles
+
+
+def test_torchrun_two_cpu_processes(backbone, tmp_path):
+    log = _run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                *_train_args(backbone, tmp_path, 'ddp')], cwd=tmp_path)
+    run = tmp_path / 'ddp'
+    dumps, roles = _check_replicas(run, ('init', 'epoch0', 'epoch1'))
+    phase1, final = dumps[(0, 'epoch0')], dumps[(0, 'epoch1')]
+    assert all(not torch.equal(phase1[n], final[n]) for n in roles['backbone'])
+    saved = safetensors.torch.load_file(str(run / 'model.safetensors'))
+    assert all(torch.equal(saved[k], final[k]) for k in final)
+    # Only rank 0 logs epochs and writes the run files.
+    assert log.count('epoch 2/2 phase 2: train loss') == 1
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith('rank')) == [
+        'args.yaml', 'last.safetensors', 'model.safetensors', 'results.json', 'summary.csv', 'train_state.pth']
+
+
+def test_accelerate_launch_two_cpu_processes(backbone, tmp_path):
+    accelerate = shutil.which('accelerate', path=os.path.dirname(sys.executable)) or shutil.which('accelerate')
+    assert accelerate, 'accelerate is a dependency of titans-timm; its launcher must be installed'
+    _run([accelerate, 'launch', '--cpu', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+          '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0',
+          *_train_args(backbone, tmp_path, 'acc', epochs=1)], cwd=tmp_path)
+    _check_replicas(tmp_path / 'acc', ('init', 'epoch0'))
