@@ -5,6 +5,7 @@ the replicas must be identical, and no backbone weight may move in phase 1.
 """
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,12 @@ def _train_args(backbone, out, experiment, epochs=2):
             '--train-num-samples', '64', '--val-num-samples', '32', '-b', '8', '--lr', '2e-3', '--epochs', str(epochs),
             '--freeze-epochs', '1', '--warmup-epochs', '0', '--no-progress', '--output', str(out),
             '--experiment', experiment, '--dump-rank-weights', '--device', 'cpu']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def _run(cmd, cwd):
@@ -79,7 +86,9 @@ def test_torchrun_two_cpu_processes(backbone, tmp_path):
 def test_accelerate_launch_two_cpu_processes(backbone, tmp_path):
     accelerate = shutil.which('accelerate', path=os.path.dirname(sys.executable)) or shutil.which('accelerate')
     assert accelerate, 'accelerate is a dependency of titans-timm; its launcher must be installed'
-    _run([accelerate, 'launch', '--cpu', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-          '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', '0',
+    # `--cpu` would start one process (multi-CPU in accelerate means mpirun); --multi_gpu runs torch's
+    # elastic launcher, which sets the same env:// variables torchrun does, and our gloo path takes over on CPU.
+    _run([accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+          '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
           *_train_args(backbone, tmp_path, 'acc', epochs=1)], cwd=tmp_path)
     _check_replicas(tmp_path / 'acc', ('init', 'epoch0'))
