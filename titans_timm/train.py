@@ -390,6 +390,23 @@ def _create_model(args, kwargs: Dict[str, Any]) -> nn.Module:
     return model
 
 
+def _model_from_run(args):
+    """The model of a run being resumed, rebuilt from ``last.safetensors`` (exact model args, its weights)."""
+    weights = Path(args.resume) / 'last.safetensors'
+    try:
+        meta = ckpt.read_metadata(weights)
+        if meta.get('architecture') != args.model:
+            raise TrainInputError(f'--resume {args.resume} holds {meta.get("architecture")}, not --model {args.model}; '
+                                  f'drop --model to continue that run')
+        if (meta.get('model_args') or {}).get('num_classes') != args.num_classes:
+            raise TrainInputError(f'--resume {args.resume} was trained for '
+                                  f'{meta["model_args"].get("num_classes")} classes, the dataset has {args.num_classes}')
+        model, meta = ckpt.load_model(weights)
+    except ckpt.CheckpointError as e:
+        raise TrainInputError(f'--resume: {e}') from None
+    return model.train(), dict(meta['model_args'])
+
+
 def _create_dataset(args, split: str, is_training: bool, num_samples: Optional[int]):
     from titans_timm import data as tdata
     try:
@@ -503,11 +520,12 @@ def _torch_save_atomic(obj, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 class _StopRequest:
-    """Ctrl-C handling: the first SIGINT asks to stop after the current step; a second one aborts."""
+    """Ctrl-C handling: the first SIGINT (or SIGTERM, as launchers and schedulers send) asks to stop after
+    the current step; a second one aborts."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def _handler(self, signum, frame):
         if self.requested:
@@ -516,16 +534,47 @@ class _StopRequest:
         _logger.warning('Ctrl-C: finishing this step and writing a resumable checkpoint (Ctrl-C again aborts)')
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
         return False
+
+
+def _amp_autocast(args, device):
+    if not args.amp:
+        return nullcontext
+    return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, args, device, desc: str = 'eval') -> Dict[str, float]:
+    """Loss / top-1 / top-5 (percent) of ``model`` on ``loader``, averaged over processes when distributed."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss()
+    amp_autocast = _amp_autocast(args, device)
+    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    k = min(5, args.num_classes)
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=args.no_progress or args.rank != 0):
+        x, y = x.to(device), y.to(device)
+        with amp_autocast():
+            out = model(x)
+        out = out.float()
+        loss = loss_fn(out, y)
+        acc1, acc5 = accuracy(out, y, topk=(1, k))
+        if args.distributed:
+            loss, acc1, acc5 = (reduce_tensor(t, args.world_size) for t in (loss, acc1, acc5))
+        losses.update(loss.item(), x.shape[0])
+        top1.update(acc1.item(), x.shape[0])
+        top5.update(acc5.item(), x.shape[0])
+    return dict(loss=losses.avg, top1=top1.avg, top5=top5.avg)
 
 
 class Trainer:
@@ -543,8 +592,7 @@ class Trainer:
         self.device = device
         self.output_dir = output_dir
         self.is_primary = args.rank == 0
-        self.amp_autocast = (partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
-                             if args.amp else nullcontext)
+        self.amp_autocast = _amp_autocast(args, device)
 
         self.optimizer = create_optimizer_v2(
             model, **optimizer_kwargs(cfg=args), **args.opt_kwargs,
@@ -568,7 +616,6 @@ class Trainer:
             self.train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
         else:
             self.train_loss_fn = nn.CrossEntropyLoss()
-        self.eval_loss_fn = nn.CrossEntropyLoss()
 
         self.train_model = model
         if args.distributed:
@@ -668,25 +715,8 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def evaluate(self, model: nn.Module, desc: str = 'eval') -> Dict[str, float]:
-        """Loss / top-1 / top-5 on the eval split (averaged over processes)."""
-        model.eval()
-        losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
-        k = min(5, self.model_kwargs['num_classes'])
-        for x, y in tqdm(self.loader_eval, desc=desc, leave=False, disable=self._no_bar()):
-            x, y = x.to(self.device), y.to(self.device)
-            with self.amp_autocast():
-                out = model(x)
-            out = out.float()
-            loss = self.eval_loss_fn(out, y)
-            acc1, acc5 = accuracy(out, y, topk=(1, k))
-            if self.args.distributed:
-                loss, acc1, acc5 = (reduce_tensor(t, self.args.world_size) for t in (loss, acc1, acc5))
-            losses.update(loss.item(), x.shape[0])
-            top1.update(acc1.item(), x.shape[0])
-            top5.update(acc5.item(), x.shape[0])
-        return dict(loss=losses.avg, top1=top1.avg, top5=top5.avg)
+        return evaluate(model, self.loader_eval, self.args, self.device, desc=desc)
 
     def _no_bar(self) -> bool:
         return self.args.no_progress or not self.is_primary
@@ -820,12 +850,9 @@ class Trainer:
             for epoch in range(self.start_epoch, self.num_epochs):
                 t_epoch = time.time()
                 start_step = self.start_step if epoch == self.start_epoch else 0
-                lrs = None
-                try:
-                    train_loss = self.train_epoch(epoch, start_step)
-                except KeyboardInterrupt:
-                    # Second Ctrl-C: the step may be half applied, so nothing is written.
-                    raise
+                # A second Ctrl-C raises KeyboardInterrupt mid-step: nothing is written then, the step
+                # may be half applied; the last checkpoint stays valid.
+                train_loss = self.train_epoch(epoch, start_step)
                 if train_loss is None:
                     interrupted = True
                     break
@@ -862,6 +889,9 @@ class Trainer:
                     _logger.info(msg + f' ({row["time"]:.1f}s)')
                 self.scheduler.step(epoch + 1, metric)
                 self.save_checkpoint(epoch + 1, 0)
+                if epoch + 1 < self.num_epochs and self._stop_now():
+                    interrupted = True
+                    break
         summary = dict(
             output_dir=str(self.output_dir) if self.output_dir else None, interrupted=interrupted,
             epochs=self.num_epochs, num_updates=self.num_updates,
@@ -919,7 +949,7 @@ def run(args) -> Dict[str, Any]:
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise TrainInputError(f'data directory not found: {args.data_dir}; check --data-dir')
     _check_model_name(args.model)
-    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
+    if args.pretrained_path and not args.resume and not os.path.isfile(args.pretrained_path):
         raise TrainInputError(f'--pretrained-path not found: {args.pretrained_path}')
     if args.freeze_epochs < 0 or args.freeze_epochs > args.epochs:
         raise TrainInputError(f'--freeze-epochs {args.freeze_epochs} must be between 0 and --epochs {args.epochs}')
@@ -944,8 +974,11 @@ def run(args) -> Dict[str, Any]:
                               f'{len(label_names)} classes; drop --num-classes or fix it')
     args.num_classes = len(label_names)
 
-    model_kwargs = _model_kwargs(args, args.num_classes)
-    model = _create_model(args, model_kwargs)
+    if args.resume:
+        model, model_kwargs = _model_from_run(args)
+    else:
+        model_kwargs = _model_kwargs(args, args.num_classes)
+        model = _create_model(args, model_kwargs)
     model.to(device)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     if args.lr is None:
@@ -967,19 +1000,7 @@ def run(args) -> Dict[str, Any]:
     loader_eval = _eval_loader(args, dataset_eval, data_config, device) if dataset_eval is not None else None
 
     if args.eval_only:
-        if args.resume:
-            try:
-                ckpt.load_state_dict_file(model, Path(args.resume) / 'last.safetensors')
-            except ckpt.CheckpointError as e:
-                raise TrainInputError(f'--resume: {e}') from None
-        args.epochs = max(args.epochs, 1)
-        trainer = Trainer.__new__(Trainer)
-        trainer.args, trainer.model, trainer.model_kwargs = args, model, model_kwargs
-        trainer.loader_eval, trainer.device, trainer.is_primary = loader_eval, device, args.rank == 0
-        trainer.eval_loss_fn = nn.CrossEntropyLoss()
-        trainer.amp_autocast = (partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
-                                if args.amp else nullcontext)
-        metrics = trainer.evaluate(model)
+        metrics = evaluate(model, loader_eval, args, device)
         if args.rank == 0:
             _logger.info(f'eval {args.model}: top1 {metrics["top1"]:.2f} top5 {metrics["top5"]:.2f} '
                          f'loss {metrics["loss"]:.4f}')
@@ -1033,7 +1054,7 @@ def main(argv: Optional[List[str]] = None):
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
-        print('error: aborted by a second Ctrl-C; the last checkpoint written (if any) is still resumable',
+        print('error: interrupted; the last checkpoint written (if any) is still resumable with --resume DIR',
               file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     if as_cli:
