@@ -312,3 +312,21 @@ def test_torch_compile_same_outputs():
     compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_pretrained_true_resolves_backbone_from_offline_hub_cache(tmp_path, monkeypatch):
+    """``pretrained=True`` goes through timm's real Hub path: the backbone repo from a pre-populated HF cache."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    torch.manual_seed(0)
+    backbone = timm.create_model('vit_tiny_patch16_224', depth=1).eval()
+    sha = '0123456789abcdef0123456789abcdef01234567'
+    repo = tmp_path / 'models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k'
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(sha)
+    (repo / 'snapshots' / sha).mkdir(parents=True)
+    _save(backbone, repo / 'snapshots' / sha / 'model.safetensors')
+    model = timm.create_model('vit_tiny_mag_mlp', pretrained=True, depth=1, cache_dir=str(tmp_path)).eval()
+    x = _images(1, 224)
+    with torch.no_grad():
+        assert (model(x) - backbone(x)).abs().max() <= 1e-4
