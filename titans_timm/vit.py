@@ -11,7 +11,8 @@ that add a Titans neural memory (``titans_timm.memory.create_memory``). Every pa
 ``memory`` in its name, so a plain timm ViT checkpoint loads with only memory parameters missing.
 
 Integrations (DESIGN.md section 2):
-    * MAL, memory as layer (``MemoryLayerBlock``): after the block, ``x = x + g * Mem(LN(x))``.
+    * MAL, memory as layer (``MemoryLayerBlock``): after the block, ``x = x + g * Mem(LN(x))`` (the LN is the
+      memory module's own input norm).
       Placing the layer after the block (not before) means the memory sees tokens already mixed by that block's
       attention, and it costs the same either way.
     * MAG, memory as gate (``MemoryGateBlock``): a memory branch beside attention,
@@ -30,7 +31,7 @@ Where the memory state lives:
       block's tokens, every token reads the final memory).
     * MAC: one memory module shared by all MAC blocks (``model.memory``), whose state recurs through depth for
       each image, as the Recurrent Memory Transformer recurs over segments: MAC block ``l`` first writes its
-      normalised input tokens (= the output of the blocks before it) into the state left by earlier MAC blocks,
+      input tokens (= the output of the blocks before it) into the state left by earlier MAC blocks,
       then reads ``N_l`` tokens with queries pooled from its tokens in raster order. Writing before reading means
       even a single MAC block uses (and trains) every memory parameter, and no block writes a state nobody reads.
       One shared module (rather than one per block) is what makes the recurrence meaningful: the state written
@@ -45,7 +46,6 @@ Default placement: memory in every 4th block ending at the last one (blocks 3, 7
 import json
 import logging
 import math
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
@@ -115,12 +115,6 @@ def resolve_memory_blocks(
     return list(range(depth - 1, -1, -interval))[::-1]
 
 
-def _to(module: nn.Module, dd: Dict[str, Any]) -> nn.Module:
-    # create_memory takes no device/dtype factory kwargs; move the module only when asked to
-    device, dtype = dd.get('device'), dd.get('dtype')
-    return module.to(device=device, dtype=dtype) if device is not None or dtype is not None else module
-
-
 def _zero_layer_scale(dim: int, **dd) -> LayerScale:
     # init_values=0 makes the memory branch an exact no-op at step 0 (function-preserving insertion)
     return LayerScale(dim, init_values=0., **dd)
@@ -153,7 +147,7 @@ class MemoryLayerBlock(Block):
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__(dim, num_heads, norm_layer=norm_layer, drop_path=drop_path, **block_kwargs, **dd)
-        self.memory = _to(create_memory(memory_type, dim, **(memory_options or {})), dd)
+        self.memory = create_memory(memory_type, dim, **(memory_options or {}), **dd)
         self.memory_ls = _zero_layer_scale(dim, **dd)
         self.memory_drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -203,7 +197,7 @@ class MemoryGateBlock(Block):
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__(dim, num_heads, norm_layer=norm_layer, **block_kwargs, **dd)
-        self.memory = _to(create_memory(memory_type, dim, **(memory_options or {})), dd)
+        self.memory = create_memory(memory_type, dim, **(memory_options or {}), **dd)
         self.memory_gate = nn.Linear(dim, dim, **dd)
         self.memory_ls = _zero_layer_scale(dim, **dd)
         self.reset_memory_gate()
@@ -382,6 +376,8 @@ class TitansVisionTransformer(VisionTransformer):
             json.dumps(memory_options)
         except TypeError as e:
             raise ValueError(f'memory_options must be JSON-serialisable (plain numbers/strings/lists): {e}') from None
+        if {'device', 'dtype'} & set(memory_options):
+            raise ValueError('pass device/dtype to create_model itself, not in memory_options')
         if approach == 'mac':
             if not isinstance(num_memory_tokens, int) or num_memory_tokens < 1:
                 raise ValueError(f'num_memory_tokens must be an int >= 1 for MAC, got {num_memory_tokens!r}')
@@ -411,7 +407,8 @@ class TitansVisionTransformer(VisionTransformer):
         self.memory_options = memory_options
         if approach == 'mac':
             # one memory for all MAC blocks: its state recurs through depth (see module docstring)
-            self.memory = _to(create_memory(memory_type, self.embed_dim, **memory_options), kwargs)
+            self.memory = create_memory(
+                memory_type, self.embed_dim, **memory_options, device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         else:
             self.memory = None
 
