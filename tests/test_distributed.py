@@ -33,7 +33,7 @@ def backbone(tmp_path_factory):
 
 def _train_args(backbone, out, experiment, epochs=2):
     return ['-m', 'titans_timm.train', '--model', MODEL, '--pretrained-path', str(backbone), '--img-size', '32',
-            '--train-num-samples', '64', '--val-num-samples', '32', '-b', '8', '--lr', '2e-3', '--epochs', str(epochs),
+            '--train-num-samples', '32', '--val-num-samples', '16', '-b', '4', '--lr', '2e-3', '--epochs', str(epochs),
             '--freeze-epochs', '1', '--warmup-epochs', '0', '--no-progress', '--output', str(out),
             '--experiment', experiment, '--dump-rank-weights', '--device', 'cpu']
 

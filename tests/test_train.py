@@ -1,6 +1,6 @@
 """titans-timm-train: two-phase freeze, phase-2 LRs, exact resume, bad input, YAML, step-0 accuracy.
 
-Tiny configs throughout (img 32, patch 8, depth 2, 64 training images) so the file runs in about a minute.
+Tiny configs throughout (img 32, patch 8, depth 2, 32 training images) so the file runs in about a minute.
 """
 import csv
 import json
@@ -18,7 +18,7 @@ from titans_timm.train import main, parse_args, TrainInputError
 from titans_timm.vit import split_parameters
 
 STRUCT = dict(img_size=32, patch_size=8, depth=2)
-TINY = ['--img-size', '32', '--train-num-samples', '64', '--val-num-samples', '32', '-b', '16',
+TINY = ['--img-size', '32', '--train-num-samples', '32', '--val-num-samples', '16', '-b', '8',
         '--lr', '2e-3', '--warmup-epochs', '0', '--seed', '0', '--no-progress', '--log-interval', '100']
 
 
@@ -86,7 +86,7 @@ def test_phase1_freezes_backbone_bit_identical_and_phase2_unfreezes(backbone, tm
 
 @pytest.mark.parametrize('model_name', ['vit_tiny_mal_simple', 'vit_tiny_mac_mlp', 'vit_tiny_mag_advanced'])
 def test_step0_accuracy_equals_backbone(backbone, model_name):
-    common = ['--pretrained-path', str(backbone), *TINY, '--val-num-samples', '64', '--eval-only']
+    common = ['--pretrained-path', str(backbone), *TINY, '--val-num-samples', '32', '--eval-only']
     base = main(['--model', 'vit_tiny_patch16_224', *common])
     mem = main(['--model', model_name, *common])
     assert mem['final_top1'] == base['final_top1']
@@ -96,7 +96,7 @@ def test_step0_accuracy_equals_backbone(backbone, model_name):
 
 def test_resume_mid_epoch_gives_identical_final_weights(backbone, tmp_path):
     # Augmentation, mixup, drop-path and EMA all draw random numbers: resume must restore them exactly.
-    args = ['--model', 'vit_tiny_mag_simple', '--pretrained-path', str(backbone), *TINY, '--epochs', '2',
+    args = ['--model', 'vit_tiny_mal_mlp', '--pretrained-path', str(backbone), *TINY, '--epochs', '2',
             '--freeze-epochs', '1', '--mixup', '0.2', '--drop-path', '0.1', '--model-ema', '--model-ema-decay', '0.9',
             '--output', str(tmp_path)]
     ref = main(args + ['--experiment', 'ref'])
