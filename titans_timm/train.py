@@ -1053,6 +1053,9 @@ def main(argv: Optional[List[str]] = None):
     except (TrainInputError, ckpt.CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+    except FloatingPointError as e:
+        print(f'error: {e}; the last checkpoint written (if any) is resumable with --resume DIR', file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print('error: interrupted; the last checkpoint written (if any) is still resumable with --resume DIR',
               file=sys.stderr)
