@@ -40,8 +40,17 @@ Where the memory state lives:
 Memory state is per image: each image starts from M0 and never sees another image of the batch or an earlier
 call, so ``model(x)[i] == model(x[i:i+1])[0]``.
 
-Default placement: memory in every 4th block ending at the last one (blocks 3, 7, 11 of 12), chosen with
-``benchmarks/model_speed.py`` against the speed targets of issue 3 (see README).
+Defaults, chosen by measurement with ``benchmarks/model_speed.py`` against the targets of issue 3 (tiny, 224 px,
+CPU: train step <= 1.3x the backbone for ``mlp`` and <= 2.0x for ``simple``/``advanced``, inference <= 1.2x / 1.8x,
+peak training memory <= 2x; numbers in the README):
+
+* placement ``memory_interval=6``: memory in every 6th block ending at the last, i.e. blocks 5 and 11 of 12 (one
+  in the middle, one next to the head). Every 4th block (3, 7, 11) put ``advanced`` over the memory target and
+  ``mlp`` MAC at the inference limit.
+* ``memory_options={'chunk_size': None}`` (merged under the user's ``memory_options``): each image is written in
+  one full-batch inner step, the setting vision test-time-training work (ViT^3) found best, and 2-4x cheaper
+  than 16-token chunks at 197 tokens. Titans' multi-chunk momentum path stays one option away
+  (``memory_options={'chunk_size': 16}``).
 """
 import json
 import logging
@@ -71,7 +80,9 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 APPROACHES = ('mal', 'mac', 'mag')
-DEFAULT_MEMORY_INTERVAL = 4
+# default placement and memory options, chosen with benchmarks/model_speed.py (see the module docstring)
+DEFAULT_MEMORY_INTERVAL = 6
+DEFAULT_MEMORY_OPTIONS = {'chunk_size': None}
 
 
 class PretrainedCheckpointError(ValueError):
@@ -361,8 +372,9 @@ class TitansVisionTransformer(VisionTransformer):
             approach: Integration: ``'mal'`` (memory as layer), ``'mac'`` (as context), ``'mag'`` (as gate).
             memory_type: One of ``titans_timm.memory.MEMORY_TYPES`` (``'mlp'``, ``'simple'``, ``'advanced'``).
             memory_blocks: Indices of memory-carrying blocks; overrides ``memory_interval``.
-            memory_interval: Memory in every n-th block ending at the last (default 4: blocks 3, 7, 11 of 12).
-            memory_options: Keyword options for ``titans_timm.memory.create_memory`` (JSON-serialisable).
+            memory_interval: Memory in every n-th block ending at the last (default 6: blocks 5, 11 of 12).
+            memory_options: Keyword options for ``titans_timm.memory.create_memory`` (JSON-serialisable), merged
+                over ``DEFAULT_MEMORY_OPTIONS`` (``chunk_size=None``: the whole image in one inner step).
             num_persistent_tokens: MAC only: ``N_p`` persistent tokens per MAC block.
             num_memory_tokens: MAC only: ``N_l`` tokens read from the memory per MAC block (>= 1).
             **kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, depth, num_classes, ...).
@@ -371,7 +383,7 @@ class TitansVisionTransformer(VisionTransformer):
             raise ValueError(f'approach must be one of {APPROACHES}, got {approach!r}')
         if memory_type not in MEMORY_TYPES:
             raise ValueError(f'memory_type must be one of {MEMORY_TYPES}, got {memory_type!r}')
-        memory_options = dict(memory_options or {})
+        memory_options = {**DEFAULT_MEMORY_OPTIONS, **(memory_options or {})}
         try:
             json.dumps(memory_options)
         except TypeError as e:
