@@ -720,7 +720,7 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def vit_tiny_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with a gated memory layer after the block (MAL, memory as layer), persistent MLP memory (no test-time update).
+    """ ViT-Ti/16, MAL: gated memory layer after the block, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='mlp')
     return _create_titans_vit('vit_tiny_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -728,7 +728,7 @@ def vit_tiny_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
 
 @register_model
 def vit_tiny_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with a gated memory layer after the block (MAL, memory as layer), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-Ti/16, MAL: gated memory layer after the block, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='simple')
     return _create_titans_vit('vit_tiny_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -736,7 +736,7 @@ def vit_tiny_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
 
 @register_model
 def vit_tiny_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with a gated memory layer after the block (MAL, memory as layer), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-Ti/16, MAL: gated memory layer after the block, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='advanced')
     return _create_titans_vit('vit_tiny_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -744,7 +744,7 @@ def vit_tiny_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
 
 @register_model
 def vit_tiny_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with persistent and memory-read tokens as attention context (MAC, memory as context), persistent MLP memory (no test-time update).
+    """ ViT-Ti/16, MAC: persistent + memory tokens as attention context, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='mlp')
     return _create_titans_vit('vit_tiny_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -752,7 +752,7 @@ def vit_tiny_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
 
 @register_model
 def vit_tiny_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with persistent and memory-read tokens as attention context (MAC, memory as context), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-Ti/16, MAC: persistent + memory tokens as attention context, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='simple')
     return _create_titans_vit('vit_tiny_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -760,7 +760,7 @@ def vit_tiny_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
 
 @register_model
 def vit_tiny_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with persistent and memory-read tokens as attention context (MAC, memory as context), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-Ti/16, MAC: persistent + memory tokens as attention context, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='advanced')
     return _create_titans_vit('vit_tiny_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -768,7 +768,7 @@ def vit_tiny_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
 
 @register_model
 def vit_tiny_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with a gated memory branch beside attention (MAG, memory as gate), persistent MLP memory (no test-time update).
+    """ ViT-Ti/16, MAG: gated memory branch beside attention, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='mlp')
     return _create_titans_vit('vit_tiny_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -776,7 +776,7 @@ def vit_tiny_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
 
 @register_model
 def vit_tiny_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with a gated memory branch beside attention (MAG, memory as gate), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-Ti/16, MAG: gated memory branch beside attention, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='simple')
     return _create_titans_vit('vit_tiny_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -784,7 +784,7 @@ def vit_tiny_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
 
 @register_model
 def vit_tiny_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-Ti/16 with a gated memory branch beside attention (MAG, memory as gate), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-Ti/16, MAG: gated memory branch beside attention, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='advanced')
     return _create_titans_vit('vit_tiny_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -792,7 +792,7 @@ def vit_tiny_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
 
 @register_model
 def vit_small_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with a gated memory layer after the block (MAL, memory as layer), persistent MLP memory (no test-time update).
+    """ ViT-S/16, MAL: gated memory layer after the block, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='mlp')
     return _create_titans_vit('vit_small_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -800,7 +800,7 @@ def vit_small_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfo
 
 @register_model
 def vit_small_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with a gated memory layer after the block (MAL, memory as layer), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-S/16, MAL: gated memory layer after the block, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='simple')
     return _create_titans_vit('vit_small_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -808,7 +808,7 @@ def vit_small_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTran
 
 @register_model
 def vit_small_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with a gated memory layer after the block (MAL, memory as layer), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-S/16, MAL: gated memory layer after the block, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='advanced')
     return _create_titans_vit('vit_small_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -816,7 +816,7 @@ def vit_small_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTr
 
 @register_model
 def vit_small_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with persistent and memory-read tokens as attention context (MAC, memory as context), persistent MLP memory (no test-time update).
+    """ ViT-S/16, MAC: persistent + memory tokens as attention context, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='mlp')
     return _create_titans_vit('vit_small_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -824,7 +824,7 @@ def vit_small_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfo
 
 @register_model
 def vit_small_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with persistent and memory-read tokens as attention context (MAC, memory as context), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-S/16, MAC: persistent + memory tokens as attention context, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='simple')
     return _create_titans_vit('vit_small_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -832,7 +832,7 @@ def vit_small_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTran
 
 @register_model
 def vit_small_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with persistent and memory-read tokens as attention context (MAC, memory as context), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-S/16, MAC: persistent + memory tokens as attention context, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='advanced')
     return _create_titans_vit('vit_small_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -840,7 +840,7 @@ def vit_small_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTr
 
 @register_model
 def vit_small_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with a gated memory branch beside attention (MAG, memory as gate), persistent MLP memory (no test-time update).
+    """ ViT-S/16, MAG: gated memory branch beside attention, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='mlp')
     return _create_titans_vit('vit_small_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -848,7 +848,7 @@ def vit_small_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfo
 
 @register_model
 def vit_small_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with a gated memory branch beside attention (MAG, memory as gate), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-S/16, MAG: gated memory branch beside attention, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='simple')
     return _create_titans_vit('vit_small_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -856,7 +856,7 @@ def vit_small_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTran
 
 @register_model
 def vit_small_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-S/16 with a gated memory branch beside attention (MAG, memory as gate), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-S/16, MAG: gated memory branch beside attention, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='advanced')
     return _create_titans_vit('vit_small_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -864,7 +864,7 @@ def vit_small_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTr
 
 @register_model
 def vit_base_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with a gated memory layer after the block (MAL, memory as layer), persistent MLP memory (no test-time update).
+    """ ViT-B/16, MAL: gated memory layer after the block, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='mlp')
     return _create_titans_vit('vit_base_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -872,7 +872,7 @@ def vit_base_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
 
 @register_model
 def vit_base_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with a gated memory layer after the block (MAL, memory as layer), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-B/16, MAL: gated memory layer after the block, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='simple')
     return _create_titans_vit('vit_base_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -880,7 +880,7 @@ def vit_base_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
 
 @register_model
 def vit_base_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with a gated memory layer after the block (MAL, memory as layer), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-B/16, MAL: gated memory layer after the block, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='advanced')
     return _create_titans_vit('vit_base_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -888,7 +888,7 @@ def vit_base_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
 
 @register_model
 def vit_base_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with persistent and memory-read tokens as attention context (MAC, memory as context), persistent MLP memory (no test-time update).
+    """ ViT-B/16, MAC: persistent + memory tokens as attention context, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='mlp')
     return _create_titans_vit('vit_base_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -896,7 +896,7 @@ def vit_base_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
 
 @register_model
 def vit_base_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with persistent and memory-read tokens as attention context (MAC, memory as context), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-B/16, MAC: persistent + memory tokens as attention context, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='simple')
     return _create_titans_vit('vit_base_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -904,7 +904,7 @@ def vit_base_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
 
 @register_model
 def vit_base_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with persistent and memory-read tokens as attention context (MAC, memory as context), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-B/16, MAC: persistent + memory tokens as attention context, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='advanced')
     return _create_titans_vit('vit_base_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -912,7 +912,7 @@ def vit_base_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
 
 @register_model
 def vit_base_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with a gated memory branch beside attention (MAG, memory as gate), persistent MLP memory (no test-time update).
+    """ ViT-B/16, MAG: gated memory branch beside attention, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='mlp')
     return _create_titans_vit('vit_base_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -920,7 +920,7 @@ def vit_base_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
 
 @register_model
 def vit_base_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with a gated memory branch beside attention (MAG, memory as gate), simple Titans memory (scalar eta/theta/alpha).
+    """ ViT-B/16, MAG: gated memory branch beside attention, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='simple')
     return _create_titans_vit('vit_base_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
@@ -928,7 +928,7 @@ def vit_base_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
 
 @register_model
 def vit_base_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
-    """ ViT-B/16 with a gated memory branch beside attention (MAG, memory as gate), advanced Titans memory (data-dependent gates, multi-head, deep).
+    """ ViT-B/16, MAG: gated memory branch beside attention, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='advanced')
     return _create_titans_vit('vit_base_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
