@@ -206,3 +206,44 @@ def test_bad_options_fail_clearly():
         create_memory('simple', 64, read_mode='random')
     with pytest.raises(ValueError, match='qkv_diff_views'):
         create_memory('simple', 64, qkv_diff_views=True)
+
+
+@pytest.mark.parametrize('depth', [1, 2, 3])
+@pytest.mark.parametrize('n_tokens, chunk', [(7, 3), (5, 5), (4, 1)])
+def test_dual_write_backward_equals_numerical_gradient(depth, n_tokens, chunk):
+    """The hand-written backward of the fused write (every input: keys, values, gate coefficients, M0)."""
+    import math
+    from titans_timm.memory import _DualWrite
+    torch.manual_seed(0)
+    heads, batch, dh, hidden = 2, 2, 4, 6
+    sizes = [dh] + [hidden] * (depth - 1) + [dh]
+    f64 = dict(dtype=torch.float64)
+    k = torch.nn.functional.normalize(torch.randn(heads * batch, n_tokens, dh, **f64), dim=-1).requires_grad_()
+    v = torch.randn(heads * batch, n_tokens, dh, **f64, requires_grad=True)
+    n_chunks = math.ceil(n_tokens / chunk)
+    # gamma[c, i] is zero for tokens of chunk c and later (as _write_coefficients builds it)
+    mask = ((torch.arange(n_tokens) // chunk)[None, :] < torch.arange(n_chunks + 1)[:, None]).double()
+    gamma = torch.rand(heads * batch, n_chunks + 1, n_tokens, **f64, requires_grad=True)
+    r0 = torch.rand(heads * batch, n_chunks + 1, **f64, requires_grad=True)
+    w0 = [(torch.randn(heads, sizes[i], sizes[i + 1], **f64) / math.sqrt(sizes[i])).requires_grad_() for i in range(depth)]
+    fn = lambda k, v, gamma, r0, *w: _DualWrite.apply(k, v, gamma * mask, r0, chunk, *w)
+    assert torch.autograd.gradcheck(fn, (k, v, gamma, r0, *w0), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind', UPDATED)
+@pytest.mark.parametrize('chunk', [4, None])
+@pytest.mark.parametrize('momentum', [True, False])
+def test_fused_write_gradients_equal_autograd_write(kind, chunk, momentum):
+    """forward() takes the fused write; the same write built from autograd ops (write()'s path) gives the same
+    outer gradients."""
+    mem = _memory(kind, dtype=torch.float64, chunk_size=chunk, momentum=momentum)
+    x = torch.randn(2, 23, 64, dtype=torch.float64)
+    target = torch.randn(2, 23, 64, dtype=torch.float64)
+    params = list(mem.parameters())  # eta's logit is unused without momentum
+    fused = torch.autograd.grad((mem(x) - target).pow(2).sum(), params, allow_unused=True)
+    unfused = torch.autograd.grad((mem.read(x, mem.write(x)) - target).pow(2).sum(), params, allow_unused=True)
+    assert sum(g is not None for g in fused) >= len(params) - 1
+    for a, b in zip(fused, unfused):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

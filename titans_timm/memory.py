@@ -148,19 +148,261 @@ def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: t
     return out
 
 
-def _coefficients_per_chunk(theta, eta, keep, b: int) -> List[Dict[str, torch.Tensor]]:
-    """``chunk_coefficients`` of every chunk of length b (the last may be shorter), computed in one go."""
+def _write_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: torch.Tensor, b: int) -> Dict[str, torch.Tensor]:
+    """How much each written token still weighs in the weights at the start of every chunk (the dual form).
+
+    theta, eta, keep: ``[BH, N]`` per token; chunks of b tokens (the last may be shorter), C of them. Chunk m maps
+    the state (W, S) at its start to ``(wd_m W + wfs_m S - sum wt_i u_i, sd_m S - sum st_i u_i)``
+    (``chunk_coefficients``), a 2x2 upper-triangular linear map plus the chunk's token terms. Composing them,
+    the weights at the start of chunk c (c = C: after the last chunk) are
+
+        W^(c) = r0_c W0 + r1_c S0 - sum_{tokens i before chunk c} gamma[c, i] u_i
+
+    Returns ``gamma`` [BH, C+1, N] (0 for tokens of chunk c and later), ``r0``, ``r1`` [BH, C+1], and for the
+    final momentum ``S = s0_final S0 - sum_i sigma_i u_i``: ``sigma`` [BH, N], ``s0_final`` [BH].
+    Everything is built from log-space cumulative sums, like ``chunk_coefficients``, so nothing overflows.
+    """
     N = theta.shape[-1]
     n_full = N // b
-    out = []
+    parts = []
     if n_full:
-        gates = [t[..., :n_full * b].unflatten(-1, (n_full, b)) if t is not None else None for t in (theta, eta, keep)]
-        c = chunk_coefficients(*gates)                                          # values [..., C, (b)]
-        per_chunk = {name: val.unbind(theta.dim() - 1) for name, val in c.items()}
-        out = [{name: val[j] for name, val in per_chunk.items()} for j in range(n_full)]
+        parts.append(chunk_coefficients(*(t[..., :n_full * b].unflatten(-1, (n_full, b)) if t is not None else None
+                                          for t in (theta, eta, keep))))
     if n_full * b < N:
-        out.append(chunk_coefficients(*(t[..., n_full * b:] if t is not None else None for t in (theta, eta, keep))))
+        parts.append(chunk_coefficients(*(t[..., n_full * b:].unsqueeze(-2) if t is not None else None
+                                          for t in (theta, eta, keep))))
+    cat = lambda name, flat: torch.cat([p[name].flatten(-2) if flat else p[name] for p in parts], dim=-1)
+    wt = cat('w_tok', True)                                                   # [BH, N]
+    ends = torch.arange(b - 1, N + b - 1, b, device=theta.device).clamp_max(N - 1)  # last token of every chunk
+    chunk_of = torch.arange(N, device=theta.device) // b                     # chunk index of every token
+
+    def between(log_gate):
+        # prod of the gate over the chunks jb .. c-1, as [BH, c in 0..C, jb in 0..C] (0 where jb > c)
+        cum = torch.cumsum(torch.log(log_gate.clamp_min(1e-12)), dim=-1)[..., ends]
+        bound = F.pad(cum, (1, 0))                                            # [BH, C+1]: 0 at the image start
+        C1 = bound.shape[-1]
+        upper = torch.ones(C1, C1, dtype=torch.bool, device=theta.device).tril()
+        return _exp((bound.unsqueeze(-1) - bound.unsqueeze(-2)).masked_fill(~upper, -float('inf')))
+
+    r_w = between(keep)                                                       # prod of wd_m over chunks jb..c-1
+    gamma = r_w[..., 1:][..., chunk_of] * wt.unsqueeze(-2)                    # [BH, C+1, N]
+    out = {'r0': r_w[..., 0], 'r1': None}
+    if eta is not None:
+        st = cat('s_tok', True)
+        wfs = cat('w_from_s', False)                                          # [BH, C]
+        r_s = between(eta)                                                    # prod of sd_m over chunks jb..c-1
+        # W-row coefficient of S after chunks jb..c-1: sum_m (prod_{m<l<c} wd_l) wfs_m (prod_{jb<=l<m} sd_l)
+        r_ws = (r_w[..., 1:] * wfs.unsqueeze(-2)) @ r_s[..., :-1, :]           # [BH, C+1, C+1]
+        gamma = gamma + r_ws[..., 1:][..., chunk_of] * st.unsqueeze(-2)
+        out.update(r1=r_ws[..., 0], sigma=r_s[..., -1, 1:][..., chunk_of] * st, s0_final=r_s[..., -1, 0])
+    out['gamma'] = gamma
     return out
+
+
+_silu_backward = torch.ops.aten.silu_backward
+
+
+def _silu_second(h: torch.Tensor) -> torch.Tensor:
+    """silu''(h) = s (1 - s) (2 + h (1 - 2 s)), s = sigmoid(h)."""
+    s = torch.sigmoid(h)
+    return s * (1 - s) * (2 + h * (1 - 2 * s))
+
+
+def _per_head(x: torch.Tensor, H: int) -> torch.Tensor:
+    """[H*B, T, d] (head-major) -> [H, B*T, d], so a matmul with per-head weights reads each weight once."""
+    return x.reshape(H, -1, x.shape[-1])
+
+
+class _DualWrite(torch.autograd.Function):
+    """The whole chunked write from per-head initial weights, in the dual form of ``_NeuralMemory._write``, as one
+    autograd node with a hand-written backward.
+
+    Inputs: keys k and values v ``[H*B, N, d]`` (head-major), the token weights ``gamma`` [H*B, C+1, N] and decays
+    ``r0`` [H*B, C+1] of ``_write_coefficients``, the chunk length b and the per-head initial weights
+    ``w0[l]`` [H, d_in, d_out]. Returns the per-token surprise [H*B, N] and the final weights [H*B, d_in, d_out].
+
+    Everything is carried by the *scaled* layer-output gradients G_l (each token's closed-form gradient times its
+    step scale): ``G_last = scale * (pred - v)`` and ``G_{l-1} = silu'(H_{l-1}) * (rc G_l W0_l^T - ((G_l G_l[<]^T)
+    * gamma) X_l[<])`` (X_l the layer inputs, ``[<]`` the tokens of earlier chunks, rc the chunk's decay of W0), so
+    per-token factors are applied to narrow tensors and each hidden-sized step is one fused op. Products with the
+    initial weights run per head with the batch folded into the rows (each weight is read once, not once per image).
+    The tokens' inputs, gradients and token-by-token scores go into buffers allocated once per call: no per-chunk
+    concatenation (autograd's cat copies, slice backwards and gradient sums made the loop memory-bound). The
+    backward walks the chunks in reverse and *pulls* what a chunk's tokens receive from all later chunks with one
+    matmul per term over the later rows of those buffers. ``tests/test_memory.py`` checks it with gradcheck.
+    """
+
+    @staticmethod
+    def forward(ctx, k, v, gamma, r0, b: int, *w0):
+        HB, N, _ = k.shape
+        H = w0[0].shape[0]
+        L = len(w0)
+        C = gamma.shape[1] - 1
+        grad = any(ctx.needs_input_grad)
+        new = k.new_empty
+        chunk_of = torch.arange(N, device=k.device) // b
+        X = [k] + [new(HB, N, w.shape[1]) for w in w0[1:]]           # layer inputs
+        G = [new(HB, N, w.shape[2]) for w in w0]                      # scaled layer-output gradients
+        Hs = [new(HB, N, w.shape[2]) for w in w0[:-1]]                # hidden pre-activations
+        Bp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]        # gradients at the hidden outputs (pre silu')
+        raw = [torch.bmm(k, k.transpose(1, 2))] + [new(HB, N, N) if grad else None for _ in w0[1:]]  # x_r . x_j
+        eraw = [None] + [new(HB, N, N) if grad else None for _ in w0[1:]]                            # G_r . G_j
+        err = new(HB, N, w0[-1].shape[2])
+        scale = new(HB, N)
+        kk = k.pow(2).sum(-1)
+        # layer 0 of every token at its chunk-start decay, one matmul per head
+        h0 = torch.bmm(_per_head(k * r0[:, chunk_of, None], H), w0[0]).view(HB, N, -1)
+        for c in range(C):
+            s, t = c * b, min(c * b + b, N)
+            R = slice(s, t)
+            gam = gamma[:, c, None, :s]
+            rc = r0[:, c, None, None]
+            norm = kk[:, R]
+            h = h0[:, R]
+            for l in range(L):
+                if l:
+                    h = torch.bmm(_per_head(x, H), w0[l]).view(HB, t - s, -1).mul_(rc)
+                if s:
+                    if l:
+                        xt = X[l][:, :s].transpose(1, 2)
+                        r = torch.bmm(x, xt, out=raw[l][:, R, :s]) if grad else torch.bmm(x, xt)
+                    else:
+                        r = raw[0][:, R, :s]
+                    h = torch.baddbmm(h, r * gam, G[l][:, :s], alpha=-1)
+                if l < L - 1:
+                    Hs[l][:, R] = h
+                    x = F.silu(h)
+                    X[l + 1][:, R] = x
+                    norm = norm + x.pow(2).sum(-1)
+            e = torch.sub(h, v[:, R], out=err[:, R])
+            sc = torch.div(2, norm, out=scale[:, R]).unsqueeze(-1)
+            g = torch.mul(e, sc, out=G[L - 1][:, R])
+            for l in range(L - 1, 0, -1):
+                bp = torch.bmm(_per_head(g * rc, H), w0[l].transpose(1, 2)).view(HB, t - s, -1)
+                if s:
+                    gt = G[l][:, :s].transpose(1, 2)
+                    r = torch.bmm(g, gt, out=eraw[l][:, R, :s]) if grad else torch.bmm(g, gt)
+                    bp.baddbmm_(r * gam, X[l][:, :s], alpha=-1)
+                Bp[l][:, R] = bp
+                g = G[l - 1][:, R]
+                g.copy_(_silu_backward(bp, Hs[l - 1][:, R]))
+        rC = r0[:, C].view(H, -1, 1, 1)
+        gC = gamma[:, C].unsqueeze(-1)
+        wf = [torch.baddbmm((w.unsqueeze(1) * rC).flatten(0, 1), x.transpose(1, 2), g * gC, alpha=-1)
+              for w, x, g in zip(w0, X, G)]
+        surprise = err.pow(2).sum(-1)
+        if grad:
+            ctx.save_for_backward(k, gamma, r0, *w0)
+            ctx.b = b
+            ctx.bufs = (raw, eraw, X, G, Hs, Bp, err, scale)
+        return (surprise, *wf)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_surprise, *d_wf):
+        k, gamma, r0, *w0 = ctx.saved_tensors
+        raw, eraw, X, G, Hs, Bp, err, scale = ctx.bufs
+        b = ctx.b
+        HB, N, _ = k.shape
+        H = w0[0].shape[0]
+        L = len(w0)
+        C = gamma.shape[1] - 1
+        new = k.new_empty
+        chunk_of = torch.arange(N, device=k.device) // b
+        d_gamma = torch.zeros_like(gamma)
+        d_r0 = torch.zeros_like(r0)
+        d_w0 = [torch.zeros_like(w) for w in w0]
+        dk = new(k.shape)
+        dv = new(k.shape)
+        # final weights wf = r0_C w0 - x^T (gamma_C * G): what they send to every token
+        gC = gamma[:, C].unsqueeze(-1)
+        dG_fin, dX_fin = [None] * L, [None] * L
+        for l, dw in enumerate(d_wf):
+            if dw is None:
+                continue
+            dwh = dw.view(H, -1, *dw.shape[1:])
+            d_w0[l] += (dwh * r0[:, C].view(H, -1, 1, 1)).sum(1)
+            d_r0[:, C] += (dwh * w0[l].unsqueeze(1)).sum((2, 3)).flatten()
+            dgg = torch.bmm(X[l], dw).neg_()                                # d (gamma_C * G)
+            d_gamma[:, C] += (dgg * G[l]).sum(-1)
+            dG_fin[l] = dgg.mul_(gC)
+            dX_fin[l] = torch.bmm(G[l] * gC, dw.transpose(1, 2)).neg_()
+        dH = [new(HB, N, w.shape[2]) for w in w0]                        # d pre-activations of every token
+        dBp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]
+        draw = [new(HB, N, N) for _ in w0]                               # d (x_r . x_j) * gamma
+        deraw = [None] + [new(HB, N, N) for _ in w0[1:]]                 # d (G_r . G_j) * gamma
+        for c in range(C - 1, -1, -1):
+            s, t = c * b, min(c * b + b, N)
+            n = t - s
+            R = slice(s, t)
+            gam = gamma[:, c, None, :s]
+            rc = r0[:, c, None, None]
+            # pull what the later chunks and the final weights send to this chunk's tokens
+            dG, dX = [None] * L, [None] * L
+            g_later = gamma[:, chunk_of[t:], s:t] if t < N else None      # [HB, later, this chunk]
+            for l in range(L):
+                dg = dG_fin[l][:, R] if dG_fin[l] is not None else torch.zeros_like(G[l][:, R])
+                dx = dX_fin[l][:, R] if dX_fin[l] is not None else torch.zeros_like(X[l][:, R])
+                if t < N:
+                    dg = torch.baddbmm(dg, (raw[l][:, t:, R] * g_later).transpose(1, 2), dH[l][:, t:], alpha=-1)
+                    dx = torch.baddbmm(dx, draw[l][:, t:, R].transpose(1, 2), X[l][:, t:])
+                    if l:
+                        dg.baddbmm_(deraw[l][:, t:, R].transpose(1, 2), G[l][:, t:])
+                        dx.baddbmm_((eraw[l][:, t:, R] * g_later).transpose(1, 2), dBp[l][:, t:], alpha=-1)
+                dG[l], dX[l] = dg, dx
+            # this chunk's backprop chain, in reverse: G_{l-1} = silu'(H_{l-1}) * bp_l
+            dg = dG[0]
+            extra = [None] * L
+            for l in range(1, L):
+                hp, bp = Hs[l - 1][:, R], Bp[l][:, R]
+                grc = G[l][:, R] * rc
+                dbp = _silu_backward(dg, hp)
+                extra[l - 1] = dg * bp * _silu_second(hp)
+                dBp[l][:, R] = dbp
+                # bp = (rc G_l) W0^T - ((G_l G_l[<]^T) * gamma) X_l[<]
+                u = torch.bmm(_per_head(dbp, H), w0[l]).view(HB, n, -1)       # d (rc G_l)
+                d_r0[:, c] += (u * G[l][:, R]).sum((1, 2))
+                d_w0[l] += torch.bmm(_per_head(dbp, H).transpose(1, 2), _per_head(grc, H))
+                dg = torch.addcmul(dG[l], u, rc)
+                if s:
+                    de = torch.bmm(dbp, X[l][:, :s].transpose(1, 2)).neg_()
+                    d_gamma[:, c, :s] += (de * eraw[l][:, R, :s]).sum(1)
+                    der = torch.mul(de, gam, out=deraw[l][:, R, :s])
+                    dg.baddbmm_(der, G[l][:, :s])
+            # G_last = scale * err, scale = 2 / (||k||^2 + sum ||x_l||^2), err = h_last - v
+            e, sc = err[:, R], scale[:, R].unsqueeze(-1)
+            d_err = dg * sc
+            if d_surprise is not None:
+                d_err.addcmul_(e, d_surprise[:, R].unsqueeze(-1), value=2)
+            d_norm2 = (dg * e).sum(-1, keepdim=True).mul_(sc * sc).mul_(-1.0)     # 2 * d norm
+            dv[:, R] = -d_err
+            dh = d_err
+            for l in range(L - 1, -1, -1):
+                # h_l = rc x_l W0 - ((x_l x_l[<]^T) * gamma) G_l[<]   (layer 0's x W0 term: after the loop)
+                dH[l][:, R] = dh
+                x = X[l][:, R]
+                dx = dX[l].addcmul_(x, d_norm2)
+                if l:
+                    u = torch.bmm(_per_head(dh, H), w0[l].transpose(1, 2)).view(HB, n, -1)   # d (rc x_l) / rc
+                    d_r0[:, c] += (u * x).sum((1, 2))
+                    d_w0[l] += torch.bmm(_per_head(x, H).transpose(1, 2), _per_head(dh * rc, H))
+                    dx.addcmul_(u, rc)
+                if s:
+                    dsc = torch.bmm(dh, G[l][:, :s].transpose(1, 2)).neg_()
+                    d_gamma[:, c, :s] += (dsc * raw[l][:, R, :s]).sum(1)
+                    dr = torch.mul(dsc, gam, out=draw[l][:, R, :s])
+                    dx.baddbmm_(dr, X[l][:, :s])
+                if l:
+                    dh = _silu_backward(dx, Hs[l - 1][:, R]).add_(extra[l - 1])
+                else:
+                    dk[:, R] = dx
+        # layer 0's base term for all tokens: h0 = (r0_row k) W0
+        r0k = r0[:, chunk_of, None]
+        u = torch.bmm(_per_head(dH[0], H), w0[0].transpose(1, 2)).view(HB, N, -1)   # d (r0_row k)
+        dk.addcmul_(u, r0k)
+        d_r0.index_add_(1, chunk_of, (u * k).sum(-1))
+        d_w0[0] += torch.bmm(_per_head(k * r0k, H).transpose(1, 2), _per_head(dH[0], H))
+        return (dk, dv, d_gamma, d_r0, None, *d_w0)
 
 
 class _MemoryBase(nn.Module):
@@ -262,67 +504,135 @@ class _NeuralMemory(_MemoryBase):
         """The state every image starts from: M0 (expanded over the batch, no copy) and no momentum."""
         return {'weights': [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights], 'momentum': None}
 
-    def _write(self, k, v, theta, eta, keep, state: MemoryState, q=None):
+    def _write(self, k, v, theta, eta, keep, state: MemoryState, q=None, need_momentum: bool = True):
         """Write keys/values chunk by chunk. k, v: [B, H, N, dh]; gates [B, H, N]. Returns (state, stats, reads).
 
         When q is given (causal read) each chunk's queries read the memory *before* that chunk is written.
-        With momentum, each layer's weights W and momentum S are kept stacked as one ``[B*H, 2, d_in, d_out]``
-        tensor, so a chunk's forgetting/momentum mixing is one small bmm and its gradient step one baddbmm: the
-        weight-sized tensors are touched twice per chunk (the loop is bound by that memory traffic).
+        ``need_momentum=False`` skips building the final momentum (forward reads only the weights).
+
+        Dual form: the weights at the start of chunk c are never built. Each layer's weights there are
+        ``r0 W0 + r1 S0 - sum_i gamma[c, i] x_i^T g_i`` over the tokens i written before (x_i the layer's input,
+        g_i its scaled gradient, see ``_write_coefficients``), so the chunk's forward ``x W`` and closed-form
+        backward ``g W^T`` are ``r0 x W0 - ((x X^T) * gamma) G`` and ``r0 g W0^T - ((g G^T) * gamma) X``: small
+        token-by-token matmuls instead of weight-sized tensors per chunk (the chunk loop used to be bound by that
+        memory traffic, forward and backward). Only the final weights are built, once.
         """
         B, H, N, _ = k.shape
         BH = B * H
         b = self.chunk_size or N
-        coefs = _coefficients_per_chunk(theta.flatten(0, 1), None if eta is None else eta.flatten(0, 1), keep.flatten(0, 1), b)
-        k, v = k.flatten(0, 1), v.flatten(0, 1)                               # [B*H, N, dh]
-        ks, vs, kks = k.split(b, dim=1), v.split(b, dim=1), k.pow(2).sum(-1).split(b, dim=-1)
-        qs = q.flatten(0, 1).split(b, dim=1) if q is not None else None
-        use_mom = eta is not None
-        weights = [_f32(w).expand(B, H, *w.shape[-2:]).flatten(0, 1) for w in state['weights']]
-        if use_mom:
-            moms = state['momentum'] or [torch.zeros_like(w) for w in weights]
-            packed = [torch.stack([w, _f32(m).reshape(w.shape)], dim=1) for w, m in zip(weights, moms)]  # [BH, 2, din, dout]
-            weights = [p[:, 0] for p in packed]
+        n_chunks = math.ceil(N / b)
+        if q is None and not need_momentum and (eta is None or state.get('momentum') is None) and all(
+                w.dim() == 4 and w.stride(0) == 0 for w in state['weights']):
+            # the common case, forward from M0 (expanded over the batch) with an after-write read: one autograd
+            # node with a hand-written backward, per head with the batch folded into the rows
+            hm = lambda t: None if t is None else t.transpose(0, 1).flatten(0, 1)   # [B, H, ...] -> [H*B, ...]
+            co = _write_coefficients(hm(theta), hm(eta), hm(keep), b)
+            surprise, *weights = _DualWrite.apply(hm(k), hm(v), co['gamma'], co['r0'], b,
+                                                  *[_f32(w[0]) for w in state['weights']])
+            stats = {'surprise': surprise.view(H, B, N).mean(0)}
+            return {'weights': [w.view(H, B, *w.shape[1:]).transpose(0, 1) for w in weights], 'momentum': None}, stats, []
+        flat = lambda t: None if t is None else t.flatten(0, 1)
+        co = _write_coefficients(flat(theta), flat(eta), flat(keep), b)
+        gamma, r0, r1 = co['gamma'], co['r0'], co['r1']                     # [BH, C+1, N], [BH, C+1]
+        k, v = k.flatten(0, 1), v.flatten(0, 1)                               # [BH, N, dh]
+        kk = k.pow(2).sum(-1)                                                 # ||k||^2 of the step normaliser
+        # initial weights as [BH, d_in, d_out] (M0 is expanded over the batch: one copy per call, not per chunk)
+        w0 = [_f32(w).expand(B, H, *w.shape[-2:]).reshape(BH, *w.shape[-2:]) for w in state['weights']]
+        s0 = None
+        if eta is not None and state.get('momentum') is not None:
+            s0 = [_f32(m).reshape(w.shape) for w, m in zip(w0, state['momentum'])]
+        unflat = lambda t: t.reshape(B, H, *t.shape[-2:])
+        depth = len(w0)
+        chunk_of = torch.arange(N, device=k.device) // b
+
+        def base(x, i, rw, rs, transpose=False):
+            """x (r0 W0 + r1 S0) of layer i (or with the transposed weights), rw/rs broadcast over x's rows."""
+            w = w0[i].transpose(-1, -2) if transpose else w0[i]
+            out = torch.bmm(x, w) * rw
+            if s0 is not None:
+                out = out + torch.bmm(x, s0[i].transpose(-1, -2) if transpose else s0[i]) * rs
+            return out
+
+        # layer 0 reads the keys (and queries): its chunk-start inputs and scores are known up front
+        rows = k if q is None else torch.cat([k, q.flatten(0, 1)], dim=1)
+        row_chunk = chunk_of if q is None else chunk_of.repeat(2)
+        pre0 = base(rows, 0, r0[:, row_chunk, None], None if r1 is None else r1[:, row_chunk, None])
+        score0 = None
+        if n_chunks > 1:
+            score0 = torch.bmm(rows, k.transpose(1, 2)) * gamma[:, row_chunk]   # [BH, rows, N], 0 on and after own chunk
+
+        # per-chunk pieces by split/unbind, not slicing: autograd's backward of a slice fills a zeroed tensor of
+        # the whole input, per chunk; a split's backward is one cat
+        pre0_k, vs, kks = pre0[:, :N].split(b, dim=1), v.split(b, dim=1), kk.split(b, dim=1)
+        pre0_q = pre0[:, N:].split(b, dim=1) if q is not None else None
+        score0_k = score0[:, :N].split(b, dim=1) if score0 is not None else None
+        score0_q = score0[:, N:].split(b, dim=1) if score0 is not None and q is not None else None
+        gammas, r0s = gamma.unbind(1), r0.unbind(1)
+        r1s = r1.unbind(1) if r1 is not None else None
+        xs = [k] + [None] * (depth - 1)    # layer inputs of the tokens written so far
+        gs = [None] * depth                # their scaled gradients
         surprise, reads = [], []
-        for ci, (kc, vc, c) in enumerate(zip(ks, vs, coefs)):
-            nk = kc.shape[1]
-            inp = kc if q is None else torch.cat([kc, qs[ci]], dim=1)  # one forward serves write and read
-            pred, inputs, act_grads = memory_mlp_forward(weights, inp)
+        for c in range(n_chunks):
+            s, e = c * b, min((c + 1) * b, N)
+            nk = e - s
+            if q is None:
+                h = pre0_k[c]
+                if s:
+                    h = torch.baddbmm(h, score0_k[c][..., :s], gs[0], alpha=-1)
+            else:
+                h = torch.cat([pre0_k[c], pre0_q[c]], dim=1)
+                if s:
+                    sc = torch.cat([score0_k[c][..., :s], score0_q[c][..., :s]], dim=1)
+                    h = torch.baddbmm(h, sc, gs[0], alpha=-1)
+            gam = gammas[c][:, None, :s]                                      # [BH, 1, s]
+            rw = r0s[c][:, None, None]
+            rs = None if r1 is None else r1s[c][:, None, None]
+            acts, act_grads = [], []
+            for i in range(1, depth):
+                sg = torch.sigmoid(h)
+                a = h * sg                                                    # silu
+                act_grads.append(sg + a - a * sg)                             # silu'(h) = s (1 + h (1 - s))
+                acts.append(a)
+                h = base(a, i, rw, rs)
+                if s:
+                    h = torch.baddbmm(h, torch.bmm(a, xs[i].transpose(1, 2)) * gam, gs[i], alpha=-1)
+            pred = h
             if q is not None:
                 reads.append(pred[:, nk:])
-                pred, inputs, act_grads = pred[:, :nk], [t[:, :nk] for t in inputs], [t[:, :nk] for t in act_grads]
-            err = pred - vc                                                   # [B*H, b, dh]
+                pred = pred[:, :nk]
+                acts, act_grads = [t[:, :nk] for t in acts], [t[:, :nk] for t in act_grads]
+            err = pred - vs[c]                                            # [BH, nk, dh]
             surprise.append(err.pow(2).sum(-1))                               # (12) loss_t at the chunk-start weights
             # d||M(k)-v||^2/dM = 2 err; each token's step normalised (see step_normaliser)
-            scale = 2 / step_normaliser(inputs, kks[ci])                      # [B*H, b]
-            if use_mom:
-                zero = torch.zeros_like(c['w_decay'])
-                mix = torch.stack([c['w_decay'], c['w_from_s'], zero, c['s_decay']], dim=-1).view(BH, 2, 2)
-                tok = torch.stack([c['w_tok'], c['s_tok']], dim=1) * scale.unsqueeze(1)  # [B*H, 2, b]
-            else:
-                tok = c['w_tok'] * scale
-            new_packed = [None] * len(weights)
-            for i, g in memory_mlp_backprop(weights, act_grads, err):
-                xt = inputs[i].transpose(-1, -2)                               # [B*H, d_in, b]
-                d_in, d_out = xt.shape[1], g.shape[-1]
-                if use_mom:
-                    # (13) forget W and add momentum, (10) decay S: [W; S] <- mix @ [W; S]
-                    mixed = torch.bmm(mix, packed[i].view(BH, 2, d_in * d_out)).view(BH * 2, d_in, d_out)
-                    xt2 = xt.unsqueeze(1).expand(BH, 2, d_in, nk).reshape(BH * 2, d_in, nk)
-                    gg = (g.unsqueeze(1) * tok.unsqueeze(-1)).view(BH * 2, nk, d_out)
-                    # minus the chunk's token-weighted surprise, for W and S at once
-                    new_packed[i] = torch.baddbmm(mixed, xt2, gg, alpha=-1).view(BH, 2, d_in, d_out)
-                else:
-                    new_packed[i] = torch.baddbmm(weights[i] * c['w_decay'][:, None, None], xt, g * tok.unsqueeze(-1), alpha=-1)
-            if use_mom:
-                packed = new_packed
-                weights = [p[:, 0] for p in packed]
-            else:
-                weights = new_packed
+            scale = (2 / step_normaliser([None] + acts, kks[c])).unsqueeze(-1)  # [BH, nk, 1]
+            new_g = [None] * depth
+            g = err
+            for i in range(depth - 1, -1, -1):
+                new_g[i] = g * scale
+                if i:
+                    gb = base(g, i, rw, rs, transpose=True)
+                    if s:
+                        gb = torch.baddbmm(gb, torch.bmm(g, gs[i].transpose(1, 2)) * gam, xs[i], alpha=-1)
+                    g = gb * act_grads[i - 1]
+            for i in range(depth):
+                gs[i] = new_g[i] if gs[i] is None else torch.cat([gs[i], new_g[i]], dim=1)
+                if i:
+                    xs[i] = acts[i - 1] if xs[i] is None else torch.cat([xs[i], acts[i - 1]], dim=1)
+
+        def final(coef, start, start_coef):
+            # start_coef * start - sum_i coef_i x_i^T g_i, per layer
+            return [torch.baddbmm(w * start_coef[:, None, None], x.transpose(1, 2), g * coef.unsqueeze(-1), alpha=-1)
+                    for w, x, g in zip(start, xs, gs)]
+
+        weights = final(gamma[:, -1], w0, r0[:, -1])
+        if s0 is not None:
+            weights = [w + m * r1[:, -1, None, None] for w, m in zip(weights, s0)]
+        momentum = None
+        if eta is not None and need_momentum:
+            momentum = final(co['sigma'], s0 if s0 is not None else [torch.zeros_like(w) for w in w0], co['s0_final'])
         stats = {'surprise': torch.cat(surprise, dim=-1).view(B, H, N).mean(1)}  # [B, N], mean over heads
-        unflat = lambda t: t.reshape(B, H, *t.shape[-2:])
         state = {'weights': [unflat(w) for w in weights],
-                 'momentum': [unflat(p[:, 1]) for p in packed] if use_mom else None}
+                 'momentum': [unflat(m) for m in momentum] if momentum is not None else None}
         return state, stats, [unflat(r) for r in reads]
 
     def _prepare(self, x: torch.Tensor, context: Optional[torch.Tensor]):
@@ -362,7 +672,8 @@ class _NeuralMemory(_MemoryBase):
         q, k, v, theta, eta, keep = self._prepare(x, context)
         with torch.autocast(device_type=x.device.type, enabled=False):
             causal = self.read_mode == 'causal'
-            state, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q if causal else None)
+            state, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q if causal else None,
+                                              need_momentum=False)
             if causal:
                 y = torch.cat(reads, dim=2)
             else:
