@@ -1,7 +1,8 @@
 """Speed and memory of the registered titans-timm models against their plain timm ViT backbone.
 
 For each model the plain backbone (``vit_{size}_patch16_224``) is built next to it and both are timed alternately in
-one process (warm-up, then the median over ``--repeats`` rounds), so the printed ratios hold up on a busy machine:
+one process (warm-up, then the median, or with ``--stat min`` the minimum, over ``--repeats`` rounds), so the printed
+ratios hold up on a busy machine:
 
 * inference img/s: ``model(x)`` under ``torch.inference_mode()`` in eval mode;
 * train-step img/s: forward, cross-entropy, backward and an AdamW step in train mode;
@@ -95,6 +96,7 @@ def measure_pair(
         repeats: int,
         train: bool,
         infer: bool,
+        stat: Callable[[List[float]], float] = statistics.median,
 ) -> Dict:
     """Time one model against its backbone, alternating, and measure params and peak training memory."""
     model = timm.create_model(name, img_size=img_size, **kwargs)
@@ -111,7 +113,7 @@ def measure_pair(
                 t = timed(fn)
                 if i >= warmup:
                     times[k].append(t)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: stat(v) for k, v in times.items()}
         row.update(infer_img_s=batch_size / med['model'], backbone_infer_img_s=batch_size / med['backbone'],
                    infer_ratio=med['model'] / med['backbone'])
     if train:
@@ -124,7 +126,7 @@ def measure_pair(
                 t = timed(fn)
                 if i >= warmup:
                     times[k].append(t)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: stat(v) for k, v in times.items()}
         row.update(train_img_s=batch_size / med['model'], backbone_train_img_s=batch_size / med['backbone'],
                    train_ratio=med['model'] / med['backbone'])
         # static: parameters + AdamW exp_avg/exp_avg_sq; dynamic: activations and grads of one step
@@ -166,7 +168,9 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('-b', '--batch-size', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=5, help='timed rounds per model (median)')
+    parser.add_argument('--repeats', type=int, default=5, help='timed rounds per model')
+    parser.add_argument('--stat', choices=('median', 'min'), default='median',
+                        help='per-model time over the rounds; min resists load spikes on a shared machine')
     parser.add_argument('--memory-blocks', default=None, help='override placement: comma-separated block indices')
     parser.add_argument('--memory-interval', type=int, default=None, help='override placement: every n-th block')
     parser.add_argument('--memory-options', default=None, help='JSON dict passed to create_memory')
@@ -206,7 +210,8 @@ def main(argv=None) -> List[Dict]:
         backbone = timm.create_model(f'vit_{size}_patch16_224', img_size=args.img_size)
         for name in names:
             row = measure_pair(name, backbone, kwargs, args.batch_size, args.img_size, args.warmup, args.repeats,
-                               train=not args.no_train, infer=not args.no_infer)
+                               train=not args.no_train, infer=not args.no_infer,
+                               stat=statistics.median if args.stat == 'median' else min)
             rows.append(row)
             print(format_table([row]).splitlines()[-1], flush=True)
     if not rows:
@@ -214,7 +219,7 @@ def main(argv=None) -> List[Dict]:
         sys.exit(2)
     print()
     print(f'batch {args.batch_size}, {args.img_size} px, torch threads {torch.get_num_threads()}, '
-          f'median of {args.repeats} alternating rounds; ratios = model / plain backbone')
+          f'{args.stat} of {args.repeats} alternating rounds; ratios = model / plain backbone')
     print(format_table(rows))
     if args.csv:
         with open(args.csv, 'w', newline='') as f:
