@@ -159,14 +159,18 @@ def test_mac_any_token_count(img_size):
     assert out.shape == (2, 3) and torch.isfinite(out).all()
 
 
-def test_pretrained_224_backbone_into_32px_model(tmp_path):
-    """A full-size 224 px / patch 16 backbone checkpoint loads into a 32 px model (pos-embed resampled)."""
+@pytest.mark.parametrize('img_size', [32, 384])
+def test_pretrained_224_backbone_at_other_img_size(img_size, tmp_path):
+    """A 224 px / patch 16 backbone checkpoint loads into a 32 or 384 px model (pos-embed resampled)."""
     bb = timm.create_model('vit_tiny_patch16_224', depth=2, num_classes=10).eval()
     path = _save(bb, tmp_path / 'bb224.safetensors')
-    model = timm.create_model('vit_tiny_mal_mlp', pretrained=True, depth=2, img_size=32, num_classes=10,
+    model = timm.create_model('vit_tiny_mac_advanced', pretrained=True, depth=2, img_size=img_size, num_classes=10,
                               pretrained_cfg_overlay=dict(file=path, num_classes=10))
     assert torch.equal(model.head.weight, bb.head.weight)
-    assert model.pos_embed.shape == (1, 5, 192)
+    grid = img_size // 16
+    assert model.pos_embed.shape == (1, grid * grid + 1, 192)
+    out = _open_gates(model)(_images(1, img_size))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
 
 
 def test_incompatible_checkpoint_names_keys(backbone_ckpts, tmp_path):
