@@ -86,6 +86,18 @@ def test_two_by_two_sweep_then_rerun_skips(recipe, tmp_path, capsys):
     assert '[1/4] vit_tiny_mal_mlp (vit_tiny_mal_mlp): finished, skip' in printed
 
 
+def test_failed_run_is_reported_and_the_sweep_goes_on(recipe, tmp_path, capsys):
+    out = tmp_path / 'sweep'
+    # Training refuses a class count the data does not have: the run fails before any work.
+    result = sweep.main(['-c', recipe, '--approaches', 'mal', '--memory-types', 'mlp', '--no-baseline',
+                         '--output', str(out), '--', '--num-classes', '7'])
+    printed = capsys.readouterr().out
+    assert result['failed'] == ['vit_tiny_mal_mlp']
+    assert '[1/1] vit_tiny_mal_mlp: training failed (exit status 2)' in printed and 'error:' in printed
+    assert not sweep.is_finished(str(out / 'vit_tiny_mal_mlp'))
+    assert '| vit_tiny_mal_mlp (failed) | - |' in (out / 'results.md').read_text()
+
+
 def test_results_delta_against_baseline(tmp_path):
     rows = []
     for name, approach, top1 in (('vit_tiny_baseline', 'baseline', 80.0), ('vit_tiny_mag_simple', 'mag', 82.5)):
