@@ -34,6 +34,9 @@ Choices (what a timm user would expect, plus what exact resume needs):
   and its normalisation is used, so a memory model built from a backbone checkpoint starts exactly
   as accurate as that backbone (evaluated and logged at step 0).
 - Gradient clipping sees only the parameters that move in the current phase.
+- Threads: torch uses one thread per core. On a machine shared with other jobs, ``OMP_NUM_THREADS=1``
+  is often several times faster (oversubscribed OpenMP threads spin); under torchrun set it to
+  cores / processes.
 """
 import argparse
 import csv

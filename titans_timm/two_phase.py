@@ -38,7 +38,8 @@ from timm.utils import unwrap_model
 
 __all__ = [
     'ROLES', 'DEFAULT_BACKBONE_LR_SCALE', 'phase_of', 'parameter_roles', 'two_phase_param_groups',
-    'apply_phase', 'reset_optimizer_state', 'active_parameters', 'describe_lrs', 'patch_timm_train_script',
+    'apply_phase', 'start_epoch_phase', 'reset_optimizer_state', 'active_parameters', 'describe_lrs',
+    'patch_timm_train_script',
 ]
 
 _logger = logging.getLogger(__name__)
