@@ -172,7 +172,7 @@ def test_timm_train_py_two_phase(tmp_path):
     # A copy outside the checkout, so the installed timm is used rather than the checkout's own timm/ package.
     script = tmp_path / 'train.py'
     shutil.copy(timm_train, script)
-    env = dict(os.environ, PYTHONPATH=str(Path(titans_timm.__file__).resolve().parents[1]))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(Path(titans_timm.__file__).resolve().parents[1]))
     out = subprocess.run(
         [sys.executable, str(script), '--device-modules', 'titans_timm.two_phase', '-c', str(recipe)],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
