@@ -3,7 +3,10 @@
 Tiny configs throughout (img 32, patch 8, depth 2, 32 training images) so the file runs in about a minute.
 """
 import csv
-import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,6 @@ import timm
 import torch
 import yaml
 
-import titans_timm
 from titans_timm import checkpoint as ckpt
 from titans_timm.train import main, parse_args, TrainInputError
 from titans_timm.vit import split_parameters
@@ -198,3 +200,26 @@ def test_recipes_parse():
         assert timm.is_model(args.model), path
         if path.stem != 'fashion_mnist_backbone':
             assert args.freeze_epochs >= 0 and args.backbone_lr_scale >= 0
+
+
+def test_ctrl_c_writes_resumable_checkpoint(backbone, tmp_path):
+    cmd = [sys.executable, '-m', 'titans_timm.train', '--model', 'vit_tiny_mal_mlp', '--pretrained-path', str(backbone),
+           *TINY, '--epochs', '50', '--freeze-epochs', '1', '--log-interval', '1', '--output', str(tmp_path),
+           '--experiment', 'cc']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if 'step 2/' in line:  # training is under way
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    log = ''.join(lines) + rest
+    assert proc.returncode == 130, log[-2000:]
+    assert 'Traceback' not in log
+    assert f'--resume {tmp_path / "cc"}' in log
+    state = torch.load(tmp_path / 'cc' / 'train_state.pth', weights_only=True)
+    assert state['epoch'] * 4 + state['step_in_epoch'] >= 2
+    assert ckpt.read_metadata(tmp_path / 'cc' / 'last.safetensors')['num_updates'] == state['num_updates']
+    assert not (tmp_path / 'cc' / 'model.safetensors').exists()

@@ -29,7 +29,7 @@ recipe (timm turns unknown YAML keys into ``args`` attributes via ``parser.set_d
 import logging
 import sys
 from functools import partial
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
