@@ -82,6 +82,32 @@ def memory_mlp_forward(weights: List[torch.Tensor], x: torch.Tensor) -> Tuple[to
     return h, inputs, act_grads
 
 
+def _mlp_read(weights: List[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``M(x)`` (15), the memory read: x ``[B, H, T, d_in]``; weights per layer ``[B, H, d_in, d_out]`` or per head
+    ``[H, d_in, d_out]``. Unlike ``memory_mlp_forward`` it keeps nothing for a closed-form backward.
+
+    It computes in the layout the weights are stored in: per head with the batch folded into the rows for ``[H, ...]``
+    weights (each weight read once), head-major when the weights are ``[H, B, ...]`` transposed to ``[B, H, ...]``
+    (as the fused write returns them), so no weight is copied."""
+    B, H, T, _ = x.shape
+    if weights[0].dim() == 4 and weights[0].stride(0) == 0:   # M0 expanded over the batch
+        weights = [w[0] for w in weights]
+    if weights[0].dim() == 3:
+        h = x.transpose(0, 1).reshape(H, B * T, -1)
+        for i, w in enumerate(weights):
+            h = torch.bmm(h, w)
+            if i < len(weights) - 1:
+                h = F.silu(h)
+        return h.view(H, B, T, -1).transpose(0, 1)
+    head_major = not weights[0].is_contiguous() and weights[0].transpose(0, 1).is_contiguous()
+    h = x.transpose(0, 1) if head_major else x
+    for i, w in enumerate(weights):
+        h = torch.matmul(h, w.transpose(0, 1) if head_major else w)
+        if i < len(weights) - 1:
+            h = F.silu(h)
+    return h.transpose(0, 1) if head_major else h
+
+
 def memory_mlp_backprop(weights: List[torch.Tensor], act_grads: List[torch.Tensor], grad_out: torch.Tensor):
     """Closed-form backward of the memory MLP: yields ``(layer, grad of that layer's output)`` per token, last
     layer first. The weight gradient of layer i is ``inputs[i]^T @ grad`` (summed over tokens)."""
@@ -200,12 +226,7 @@ def _write_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: 
 
 
 _silu_backward = torch.ops.aten.silu_backward
-
-
-def _silu_second(h: torch.Tensor) -> torch.Tensor:
-    """silu''(h) = s (1 - s) (2 + h (1 - 2 s)), s = sigmoid(h)."""
-    s = torch.sigmoid(h)
-    return s * (1 - s) * (2 + h * (1 - 2 * s))
+_sigmoid_backward = torch.ops.aten.sigmoid_backward
 
 
 def _per_head(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -235,18 +256,18 @@ class _DualWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, gamma, r0, b: int, *w0):
         HB, N, _ = k.shape
-        H = w0[0].shape[0]
-        L = len(w0)
-        C = gamma.shape[1] - 1
+        H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
         grad = any(ctx.needs_input_grad)
         new = k.new_empty
         chunk_of = torch.arange(N, device=k.device) // b
+        g_rows = gamma[:, chunk_of]                                   # [HB, N, N] gamma of each row's chunk
+        sc0 = torch.bmm(k, k.transpose(1, 2)).mul_(g_rows)            # layer-0 scores (k_r . k_j) * gamma
         X = [k] + [new(HB, N, w.shape[1]) for w in w0[1:]]           # layer inputs
         G = [new(HB, N, w.shape[2]) for w in w0]                      # scaled layer-output gradients
         Hs = [new(HB, N, w.shape[2]) for w in w0[:-1]]                # hidden pre-activations
-        Bp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]        # gradients at the hidden outputs (pre silu')
-        raw = [torch.bmm(k, k.transpose(1, 2))] + [new(HB, N, N) if grad else None for _ in w0[1:]]  # x_r . x_j
-        eraw = [None] + [new(HB, N, N) if grad else None for _ in w0[1:]]                            # G_r . G_j
+        Bp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]        # backprop at the hidden outputs (pre silu')
+        raw = [None] + [new(HB, N, N) if grad else None for _ in w0[1:]]   # x_r . x_j (layers >= 1)
+        es = [None] + [new(HB, N, N) if grad else None for _ in w0[1:]]    # (G_r . G_j) * gamma
         err = new(HB, N, w0[-1].shape[2])
         scale = new(HB, N)
         kk = k.pow(2).sum(-1)
@@ -254,128 +275,130 @@ class _DualWrite(torch.autograd.Function):
         h0 = torch.bmm(_per_head(k * r0[:, chunk_of, None], H), w0[0]).view(HB, N, -1)
         for c in range(C):
             s, t = c * b, min(c * b + b, N)
-            R = slice(s, t)
-            gam = gamma[:, c, None, :s]
+            n, R = t - s, slice(s, t)
             rc = r0[:, c, None, None]
             norm = kk[:, R]
-            h = h0[:, R]
             for l in range(L):
-                if l:
-                    h = torch.bmm(_per_head(x, H), w0[l]).view(HB, t - s, -1).mul_(rc)
+                last = l == L - 1
+                out = None if last else Hs[l][:, R]
+                h = h0[:, R] if l == 0 else torch.bmm(_per_head(x, H), w0[l]).view(HB, n, -1).mul_(rc)
                 if s:
                     if l:
-                        xt = X[l][:, :s].transpose(1, 2)
-                        r = torch.bmm(x, xt, out=raw[l][:, R, :s]) if grad else torch.bmm(x, xt)
+                        r = torch.bmm(x, X[l][:, :s].transpose(1, 2), **({'out': raw[l][:, R, :s]} if grad else {}))
+                        sc = r.mul(g_rows[:, R, :s])
                     else:
-                        r = raw[0][:, R, :s]
-                    h = torch.baddbmm(h, r * gam, G[l][:, :s], alpha=-1)
-                if l < L - 1:
-                    Hs[l][:, R] = h
+                        sc = sc0[:, R, :s]
+                    h = torch.baddbmm(h, sc, G[l][:, :s], alpha=-1, **({} if last else {'out': out}))
+                elif not last:
+                    h = out.copy_(h)
+                if not last:
                     x = F.silu(h)
                     X[l + 1][:, R] = x
                     norm = norm + x.pow(2).sum(-1)
             e = torch.sub(h, v[:, R], out=err[:, R])
-            sc = torch.div(2, norm, out=scale[:, R]).unsqueeze(-1)
-            g = torch.mul(e, sc, out=G[L - 1][:, R])
+            sc_r = torch.reciprocal(norm, out=scale[:, R]).mul_(2).unsqueeze(-1)
+            g = torch.mul(e, sc_r, out=G[L - 1][:, R])
             for l in range(L - 1, 0, -1):
-                bp = torch.bmm(_per_head(g * rc, H), w0[l].transpose(1, 2)).view(HB, t - s, -1)
+                bp = torch.bmm(_per_head(g * rc, H), w0[l].transpose(1, 2)).view(HB, n, -1)
                 if s:
-                    gt = G[l][:, :s].transpose(1, 2)
-                    r = torch.bmm(g, gt, out=eraw[l][:, R, :s]) if grad else torch.bmm(g, gt)
-                    bp.baddbmm_(r * gam, X[l][:, :s], alpha=-1)
-                Bp[l][:, R] = bp
-                g = G[l - 1][:, R]
-                g.copy_(_silu_backward(bp, Hs[l - 1][:, R]))
+                    er = torch.bmm(g, G[l][:, :s].transpose(1, 2))
+                    ee = torch.mul(er, g_rows[:, R, :s], **({'out': es[l][:, R, :s]} if grad else {}))
+                    bp = torch.baddbmm(bp, ee, X[l][:, :s], alpha=-1, out=Bp[l][:, R])
+                else:
+                    bp = Bp[l][:, R].copy_(bp)
+                g = _silu_backward.grad_input(bp, Hs[l - 1][:, R], grad_input=G[l - 1][:, R])
         rC = r0[:, C].view(H, -1, 1, 1)
         gC = gamma[:, C].unsqueeze(-1)
-        wf = [torch.baddbmm((w.unsqueeze(1) * rC).flatten(0, 1), x.transpose(1, 2), g * gC, alpha=-1)
-              for w, x, g in zip(w0, X, G)]
+        wf = []
+        for w, x, g in zip(w0, X, G):
+            if x.shape[-1] <= g.shape[-1]:                            # scale the narrower side by gamma_C
+                x = x * gC
+            else:
+                g = g * gC
+            wf.append(torch.baddbmm((w.unsqueeze(1) * rC).flatten(0, 1), x.transpose(1, 2), g, alpha=-1))
         surprise = err.pow(2).sum(-1)
         if grad:
             ctx.save_for_backward(k, gamma, r0, *w0)
             ctx.b = b
-            ctx.bufs = (raw, eraw, X, G, Hs, Bp, err, scale)
+            ctx.bufs = (g_rows, sc0, raw, es, X, G, Hs, Bp, err, scale)
         return (surprise, *wf)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_surprise, *d_wf):
         k, gamma, r0, *w0 = ctx.saved_tensors
-        raw, eraw, X, G, Hs, Bp, err, scale = ctx.bufs
+        g_rows, sc0, raw, es, X, G, Hs, Bp, err, scale = ctx.bufs
         b = ctx.b
         HB, N, _ = k.shape
-        H = w0[0].shape[0]
-        L = len(w0)
-        C = gamma.shape[1] - 1
+        H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
         new = k.new_empty
         chunk_of = torch.arange(N, device=k.device) // b
         d_gamma = torch.zeros_like(gamma)
         d_r0 = torch.zeros_like(r0)
         d_w0 = [torch.zeros_like(w) for w in w0]
-        dk = new(k.shape)
-        dv = new(k.shape)
+        dk, dv = new(k.shape), new(k.shape)
         # final weights wf = r0_C w0 - x^T (gamma_C * G): what they send to every token
         gC = gamma[:, C].unsqueeze(-1)
         dG_fin, dX_fin = [None] * L, [None] * L
         for l, dw in enumerate(d_wf):
             if dw is None:
                 continue
-            dwh = dw.view(H, -1, *dw.shape[1:])
-            d_w0[l] += (dwh * r0[:, C].view(H, -1, 1, 1)).sum(1)
-            d_r0[:, C] += (dwh * w0[l].unsqueeze(1)).sum((2, 3)).flatten()
-            dgg = torch.bmm(X[l], dw).neg_()                                # d (gamma_C * G)
-            d_gamma[:, C] += (dgg * G[l]).sum(-1)
-            dG_fin[l] = dgg.mul_(gC)
+            flat = dw.reshape(H, -1, dw.shape[1] * dw.shape[2])                        # [H, B, d_in * d_out]
+            d_w0[l] += torch.bmm(r0[:, C].view(H, 1, -1), flat).view_as(w0[l])
+            d_r0[:, C] += torch.bmm(flat, w0[l].reshape(H, -1, 1)).flatten()
+            dgg = torch.bmm(X[l], dw)                                                  # -d (gamma_C * G)
+            d_gamma[:, C] -= (dgg * G[l]).sum(-1)
+            dG_fin[l] = dgg.mul_(gC).neg_()
             dX_fin[l] = torch.bmm(G[l] * gC, dw.transpose(1, 2)).neg_()
         dH = [new(HB, N, w.shape[2]) for w in w0]                        # d pre-activations of every token
         dBp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]
-        draw = [new(HB, N, N) for _ in w0]                               # d (x_r . x_j) * gamma
-        deraw = [None] + [new(HB, N, N) for _ in w0[1:]]                 # d (G_r . G_j) * gamma
+        draw = [new(HB, N, N) for _ in w0]                               # d ((x_r . x_j) * gamma)
+        des = [None] + [new(HB, N, N) for _ in w0[1:]]                   # d ((G_r . G_j) * gamma), w.r.t. G_r . G_j
         for c in range(C - 1, -1, -1):
             s, t = c * b, min(c * b + b, N)
-            n = t - s
-            R = slice(s, t)
-            gam = gamma[:, c, None, :s]
+            n, R = t - s, slice(s, t)
             rc = r0[:, c, None, None]
             # pull what the later chunks and the final weights send to this chunk's tokens
             dG, dX = [None] * L, [None] * L
-            g_later = gamma[:, chunk_of[t:], s:t] if t < N else None      # [HB, later, this chunk]
             for l in range(L):
                 dg = dG_fin[l][:, R] if dG_fin[l] is not None else torch.zeros_like(G[l][:, R])
                 dx = dX_fin[l][:, R] if dX_fin[l] is not None else torch.zeros_like(X[l][:, R])
                 if t < N:
-                    dg = torch.baddbmm(dg, (raw[l][:, t:, R] * g_later).transpose(1, 2), dH[l][:, t:], alpha=-1)
+                    sc = sc0[:, t:, R] if l == 0 else raw[l][:, t:, R] * g_rows[:, t:, R]
+                    dg = torch.baddbmm(dg, sc.transpose(1, 2), dH[l][:, t:], alpha=-1)
                     dx = torch.baddbmm(dx, draw[l][:, t:, R].transpose(1, 2), X[l][:, t:])
                     if l:
-                        dg.baddbmm_(deraw[l][:, t:, R].transpose(1, 2), G[l][:, t:])
-                        dx.baddbmm_((eraw[l][:, t:, R] * g_later).transpose(1, 2), dBp[l][:, t:], alpha=-1)
+                        dg.baddbmm_(des[l][:, t:, R].transpose(1, 2), G[l][:, t:])
+                        dx.baddbmm_(es[l][:, t:, R].transpose(1, 2), dBp[l][:, t:], alpha=-1)
                 dG[l], dX[l] = dg, dx
             # this chunk's backprop chain, in reverse: G_{l-1} = silu'(H_{l-1}) * bp_l
             dg = dG[0]
             extra = [None] * L
             for l in range(1, L):
-                hp, bp = Hs[l - 1][:, R], Bp[l][:, R]
-                grc = G[l][:, R] * rc
+                hp, gl = Hs[l - 1][:, R], G[l][:, R]
                 dbp = _silu_backward(dg, hp)
-                extra[l - 1] = dg * bp * _silu_second(hp)
+                # d silu'(h) / dh = s (1 - s) (2 + h (1 - 2 s))
+                sg = torch.sigmoid(hp)
+                ex = _sigmoid_backward(dg * Bp[l][:, R], sg)
+                extra[l - 1] = ex.addcmul_(ex, torch.rsub(sg, 0.5).mul_(hp)).mul_(2)
                 dBp[l][:, R] = dbp
                 # bp = (rc G_l) W0^T - ((G_l G_l[<]^T) * gamma) X_l[<]
                 u = torch.bmm(_per_head(dbp, H), w0[l]).view(HB, n, -1)       # d (rc G_l)
-                d_r0[:, c] += (u * G[l][:, R]).sum((1, 2))
-                d_w0[l] += torch.bmm(_per_head(dbp, H).transpose(1, 2), _per_head(grc, H))
+                d_r0[:, c] += (u * gl).sum((1, 2))
+                d_w0[l] += torch.bmm(_per_head(dbp, H).transpose(1, 2), _per_head(gl * rc, H))
                 dg = torch.addcmul(dG[l], u, rc)
                 if s:
-                    de = torch.bmm(dbp, X[l][:, :s].transpose(1, 2)).neg_()
-                    d_gamma[:, c, :s] += (de * eraw[l][:, R, :s]).sum(1)
-                    der = torch.mul(de, gam, out=deraw[l][:, R, :s])
+                    de = torch.bmm(dbp, X[l][:, :s].transpose(1, 2))                 # -d es
+                    d_gamma[:, c, :s] -= (de * torch.bmm(gl, G[l][:, :s].transpose(1, 2))).sum(1)
+                    der = torch.mul(de, g_rows[:, R, :s], out=des[l][:, R, :s]).neg_()
                     dg.baddbmm_(der, G[l][:, :s])
             # G_last = scale * err, scale = 2 / (||k||^2 + sum ||x_l||^2), err = h_last - v
-            e, sc = err[:, R], scale[:, R].unsqueeze(-1)
-            d_err = dg * sc
+            e, sc_r = err[:, R], scale[:, R].unsqueeze(-1)
+            d_err = dg * sc_r
             if d_surprise is not None:
                 d_err.addcmul_(e, d_surprise[:, R].unsqueeze(-1), value=2)
-            d_norm2 = (dg * e).sum(-1, keepdim=True).mul_(sc * sc).mul_(-1.0)     # 2 * d norm
-            dv[:, R] = -d_err
+            d_norm2 = (dg * e).sum(-1, keepdim=True).mul_(sc_r * sc_r).neg_()     # 2 d norm
+            torch.neg(d_err, out=dv[:, R])
             dh = d_err
             for l in range(L - 1, -1, -1):
                 # h_l = rc x_l W0 - ((x_l x_l[<]^T) * gamma) G_l[<]   (layer 0's x W0 term: after the loop)
@@ -388,9 +411,10 @@ class _DualWrite(torch.autograd.Function):
                     d_w0[l] += torch.bmm(_per_head(x, H).transpose(1, 2), _per_head(dh * rc, H))
                     dx.addcmul_(u, rc)
                 if s:
-                    dsc = torch.bmm(dh, G[l][:, :s].transpose(1, 2)).neg_()
-                    d_gamma[:, c, :s] += (dsc * raw[l][:, R, :s]).sum(1)
-                    dr = torch.mul(dsc, gam, out=draw[l][:, R, :s])
+                    dsc = torch.bmm(dh, G[l][:, :s].transpose(1, 2))                  # -d sc
+                    r = raw[l][:, R, :s] if l else torch.bmm(x, k[:, :s].transpose(1, 2))
+                    d_gamma[:, c, :s] -= (dsc * r).sum(1)
+                    dr = torch.mul(dsc, g_rows[:, R, :s], out=draw[l][:, R, :s]).neg_()
                     dx.baddbmm_(dr, X[l][:, :s])
                 if l:
                     dh = _silu_backward(dx, Hs[l - 1][:, R]).add_(extra[l - 1])
@@ -462,7 +486,7 @@ class PersistentMemory(_MemoryBase):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
         q = F.normalize(self._split_heads(self.q(self.norm(x))), dim=-1)  # [B, H, N, dh]
-        y, _, _ = memory_mlp_forward(list(self.init_weights), q)
+        y = _mlp_read(list(self.init_weights), q)
         out = self._merge_heads(y)
         if return_stats:
             return out, {'surprise': torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)}
@@ -661,7 +685,7 @@ class _NeuralMemory(_MemoryBase):
         with torch.autocast(device_type=x.device.type, enabled=False):
             q = F.normalize(_f32(q), dim=-1)
             weights = (state or self.initial_state(x.shape[0]))['weights']
-            y, _, _ = memory_mlp_forward([_f32(w) for w in weights], q)
+            y = _mlp_read([_f32(w) for w in weights], q)
         return self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
@@ -677,7 +701,7 @@ class _NeuralMemory(_MemoryBase):
             if causal:
                 y = torch.cat(reads, dim=2)
             else:
-                y, _, _ = memory_mlp_forward(state['weights'], q)  # (15) every token reads the final memory
+                y = _mlp_read(state['weights'], q)  # (15) every token reads the final memory
         out = self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
         return (out, stats) if return_stats else out
 
