@@ -247,3 +247,30 @@ def test_fused_write_gradients_equal_autograd_write(kind, chunk, momentum):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_fused_write_repeats_across_grad_modes():
+    """The fused write reuses scratch buffers between calls: results and gradients do not depend on what ran
+    before (inference mode, no_grad, a graph still alive)."""
+    mem = _memory('advanced', chunk_size=4)
+    x = torch.randn(2, 13, 64)
+
+    def grads():
+        mem.zero_grad()
+        out = mem(x)
+        out.pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in mem.parameters()]
+
+    ref_out, ref_grads = grads()
+    with torch.inference_mode():
+        inf = mem(x)
+    with torch.no_grad():
+        ng = mem(x)
+    alive = mem(x * 2)  # a graph that still holds its buffers while the next call runs
+    out, g = grads()
+    alive.sum().backward()
+    torch.testing.assert_close(inf, ref_out)
+    torch.testing.assert_close(ng, ref_out)
+    assert torch.equal(out, ref_out)
+    for a, b in zip(g, ref_grads):
+        assert torch.equal(a, b)
