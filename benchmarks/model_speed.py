@@ -17,6 +17,7 @@ Ratios are model / backbone (lower is better); the issue-3 targets are printed n
     python benchmarks/model_speed.py                            # the 9 tiny models, batch 8, 224 px
     python benchmarks/model_speed.py --sizes tiny,small --csv speed.csv
     python benchmarks/model_speed.py --models 'vit_tiny_mag_*' --memory-interval 3 --repeats 5
+    python benchmarks/model_speed.py --threads 1 --clock cpu --stat min  # on a machine shared with other jobs
 """
 import argparse
 import csv
@@ -61,10 +62,15 @@ def infer_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return infer
 
 
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
+_clock = time.perf_counter
+
+
 def timed(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
+    """Seconds ``fn`` takes on the selected clock (wall, or this process's CPU time with ``--clock cpu``)."""
+    t0 = _clock()
     fn()
-    return time.perf_counter() - t0
+    return _clock() - t0
 
 
 def peak_step_bytes(fn: Callable[[], None]) -> int:
@@ -171,6 +177,9 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--repeats', type=int, default=5, help='timed rounds per model')
     parser.add_argument('--stat', choices=('median', 'min'), default='median',
                         help='per-model time over the rounds; min resists load spikes on a shared machine')
+    parser.add_argument('--clock', choices=tuple(CLOCKS), default='wall',
+                        help='cpu: process CPU time, which other processes on a shared machine barely disturb '
+                             '(use with --threads 1, where no thread spins while waiting)')
     parser.add_argument('--memory-blocks', default=None, help='override placement: comma-separated block indices')
     parser.add_argument('--memory-interval', type=int, default=None, help='override placement: every n-th block')
     parser.add_argument('--memory-options', default=None, help='JSON dict passed to create_memory')
@@ -198,6 +207,8 @@ def main(argv=None) -> List[Dict]:
         kwargs['memory_interval'] = args.memory_interval
     if args.threads:
         torch.set_num_threads(args.threads)
+    global _clock
+    _clock = CLOCKS[args.clock]
     patterns = [p.strip() for p in args.models.split(',') if p.strip()]
     torch.manual_seed(0)
 
@@ -218,7 +229,7 @@ def main(argv=None) -> List[Dict]:
         print(f'error: no registered model matches {args.models!r} for sizes {sizes}', file=sys.stderr)
         sys.exit(2)
     print()
-    print(f'batch {args.batch_size}, {args.img_size} px, torch threads {torch.get_num_threads()}, '
+    print(f'batch {args.batch_size}, {args.img_size} px, torch threads {torch.get_num_threads()}, {args.clock} clock, '
           f'{args.stat} of {args.repeats} alternating rounds; ratios = model / plain backbone')
     print(format_table(rows))
     if args.csv:
