@@ -448,7 +448,6 @@ class _DualWrite(torch.autograd.Function):
                 # bp = (rc G_l) W0^T - ((G_l G_l[<]^T) * gamma) X_l[<]
                 u = torch.bmm(_per_head(dbp, H), w0[l]).view(HB, n, -1)       # d (rc G_l)
                 d_r0[:, c] += (u * gl).sum((1, 2))
-                d_w0[l] += torch.bmm(_per_head(dbp, H).transpose(1, 2), _per_head(gl * rc, H))
                 dg = torch.addcmul(dG[l], u, rc)
                 if s:
                     de = torch.bmm(dbp, X[l][:, :s].transpose(1, 2))                 # -d es
@@ -462,16 +461,15 @@ class _DualWrite(torch.autograd.Function):
                 d_err.addcmul_(e, d_surprise[:, R].unsqueeze(-1), value=2)
             d_norm2 = (dg * e).sum(-1, keepdim=True).mul_(sc_r * sc_r).neg_()     # 2 d norm
             torch.neg(d_err, out=dv[:, R])
-            dh = d_err
+            dh = dH[L - 1][:, R].copy_(d_err)
             for l in range(L - 1, -1, -1):
-                # h_l = rc x_l W0 - ((x_l x_l[<]^T) * gamma) G_l[<]   (layer 0's x W0 term: after the loop)
-                dH[l][:, R] = dh
+                # h_l = rc x_l W0 - ((x_l x_l[<]^T) * gamma) G_l[<]   (layer 0's x W0 term and every layer's
+                # W0 gradient: after the loop, for all tokens at once)
                 x = X[l][:, R]
                 dx = dX[l].addcmul_(x, d_norm2)
                 if l:
                     u = torch.bmm(_per_head(dh, H), w0[l].transpose(1, 2)).view(HB, n, -1)   # d (rc x_l) / rc
                     d_r0[:, c] += (u * x).sum((1, 2))
-                    d_w0[l] += torch.bmm(_per_head(x, H).transpose(1, 2), _per_head(dh * rc, H))
                     dx.addcmul_(u, rc)
                 if s:
                     dsc = torch.bmm(dh, G[l][:, :s].transpose(1, 2))                  # -d sc
@@ -480,7 +478,7 @@ class _DualWrite(torch.autograd.Function):
                     dr = torch.mul(dsc, g_rows[:, R, :s], out=draw[l][:, R, :s]).neg_()
                     dx.baddbmm_(dr, X[l][:, :s])
                 if l:
-                    dh = _silu_backward(dx, Hs[l - 1][:, R]).add_(extra[l - 1])
+                    dh = _silu_backward.grad_input(dx, Hs[l - 1][:, R], grad_input=dH[l - 1][:, R]).add_(extra[l - 1])
                 else:
                     dk[:, R] = dx
         # layer 0's base term for all tokens: h0 = (r0_row k) W0
@@ -489,6 +487,14 @@ class _DualWrite(torch.autograd.Function):
         dk.addcmul_(u, r0k)
         d_r0.index_add_(1, chunk_of, (u * k).sum(-1))
         d_w0[0] += torch.bmm(_per_head(k * r0k, H).transpose(1, 2), _per_head(dH[0], H))
+        for l in range(1, L):
+            # h_l = rc x_l W0 + ... and bp_l = (rc G_l) W0^T + ...: scale the narrower side by each token's rc
+            dh_r = dH[l] * r0k if dH[l].shape[-1] <= X[l].shape[-1] else None
+            x_r = X[l] if dh_r is not None else X[l] * r0k
+            d_w0[l] += torch.bmm(_per_head(x_r, H).transpose(1, 2), _per_head(dh_r if dh_r is not None else dH[l], H))
+            g_r = G[l] * r0k if G[l].shape[-1] <= dBp[l].shape[-1] else None
+            d_w0[l] += torch.bmm(_per_head(dBp[l] if g_r is not None else dBp[l] * r0k, H).transpose(1, 2),
+                                 _per_head(g_r if g_r is not None else G[l], H))
         _SCRATCH.give(new.tensors)
         return (dk, dv, d_gamma, d_r0, None, *d_w0)
 
