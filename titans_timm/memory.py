@@ -24,6 +24,9 @@ default) and the chunk-parallel form (16-18): inside a chunk every token's gradi
 the chunk start (mini-batch gradient descent), momentum is a linear recurrence over the chunk's tokens and
 forgetting a cumulative product; both are folded into per-token coefficients, so a whole chunk costs one
 forward and one closed-form backward of the memory MLP (batched matmuls, no autograd inside forward).
+The weights at each chunk start are never built (the "dual form"): they are M0 plus a weighted sum of the earlier
+tokens' rank-one updates, so reading them is a token-by-token matmul (``_NeuralMemory._write``); only the final
+weights are built, once.
 With ``chunk_size=1`` this is exactly the token-by-token rule above; ``chunk_size=None`` writes the whole image in
 one step (the full-batch inner step that vision TTT work found best). A shorter last chunk is still written.
 
@@ -43,7 +46,7 @@ Choices where the paper is silent (written down here, as DESIGN.md asks):
 import math
 import threading
 import weakref
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -339,6 +342,7 @@ class _DualWrite(torch.autograd.Function):
             n, R = t - s, slice(s, t)
             rc = r0[:, c, None, None]
             norm = kk[:, R]
+            x = k[:, R]                                                # the layer input (layer 0: via h0)
             for l in range(L):
                 last = l == L - 1
                 out = None if last else Hs[l][:, R]
@@ -610,6 +614,10 @@ class _NeuralMemory(_MemoryBase):
         backward ``g W^T`` are ``r0 x W0 - ((x X^T) * gamma) G`` and ``r0 g W0^T - ((g G^T) * gamma) X``: small
         token-by-token matmuls instead of weight-sized tensors per chunk (the chunk loop used to be bound by that
         memory traffic, forward and backward). Only the final weights are built, once.
+
+        Two implementations of that loop: forward's case (from M0, after-write read, no momentum state wanted) runs
+        it as one autograd node with a hand-written backward (``_DualWrite``); ``write()``, causal reads and an
+        initial momentum use the same math built from ordinary autograd ops below (tests check they agree).
         """
         B, H, N, _ = k.shape
         BH = B * H
