@@ -874,8 +874,8 @@ class Trainer:
                 self._dump_rank_weights(f'epoch{epoch}')
                 if self.is_primary:
                     row = dict(epoch=epoch, phase=phase,
-                               lr_backbone=lrs.get('backbone', ''), lr_memory=lrs.get('memory', ''),
-                               lr_head=lrs.get('head', ''), train_loss=round(train_loss, 6),
+                               **{f'lr_{r}': f'{lrs[r]:.6g}' if r in lrs else '' for r in two_phase.ROLES},
+                               train_loss=round(train_loss, 6),
                                eval_loss='', top1='', top5='', ema_top1='', time=round(time.time() - t_epoch, 2))
                     if eval_metrics:
                         row.update(eval_loss=round(eval_metrics['loss'], 6), top1=round(eval_metrics['top1'], 4),
