@@ -223,3 +223,7 @@ def test_ctrl_c_writes_resumable_checkpoint(backbone, tmp_path):
     assert state['epoch'] * 4 + state['step_in_epoch'] >= 2
     assert ckpt.read_metadata(tmp_path / 'cc' / 'last.safetensors')['num_updates'] == state['num_updates']
     assert not (tmp_path / 'cc' / 'model.safetensors').exists()
+
+
+def test_bad_flag_is_one_line(capsys):
+    _bad_input(capsys, ['--epochs', 'two'], 'invalid int value')

@@ -96,6 +96,14 @@ class TrainInputError(ValueError):
 # Arguments
 # ---------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), like every other bad input here."""
+
+    def error(self, message):
+        print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def _float_list(n):
     return dict(type=float, nargs=n, metavar='F')
 
@@ -103,7 +111,7 @@ def _float_list(n):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; flag names and dests follow timm's train.py."""
     from titans_timm.data import BUILTIN_DATASET
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog='titans-timm-train', description='Two-phase fine-tuning of (memory-augmented) timm models.')
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe; keys are argparse dests')
 
