@@ -230,6 +230,21 @@ def _write_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: 
     return out
 
 
+def _coefficients_per_chunk(theta, eta, keep, b: int) -> List[Dict[str, torch.Tensor]]:
+    """``chunk_coefficients`` of every chunk of length b (the last may be shorter), computed in one go."""
+    N = theta.shape[-1]
+    n_full = N // b
+    out = []
+    if n_full:
+        gates = [t[..., :n_full * b].unflatten(-1, (n_full, b)) if t is not None else None for t in (theta, eta, keep)]
+        c = chunk_coefficients(*gates)                                          # values [..., C, (b)]
+        per_chunk = {name: val.unbind(theta.dim() - 1) for name, val in c.items()}
+        out = [{name: val[j] for name, val in per_chunk.items()} for j in range(n_full)]
+    if n_full * b < N:
+        out.append(chunk_coefficients(*(t[..., n_full * b:] if t is not None else None for t in (theta, eta, keep))))
+    return out
+
+
 _silu_backward = torch.ops.aten.silu_backward
 _sigmoid_backward = torch.ops.aten.sigmoid_backward
 
@@ -606,23 +621,21 @@ class _NeuralMemory(_MemoryBase):
         """Write keys/values chunk by chunk. k, v: [B, H, N, dh]; gates [B, H, N]. Returns (state, stats, reads).
 
         When q is given (causal read) each chunk's queries read the memory *before* that chunk is written.
-        ``need_momentum=False`` skips building the final momentum (forward reads only the weights).
+        ``need_momentum=False``: the caller reads only the final weights (forward).
 
-        Dual form: the weights at the start of chunk c are never built. Each layer's weights there are
-        ``r0 W0 + r1 S0 - sum_i gamma[c, i] x_i^T g_i`` over the tokens i written before (x_i the layer's input,
-        g_i its scaled gradient, see ``_write_coefficients``), so the chunk's forward ``x W`` and closed-form
-        backward ``g W^T`` are ``r0 x W0 - ((x X^T) * gamma) G`` and ``r0 g W0^T - ((g G^T) * gamma) X``: small
-        token-by-token matmuls instead of weight-sized tensors per chunk (the chunk loop used to be bound by that
-        memory traffic, forward and backward). Only the final weights are built, once.
-
-        Two implementations of that loop: forward's case (from M0, after-write read, no momentum state wanted) runs
-        it as one autograd node with a hand-written backward (``_DualWrite``); ``write()``, causal reads and an
-        initial momentum use the same math built from ordinary autograd ops below (tests check they agree).
+        Two implementations of the same update. Forward's case (from M0, after-write read, no momentum state
+        wanted) uses the dual form in one autograd node with a hand-written backward (``_DualWrite``): the weights
+        at each chunk start are never built, the chunk's forward ``x W`` and closed-form backward ``g W^T`` are
+        ``r0 x W0 - ((x X^T) * gamma) G`` and ``r0 g W0^T - ((g G^T) * gamma) X`` over the earlier tokens (x their
+        layer inputs, G their scaled gradients, see ``_write_coefficients``), and only the final weights are built.
+        ``write()`` (which returns the momentum too), causal reads and a given state use the chunk loop below, built
+        from autograd ops: with momentum, each layer's weights W and momentum S are kept stacked as one
+        ``[B*H, 2, d_in, d_out]`` tensor, so a chunk's forgetting/momentum mixing is one small bmm and its gradient
+        step one baddbmm. Tests check both against a token-by-token reference and against each other.
         """
         B, H, N, _ = k.shape
         BH = B * H
         b = self.chunk_size or N
-        n_chunks = math.ceil(N / b)
         if q is None and not need_momentum and (eta is None or state.get('momentum') is None) and all(
                 w.dim() == 4 and w.stride(0) == 0 for w in state['weights']):
             # the common case, forward from M0 (expanded over the batch) with an after-write read: one autograd
@@ -633,108 +646,56 @@ class _NeuralMemory(_MemoryBase):
                                                   *[_f32(w[0]) for w in state['weights']])
             stats = {'surprise': surprise.view(H, B, N).mean(0)}
             return {'weights': [w.view(H, B, *w.shape[1:]).transpose(0, 1) for w in weights], 'momentum': None}, stats, []
-        flat = lambda t: None if t is None else t.flatten(0, 1)
-        co = _write_coefficients(flat(theta), flat(eta), flat(keep), b)
-        gamma, r0, r1 = co['gamma'], co['r0'], co['r1']                     # [BH, C+1, N], [BH, C+1]
-        k, v = k.flatten(0, 1), v.flatten(0, 1)                               # [BH, N, dh]
-        kk = k.pow(2).sum(-1)                                                 # ||k||^2 of the step normaliser
-        # initial weights as [BH, d_in, d_out] (M0 is expanded over the batch: one copy per call, not per chunk)
-        w0 = [_f32(w).expand(B, H, *w.shape[-2:]).reshape(BH, *w.shape[-2:]) for w in state['weights']]
-        s0 = None
-        if eta is not None and state.get('momentum') is not None:
-            s0 = [_f32(m).reshape(w.shape) for w, m in zip(w0, state['momentum'])]
-        unflat = lambda t: t.reshape(B, H, *t.shape[-2:])
-        depth = len(w0)
-        chunk_of = torch.arange(N, device=k.device) // b
-
-        def base(x, i, rw, rs, transpose=False):
-            """x (r0 W0 + r1 S0) of layer i (or with the transposed weights), rw/rs broadcast over x's rows."""
-            w = w0[i].transpose(-1, -2) if transpose else w0[i]
-            out = torch.bmm(x, w) * rw
-            if s0 is not None:
-                out = out + torch.bmm(x, s0[i].transpose(-1, -2) if transpose else s0[i]) * rs
-            return out
-
-        # layer 0 reads the keys (and queries): its chunk-start inputs and scores are known up front
-        rows = k if q is None else torch.cat([k, q.flatten(0, 1)], dim=1)
-        row_chunk = chunk_of if q is None else chunk_of.repeat(2)
-        pre0 = base(rows, 0, r0[:, row_chunk, None], None if r1 is None else r1[:, row_chunk, None])
-        score0 = None
-        if n_chunks > 1:
-            score0 = torch.bmm(rows, k.transpose(1, 2)) * gamma[:, row_chunk]   # [BH, rows, N], 0 on and after own chunk
-
-        # per-chunk pieces by split/unbind, not slicing: autograd's backward of a slice fills a zeroed tensor of
-        # the whole input, per chunk; a split's backward is one cat
-        pre0_k, vs, kks = pre0[:, :N].split(b, dim=1), v.split(b, dim=1), kk.split(b, dim=1)
-        pre0_q = pre0[:, N:].split(b, dim=1) if q is not None else None
-        score0_k = score0[:, :N].split(b, dim=1) if score0 is not None else None
-        score0_q = score0[:, N:].split(b, dim=1) if score0 is not None and q is not None else None
-        gammas, r0s = gamma.unbind(1), r0.unbind(1)
-        r1s = r1.unbind(1) if r1 is not None else None
-        xs = [k] + [None] * (depth - 1)    # layer inputs of the tokens written so far
-        gs = [None] * depth                # their scaled gradients
+        coefs = _coefficients_per_chunk(theta.flatten(0, 1), None if eta is None else eta.flatten(0, 1), keep.flatten(0, 1), b)
+        k, v = k.flatten(0, 1), v.flatten(0, 1)                               # [B*H, N, dh]
+        ks, vs, kks = k.split(b, dim=1), v.split(b, dim=1), k.pow(2).sum(-1).split(b, dim=-1)
+        qs = q.flatten(0, 1).split(b, dim=1) if q is not None else None
+        use_mom = eta is not None
+        weights = [_f32(w).expand(B, H, *w.shape[-2:]).flatten(0, 1) for w in state['weights']]
+        if use_mom:
+            moms = state['momentum'] or [torch.zeros_like(w) for w in weights]
+            packed = [torch.stack([w, _f32(m).reshape(w.shape)], dim=1) for w, m in zip(weights, moms)]  # [BH, 2, din, dout]
+            weights = [p[:, 0] for p in packed]
         surprise, reads = [], []
-        for c in range(n_chunks):
-            s, e = c * b, min((c + 1) * b, N)
-            nk = e - s
-            if q is None:
-                h = pre0_k[c]
-                if s:
-                    h = torch.baddbmm(h, score0_k[c][..., :s], gs[0], alpha=-1)
-            else:
-                h = torch.cat([pre0_k[c], pre0_q[c]], dim=1)
-                if s:
-                    sc = torch.cat([score0_k[c][..., :s], score0_q[c][..., :s]], dim=1)
-                    h = torch.baddbmm(h, sc, gs[0], alpha=-1)
-            gam = gammas[c][:, None, :s]                                      # [BH, 1, s]
-            rw = r0s[c][:, None, None]
-            rs = None if r1 is None else r1s[c][:, None, None]
-            acts, act_grads = [], []
-            for i in range(1, depth):
-                sg = torch.sigmoid(h)
-                a = h * sg                                                    # silu
-                act_grads.append(sg + a - a * sg)                             # silu'(h) = s (1 + h (1 - s))
-                acts.append(a)
-                h = base(a, i, rw, rs)
-                if s:
-                    h = torch.baddbmm(h, torch.bmm(a, xs[i].transpose(1, 2)) * gam, gs[i], alpha=-1)
-            pred = h
+        for ci, (kc, vc, c) in enumerate(zip(ks, vs, coefs)):
+            nk = kc.shape[1]
+            inp = kc if q is None else torch.cat([kc, qs[ci]], dim=1)  # one forward serves write and read
+            pred, inputs, act_grads = memory_mlp_forward(weights, inp)
             if q is not None:
                 reads.append(pred[:, nk:])
-                pred = pred[:, :nk]
-                acts, act_grads = [t[:, :nk] for t in acts], [t[:, :nk] for t in act_grads]
-            err = pred - vs[c]                                            # [BH, nk, dh]
+                pred, inputs, act_grads = pred[:, :nk], [t[:, :nk] for t in inputs], [t[:, :nk] for t in act_grads]
+            err = pred - vc                                                   # [B*H, b, dh]
             surprise.append(err.pow(2).sum(-1))                               # (12) loss_t at the chunk-start weights
             # d||M(k)-v||^2/dM = 2 err; each token's step normalised (see step_normaliser)
-            scale = (2 / step_normaliser([None] + acts, kks[c])).unsqueeze(-1)  # [BH, nk, 1]
-            new_g = [None] * depth
-            g = err
-            for i in range(depth - 1, -1, -1):
-                new_g[i] = g * scale
-                if i:
-                    gb = base(g, i, rw, rs, transpose=True)
-                    if s:
-                        gb = torch.baddbmm(gb, torch.bmm(g, gs[i].transpose(1, 2)) * gam, xs[i], alpha=-1)
-                    g = gb * act_grads[i - 1]
-            for i in range(depth):
-                gs[i] = new_g[i] if gs[i] is None else torch.cat([gs[i], new_g[i]], dim=1)
-                if i:
-                    xs[i] = acts[i - 1] if xs[i] is None else torch.cat([xs[i], acts[i - 1]], dim=1)
-
-        def final(coef, start, start_coef):
-            # start_coef * start - sum_i coef_i x_i^T g_i, per layer
-            return [torch.baddbmm(w * start_coef[:, None, None], x.transpose(1, 2), g * coef.unsqueeze(-1), alpha=-1)
-                    for w, x, g in zip(start, xs, gs)]
-
-        weights = final(gamma[:, -1], w0, r0[:, -1])
-        if s0 is not None:
-            weights = [w + m * r1[:, -1, None, None] for w, m in zip(weights, s0)]
-        momentum = None
-        if eta is not None and need_momentum:
-            momentum = final(co['sigma'], s0 if s0 is not None else [torch.zeros_like(w) for w in w0], co['s0_final'])
+            scale = 2 / step_normaliser(inputs, kks[ci])                      # [B*H, b]
+            if use_mom:
+                zero = torch.zeros_like(c['w_decay'])
+                mix = torch.stack([c['w_decay'], c['w_from_s'], zero, c['s_decay']], dim=-1).view(BH, 2, 2)
+                tok = torch.stack([c['w_tok'], c['s_tok']], dim=1) * scale.unsqueeze(1)  # [B*H, 2, b]
+            else:
+                tok = c['w_tok'] * scale
+            new_packed = [None] * len(weights)
+            for i, g in memory_mlp_backprop(weights, act_grads, err):
+                xt = inputs[i].transpose(-1, -2)                               # [B*H, d_in, b]
+                d_in, d_out = xt.shape[1], g.shape[-1]
+                if use_mom:
+                    # (13) forget W and add momentum, (10) decay S: [W; S] <- mix @ [W; S]
+                    mixed = torch.bmm(mix, packed[i].view(BH, 2, d_in * d_out)).view(BH * 2, d_in, d_out)
+                    xt2 = xt.unsqueeze(1).expand(BH, 2, d_in, nk).reshape(BH * 2, d_in, nk)
+                    gg = (g.unsqueeze(1) * tok.unsqueeze(-1)).view(BH * 2, nk, d_out)
+                    # minus the chunk's token-weighted surprise, for W and S at once
+                    new_packed[i] = torch.baddbmm(mixed, xt2, gg, alpha=-1).view(BH, 2, d_in, d_out)
+                else:
+                    new_packed[i] = torch.baddbmm(weights[i] * c['w_decay'][:, None, None], xt, g * tok.unsqueeze(-1), alpha=-1)
+            if use_mom:
+                packed = new_packed
+                weights = [p[:, 0] for p in packed]
+            else:
+                weights = new_packed
         stats = {'surprise': torch.cat(surprise, dim=-1).view(B, H, N).mean(1)}  # [B, N], mean over heads
+        unflat = lambda t: t.reshape(B, H, *t.shape[-2:])
         state = {'weights': [unflat(w) for w in weights],
-                 'momentum': [unflat(m) for m in momentum] if momentum is not None else None}
+                 'momentum': [unflat(p[:, 1]) for p in packed] if use_mom else None}
         return state, stats, [unflat(r) for r in reads]
 
     def _prepare(self, x: torch.Tensor, context: Optional[torch.Tensor]):
