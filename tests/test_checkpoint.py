@@ -212,3 +212,21 @@ def test_memory_model_round_trip(tmp_path, approach, memory):
     # the memory model's weights do not load into the plain backbone, and the error names memory keys
     with pytest.raises(CheckpointError, match='unexpected keys'):
         load_model(path, architecture=ARCH)
+
+
+def test_checkpoint_pins_resolved_memory_arguments(tmp_path):
+    """A checkpoint rebuilds the model it was saved from even if a default (placement, memory options) changes."""
+    import titans_timm.vit as vit
+    model = timm.create_model('vit_tiny_mag_simple', img_size=32, depth=4, num_classes=10)
+    path = save_model(model, tmp_path / 'm.safetensors', architecture='vit_tiny_mag_simple',
+                      model_args=dict(img_size=32, depth=4, num_classes=10))
+    args = read_metadata(path)['model_args']
+    assert args['memory_blocks'] == list(model.memory_blocks)
+    assert args['memory_options'] == model.blocks[model.memory_blocks[0]].memory.options
+    old = vit.DEFAULT_MEMORY_INTERVAL
+    try:
+        vit.DEFAULT_MEMORY_INTERVAL = 1  # a later release changes the default placement
+        loaded, _ = load_model(path)
+    finally:
+        vit.DEFAULT_MEMORY_INTERVAL = old
+    assert loaded.memory_blocks == model.memory_blocks

@@ -27,7 +27,7 @@ def _reference(mem, x, chunk, causal=False):
     chunk-start weights (16-18)."""
     q, k, v, theta, eta, keep = mem._prepare(x, None)
     B, H, N, _ = k.shape
-    weights = [w.unsqueeze(0).expand(B, *w.shape).clone() for w in mem.init_weights]
+    weights = [w.unsqueeze(0).expand(B, *w.shape).clone() for w in mem.initial_weights]
     mom = [torch.zeros_like(w) for w in weights]
     reads = []
     for start in range(0, N, chunk):

@@ -58,6 +58,11 @@ _MAX_KEYS_SHOWN = 5
 PathLike = Union[str, os.PathLike]
 
 
+# model arguments that only titans-timm architectures take (pinned by ``save_model``)
+MEMORY_MODEL_ARGS = ('approach', 'memory_type', 'memory_blocks', 'memory_interval', 'memory_options',
+                     'num_persistent_tokens', 'num_memory_tokens')
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model it should load into."""
 
@@ -187,7 +192,13 @@ def save_model(
     """
     if not isinstance(architecture, str) or not architecture:
         raise CheckpointError(f'architecture must be a timm model name string, got {architecture!r}')
-    model_args = _check_json(dict(model_args or {}), 'model_args')
+    model_args = dict(model_args or {})
+    resolved = getattr(model, 'resolved_model_args', None)
+    if callable(resolved):
+        # pin placement and every memory option: a later change of a default must not change this model
+        model_args.pop('memory_interval', None)
+        model_args.update(resolved())
+    model_args = _check_json(model_args, 'model_args')
     extra = _check_json(dict(extra_metadata or {}), 'extra_metadata')
     if label_names is not None:
         label_names = [str(n) for n in label_names]
@@ -410,12 +421,15 @@ def load_model(path: PathLike, **overrides) -> Tuple[nn.Module, Dict[str, Any]]:
     architecture = overrides.pop('architecture', None)
     meta = read_metadata(path, required=architecture is None)
     meta = dict(meta)
-    if architecture is not None:
+    model_args = dict(meta.get('model_args') or {})
+    if architecture is not None and architecture != meta.get('architecture'):
+        # the stored memory arguments describe the stored architecture, not the one asked for
+        for key in MEMORY_MODEL_ARGS:
+            model_args.pop(key, None)
         meta['architecture'] = architecture
     architecture = meta.get('architecture')
     if not isinstance(architecture, str):
         raise CheckpointError(f'{path}: metadata has no architecture; pass architecture=NAME')
-    model_args = dict(meta.get('model_args') or {})
     model_args.update(overrides)
     meta['model_args'] = model_args
     meta.setdefault('label_names', None)

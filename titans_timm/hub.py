@@ -47,7 +47,6 @@ Choices made here (and why):
 """
 import argparse
 import importlib.resources
-import inspect
 import json
 import math
 import os
@@ -570,42 +569,15 @@ def render_card(model: nn.Module, *, template: Optional[PathLike] = None, **fiel
 # The folder: weights, config.json, README.md
 
 
-def _signature_defaults(fn) -> Dict[str, Any]:
-    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
-            if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
-
-
 def resolved_memory_args(model: nn.Module) -> Dict[str, Any]:
-    """Every memory option of a titans-timm model at its resolved value (``{}`` for plain timm models).
+    """Every memory argument of a titans-timm model at its resolved value (``{}`` for plain timm models).
 
     timm records only the kwargs ``create_model`` was called with; config.json gets these as well so
     a later change of a default (placement interval, memory heads, chunk size, ...) cannot change
-    what a published repository rebuilds. Values come from the built modules (``heads=None`` is
-    stored as the head count it resolved to) and, where a module keeps none, from the signature.
+    what a published repository rebuilds (see ``TitansVisionTransformer.resolved_model_args``).
     """
-    from titans_timm.vit import TitansVisionTransformer, memory_modules
-    if not isinstance(model, TitansVisionTransformer):
-        return {}
-    args = dict(approach=model.approach, memory_type=model.memory_type, memory_blocks=list(model.memory_blocks))
-    modules = memory_modules(model)
-    options = dict(model.memory_options)
-    if modules:
-        module = modules[0][1]
-        for name, default in _signature_defaults(type(module).__init__).items():
-            if name in ('device', 'dtype'):
-                continue
-            value = getattr(module, name, default)
-            # only plain values of the option's own kind; an attribute of another meaning keeps the default
-            if isinstance(value, (bool, int, float, str, type(None))) and (
-                    default is None or isinstance(value, type(default)) or
-                    (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))):
-                options.setdefault(name, value)
-    args['memory_options'] = options
-    if model.approach == 'mac':
-        defaults = _signature_defaults(TitansVisionTransformer.__init__)
-        for name in ('num_persistent_tokens', 'num_memory_tokens'):
-            args[name] = getattr(model, name, defaults.get(name))
-    return args
+    resolved = getattr(model, 'resolved_model_args', None)
+    return resolved() if callable(resolved) else {}
 
 
 def _export_model_args(model: nn.Module, model_args: Dict[str, Any]) -> Dict[str, Any]:

@@ -46,7 +46,7 @@ Choices where the paper is silent (written down here, as DESIGN.md asks):
 import math
 import threading
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -521,6 +521,16 @@ class _DualWrite(torch.autograd.Function):
 class _MemoryBase(nn.Module):
     """Shared parts: input norm, head layout, per-head memory MLP M0 and the output projection."""
 
+    # the create_memory options this type takes, as stored on the instance (see ``options``)
+    option_names = ('heads', 'head_dim', 'depth', 'expansion')
+
+    @property
+    def options(self) -> Dict[str, Union[int, float, str, bool, None]]:
+        """Every ``create_memory`` option at the value this module resolved it to (``heads=None`` -> the count).
+
+        Checkpoints and Hub configs record these, so a later change of a default cannot change a saved model."""
+        return {name: getattr(self, name) for name in self.option_names}
+
     def __init__(
             self,
             dim: int,
@@ -545,7 +555,7 @@ class _MemoryBase(nn.Module):
         sizes = [head_dim] + [hidden] * (depth - 1) + [head_dim]
         self.norm = LayerNorm(dim, **dd)
         # M0: per-head initial memory weights (the learned state every image starts from)
-        self.init_weights = nn.ParameterList([
+        self.initial_weights = nn.ParameterList([
             nn.Parameter(torch.randn(self.heads, sizes[i], sizes[i + 1], **dd) / math.sqrt(sizes[i]))
             for i in range(depth)
         ])
@@ -575,7 +585,7 @@ class PersistentMemory(_MemoryBase):
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
         q = F.normalize(self._split_heads(self.q(self.norm(x))), dim=-1)  # [B, H, N, dh]
-        y = _mlp_read(list(self.init_weights), q)
+        y = _mlp_read(list(self.initial_weights), q)
         out = self._merge_heads(y)
         if return_stats:
             return out, {'surprise': torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)}
@@ -609,13 +619,15 @@ class _NeuralMemory(_MemoryBase):
         self.momentum = momentum
         self.max_lr = max_lr
 
+    option_names = _MemoryBase.option_names + ('chunk_size', 'read_mode', 'momentum', 'max_lr')
+
     # Subclasses define their views and gates:
     #   _qkv(x, context) -> q, k, v [B, H, N, dh];  _queries(x) -> q [B, H, M, dh]
     #   _gates(x, chunk) -> theta, eta, keep (= 1 - alpha), each [B, H, N]
 
     def initial_state(self, batch_size: int) -> MemoryState:
         """The state every image starts from: M0 (expanded over the batch, no copy) and no momentum."""
-        return {'weights': [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights], 'momentum': None}
+        return {'weights': [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights], 'momentum': None}
 
     def _write(self, k, v, theta, eta, keep, state: MemoryState, q=None, need_momentum: bool = True):
         """Write keys/values chunk by chunk. k, v: [B, H, N, dh]; gates [B, H, N]. Returns (state, stats, reads).
@@ -789,6 +801,7 @@ class AdvancedNeuralMemory(_NeuralMemory):
     """
 
     kind = 'advanced'
+    option_names = _NeuralMemory.option_names + ('qkv_diff_views',)
 
     def __init__(self, dim: int, heads: Optional[int] = None, head_dim: int = 64, depth: int = 2,
                  expansion: float = 4.0, chunk_size: Optional[int] = 16, read_mode: str = 'after_write',

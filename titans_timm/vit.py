@@ -473,6 +473,18 @@ class TitansVisionTransformer(VisionTransformer):
             matcher['blocks'] = [(r'^memory\.', (self.memory_blocks[0],))] + list(matcher['blocks'])
         return matcher
 
+    def resolved_model_args(self) -> Dict[str, Any]:
+        """The memory arguments at the values this model was built with (placement as block indices, every
+        memory option resolved). Checkpoints and Hub configs store these, so a later change of a default
+        (placement interval, chunk size, heads, ...) cannot change what a saved model rebuilds into."""
+        args = dict(approach=self.approach, memory_type=self.memory_type, memory_blocks=list(self.memory_blocks))
+        modules = self._named_memory_modules()
+        args['memory_options'] = dict(modules[0][1].options) if modules else dict(self.memory_options)
+        if self.approach == 'mac':
+            first = self.blocks[self.memory_blocks[0]]
+            args.update(num_persistent_tokens=first.num_persistent_tokens, num_memory_tokens=first.num_memory_tokens)
+        return args
+
     def _named_memory_modules(self) -> List[Tuple[str, nn.Module]]:
         if self.memory is not None:
             return [('memory', self.memory)]
