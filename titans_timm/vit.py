@@ -501,7 +501,7 @@ class TitansVisionTransformer(VisionTransformer):
         ckpt = self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled()
         if isinstance(blk, MemoryContextBlock):
             if attn_mask is not None or is_causal:
-                raise NotImplementedError(
+                raise ValueError(
                     'MAC models do not support attn_mask / is_causal: the retrieved memory tokens see every token')
             if ckpt:
                 return checkpoint(blk, x, self.memory, state)
