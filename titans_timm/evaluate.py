@@ -491,57 +491,30 @@ def _patch_grid(model: nn.Module, images: torch.Tensor) -> Tuple[int, int]:
     return tuple(patch_embed.grid_size)
 
 
+def _with_stats(method, record):
+    """``method`` (a memory's forward or write) made to also hand its ``return_stats`` stats to ``record``."""
+    def wrapped(*args, **kwargs):
+        if kwargs.get('return_stats'):  # the caller wants the stats itself: leave its call alone
+            out = method(*args, **kwargs)
+            record(out[1])
+            return out
+        out, stats = method(*args, return_stats=True, **kwargs)
+        record(stats)
+        return out
+    return wrapped
+
+
 def _capture_calls(module: nn.Module, record) -> List[str]:
     """Wrap ``module``'s forward (and ``write``) so each call also hands its stats to ``record``.
 
     Returns the names of the instance attributes set, to delete afterwards (the class methods take over again).
     """
-    if any(name in module.__dict__ for name in ('forward', 'write', '_write')):
+    if any(name in module.__dict__ for name in ('forward', 'write')):
         raise EvalError(f'{type(module).__name__} already has instance-level forward/write overrides; '
                         f'cannot capture its surprise')
-    forward = module.forward
-
-    def forward_with_stats(*args, **kwargs):
-        if kwargs.get('return_stats'):  # the caller wants the stats itself: leave its call alone
-            out = forward(*args, **kwargs)
-            record(out[1])
-            return out
-        out, stats = forward(*args, return_stats=True, **kwargs)
-        record(stats)
-        return out
-
-    module.forward = forward_with_stats
-    names = ['forward']
-    write = getattr(module, 'write', None)
-    if write is None:
-        return names
-    import inspect
-    if 'return_stats' in inspect.signature(write).parameters:
-        def write_with_stats(*args, **kwargs):
-            if kwargs.get('return_stats'):
-                out = write(*args, **kwargs)
-                record(out[1])
-                return out
-            state, stats = write(*args, return_stats=True, **kwargs)
-            record(stats)
-            return state
-    else:
-        # write() returns only the state; the stats come from the chunk loop it runs (_write), which
-        # forward() shares: borrow them there for the duration of this write call.
-        inner = module._write
-
-        def write_with_stats(*args, **kwargs):
-            def _write(*wargs, **wkwargs):
-                out = inner(*wargs, **wkwargs)  # (state, stats, reads)
-                record(out[1])
-                return out
-            module._write = _write
-            try:
-                return write(*args, **kwargs)
-            finally:
-                del module._write
-    module.write = write_with_stats
-    names.append('write')
+    names = [name for name in ('forward', 'write') if hasattr(module, name)]
+    for name in names:
+        setattr(module, name, _with_stats(getattr(module, name), record))
     return names
 
 

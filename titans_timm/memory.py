@@ -723,12 +723,14 @@ class _NeuralMemory(_MemoryBase):
             eta = _f32(eta) if eta is not None else None
         return q, k, v, theta, eta, keep
 
-    def write(self, x: torch.Tensor, state: Optional[MemoryState] = None, context: Optional[torch.Tensor] = None) -> MemoryState:
-        """Write the tokens ``x`` [B, N, D] into the memory (from M0 when ``state`` is None); returns the new state."""
+    def write(self, x: torch.Tensor, state: Optional[MemoryState] = None, context: Optional[torch.Tensor] = None,
+              return_stats: bool = False):
+        """Write the tokens ``x`` [B, N, D] into the memory (from M0 when ``state`` is None); returns the new state,
+        or ``(state, {'surprise': [B, N]})`` with ``return_stats``."""
         _, k, v, theta, eta, keep = self._prepare(x, context)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            state, _, _ = self._write(k, v, theta, eta, keep, state or self.initial_state(x.shape[0]))
-        return state
+            state, stats, _ = self._write(k, v, theta, eta, keep, state or self.initial_state(x.shape[0]))
+        return (state, stats) if return_stats else state
 
     def read(self, x: torch.Tensor, state: Optional[MemoryState] = None) -> torch.Tensor:
         """Read the memory ``state`` (M0 when None) with queries from ``x`` [B, M, D] without updating it (15)."""
