@@ -92,6 +92,17 @@ def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def alternate(fns, warmup, repeats, stat):
+    """Time each callable round-robin (so load spikes hit all alike); ``stat`` of its timed rounds per name."""
+    times = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for k, fn in fns.items():
+            t = timed(fn)
+            if i >= warmup:
+                times[k].append(t)
+    return {k: stat(v) for k, v in times.items()}
+
+
 def measure_pair(
         name: str,
         backbone: torch.nn.Module,
@@ -113,26 +124,14 @@ def measure_pair(
            'params_M': num_params(model) / 1e6, 'backbone_params_M': num_params(backbone) / 1e6}
     if infer:
         fns = {k: infer_fn(m.eval(), x) for k, m in pair.items()}
-        times = {k: [] for k in fns}
-        for i in range(warmup + repeats):
-            for k, fn in fns.items():
-                t = timed(fn)
-                if i >= warmup:
-                    times[k].append(t)
-        med = {k: stat(v) for k, v in times.items()}
+        med = alternate(fns, warmup, repeats, stat)
         row.update(infer_img_s=batch_size / med['model'], backbone_infer_img_s=batch_size / med['backbone'],
                    infer_ratio=med['model'] / med['backbone'])
     if train:
         for m in pair.values():
             m.train()
         fns = {k: train_step_fn(m, x, target) for k, m in pair.items()}
-        times = {k: [] for k in fns}
-        for i in range(warmup + repeats):
-            for k, fn in fns.items():
-                t = timed(fn)
-                if i >= warmup:
-                    times[k].append(t)
-        med = {k: stat(v) for k, v in times.items()}
+        med = alternate(fns, warmup, repeats, stat)
         row.update(train_img_s=batch_size / med['model'], backbone_train_img_s=batch_size / med['backbone'],
                    train_ratio=med['model'] / med['backbone'])
         # static: parameters + AdamW exp_avg/exp_avg_sq; dynamic: activations and grads of one step

@@ -10,25 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import safetensors.torch
 import timm
 import torch
 
-from titans_timm import checkpoint as ckpt
 from titans_timm.vit import split_parameters
 
 STRUCT = dict(img_size=32, patch_size=8, depth=2)
 MODEL = 'vit_tiny_mal_mlp'
-
-
-@pytest.fixture(scope='module')
-def backbone(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, **STRUCT)
-    path = tmp_path_factory.mktemp('ddp_backbone') / 'model.safetensors'
-    ckpt.save_model(model, path, architecture='vit_tiny_patch16_224', model_args=dict(STRUCT, num_classes=10))
-    return path
 
 
 def _train_args(backbone, out, experiment, epochs=2):

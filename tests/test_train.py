@@ -24,23 +24,7 @@ TINY = ['--img-size', '32', '--train-num-samples', '32', '--val-num-samples', '1
         '--lr', '2e-3', '--warmup-epochs', '0', '--seed', '0', '--no-progress', '--log-interval', '100']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on shared cores spinning OpenMP threads cost a lot.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='module')
-def backbone(tmp_path_factory):
-    """A plain timm ViT checkpoint (random weights) with the tiny structure, as the trainer writes them."""
-    torch.manual_seed(0)
-    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, **STRUCT)
-    path = tmp_path_factory.mktemp('backbone') / 'model.safetensors'
-    ckpt.save_model(model, path, architecture='vit_tiny_patch16_224', model_args=dict(STRUCT, num_classes=10))
-    return path
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _load(path):

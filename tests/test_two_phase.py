@@ -23,13 +23,7 @@ from titans_timm.vit import split_parameters
 STRUCT = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on shared cores spinning OpenMP threads cost a lot.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _fake_timm_train_module():
