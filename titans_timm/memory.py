@@ -168,11 +168,10 @@ def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: t
         out['w_tok'] = theta * keep_after
         return out
     le = torch.cumsum(torch.log(eta.clamp_min(1e-12)), dim=-1)  # log prod_{m<=j} eta_m
-    b = theta.shape[-1]
-    # E(i, j) = prod_{i<m<=j} eta_m for j >= i, as a [..., i, j] matrix
-    upper = torch.ones(b, b, dtype=torch.bool, device=theta.device).triu()
-    e_ij = _exp((le.unsqueeze(-2) - le.unsqueeze(-1)).masked_fill(~upper, -float('inf')))
-    out['w_tok'] = theta * (e_ij * keep_after.unsqueeze(-2)).sum(-1)
+    # w_tok_i = theta_i sum_{j>=i} E(i, j) F(j, b) with E(i, j) = prod_{i<m<=j} eta_m: a reverse log-sum-exp scan,
+    # exp(lk_b - le_i + logsumexp_{j>=i}(le_j - lk_j)); every term of the sum is <= 1, so the result is <= b
+    tail = torch.logcumsumexp((le - lk).flip(-1), dim=-1).flip(-1)
+    out['w_tok'] = theta * _exp(lk_total - le + tail)
     out['s_tok'] = theta * _exp(le[..., -1:] - le)
     out['s_decay'] = _exp(le[..., -1])
     out['w_from_s'] = (keep_after * _exp(le)).sum(-1)
@@ -338,14 +337,18 @@ class _DualWrite(torch.autograd.Function):
         grad = any(ctx.needs_input_grad)
         new = _Scratch(k)
         chunk_of = torch.arange(N, device=k.device) // b
-        g_rows = torch.index_select(gamma, 1, chunk_of, out=new(HB, N, N))  # gamma of each row's chunk
-        sc0 = torch.bmm(k, k.transpose(1, 2), out=new(HB, N, N)).mul_(g_rows)  # layer-0 scores (k_r . k_j) * gamma
+        pairs = C > 1                                                 # token-pair terms between chunks
+        g_rows = sc0 = None
+        if pairs:
+            g_rows = torch.index_select(gamma, 1, chunk_of, out=new(HB, N, N))  # gamma of each row's chunk
+            sc0 = torch.bmm(k, k.transpose(1, 2), out=new(HB, N, N)).mul_(g_rows)  # layer-0 scores (k_r . k_j) * gamma
         X = [k] + [new(HB, N, w.shape[1]) for w in w0[1:]]           # layer inputs
         G = [new(HB, N, w.shape[2]) for w in w0]                      # scaled layer-output gradients
         Hs = [new(HB, N, w.shape[2]) for w in w0[:-1]]                # hidden pre-activations
         Bp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]        # backprop at the hidden outputs (pre silu')
-        raw = [None] + [new(HB, N, N) if grad else None for _ in w0[1:]]   # x_r . x_j (layers >= 1)
-        es = [None] + [new(HB, N, N) if grad else None for _ in w0[1:]]    # (G_r . G_j) * gamma
+        keep_pairs = grad and pairs
+        raw = [None] + [new(HB, N, N) if keep_pairs else None for _ in w0[1:]]   # x_r . x_j (layers >= 1)
+        es = [None] + [new(HB, N, N) if keep_pairs else None for _ in w0[1:]]    # (G_r . G_j) * gamma
         err = new(HB, N, w0[-1].shape[2])
         scale = new(HB, N)
         kk = k.pow(2).sum(-1)
@@ -434,8 +437,9 @@ class _DualWrite(torch.autograd.Function):
             dX_fin[l] = torch.bmm(G[l] * gC, dw.transpose(1, 2), out=new(HB, N, dw.shape[1])).neg_()
         dH = [new(HB, N, w.shape[2]) for w in w0]                        # d pre-activations of every token
         dBp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]
-        draw = [new(HB, N, N) for _ in w0]                               # d ((x_r . x_j) * gamma)
-        des = [None] + [new(HB, N, N) for _ in w0[1:]]                   # d ((G_r . G_j) * gamma), w.r.t. G_r . G_j
+        pairs = C > 1
+        draw = [new(HB, N, N) if pairs else None for _ in w0]            # d ((x_r . x_j) * gamma)
+        des = [None] + [new(HB, N, N) if pairs else None for _ in w0[1:]]  # d ((G_r . G_j) * gamma), w.r.t. G_r . G_j
         for c in range(C - 1, -1, -1):
             s, t = c * b, min(c * b + b, N)
             n, R = t - s, slice(s, t)
