@@ -344,8 +344,10 @@ class _DualWrite(torch.autograd.Function):
             sc0 = torch.bmm(k, k.transpose(1, 2), out=new(HB, N, N)).mul_(g_rows)  # layer-0 scores (k_r . k_j) * gamma
         X = [k] + [new(HB, N, w.shape[1]) for w in w0[1:]]           # layer inputs
         G = [new(HB, N, w.shape[2]) for w in w0]                      # scaled layer-output gradients
-        Hs = [new(HB, N, w.shape[2]) for w in w0[:-1]]                # hidden pre-activations
-        Bp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]        # backprop at the hidden outputs (pre silu')
+        # per chunk (matmul results are written to fresh contiguous tensors: a strided out= makes bmm fall back
+        # to one small matmul per batch entry)
+        Hs = [[] for _ in w0[:-1]]                                    # hidden pre-activations
+        Bp = [None] + [[] for _ in w0[1:]]                            # backprop at the hidden outputs (pre silu')
         keep_pairs = grad and pairs
         raw = [None] + [new(HB, N, N) if keep_pairs else None for _ in w0[1:]]   # x_r . x_j (layers >= 1)
         es = [None] + [new(HB, N, N) if keep_pairs else None for _ in w0[1:]]    # (G_r . G_j) * gamma
@@ -363,18 +365,18 @@ class _DualWrite(torch.autograd.Function):
             x = k[:, R]                                                # the layer input (layer 0: via h0)
             for l in range(L):
                 last = l == L - 1
-                out = None if last else Hs[l][:, R]
                 h = h0[:, R] if l == 0 else torch.bmm(_per_head(x, H), w0[l]).view(HB, n, -1).mul_(rc)
                 if s:
                     if l:
-                        r = torch.bmm(x, X[l][:, :s].transpose(1, 2), **({'out': raw[l][:, R, :s]} if grad else {}))
-                        sc = r.mul(g_rows[:, R, :s])
+                        r = torch.bmm(x, X[l][:, :s].transpose(1, 2))
+                        if grad:
+                            raw[l][:, R, :s] = r
+                        sc = r.mul_(g_rows[:, R, :s])
                     else:
                         sc = sc0[:, R, :s]
-                    h = torch.baddbmm(h, sc, G[l][:, :s], alpha=-1, **({} if last else {'out': out}))
-                elif not last:
-                    h = out.copy_(h)
+                    h = torch.baddbmm(h, sc, G[l][:, :s], alpha=-1)
                 if not last:
+                    Hs[l].append(h)
                     x = F.silu(h)
                     X[l + 1][:, R] = x
                     norm = norm + x.pow(2).sum(-1)
@@ -386,10 +388,9 @@ class _DualWrite(torch.autograd.Function):
                 if s:
                     er = torch.bmm(g, G[l][:, :s].transpose(1, 2))
                     ee = torch.mul(er, g_rows[:, R, :s], **({'out': es[l][:, R, :s]} if grad else {}))
-                    bp = torch.baddbmm(bp, ee, X[l][:, :s], alpha=-1, out=Bp[l][:, R])
-                else:
-                    bp = Bp[l][:, R].copy_(bp)
-                g = _silu_backward.grad_input(bp, Hs[l - 1][:, R], grad_input=G[l - 1][:, R])
+                    bp = torch.baddbmm(bp, ee, X[l][:, :s], alpha=-1)
+                Bp[l].append(bp)
+                g = _silu_backward.grad_input(bp, Hs[l - 1][c], grad_input=G[l - 1][:, R])
         rC = r0[:, C].view(H, -1, 1, 1)
         gC = gamma[:, C].unsqueeze(-1)
         wf = []
@@ -461,11 +462,11 @@ class _DualWrite(torch.autograd.Function):
             dg = dG[0]
             extra = [None] * L
             for l in range(1, L):
-                hp, gl = Hs[l - 1][:, R], G[l][:, R]
+                hp, gl = Hs[l - 1][c], G[l][:, R]
                 dbp = _silu_backward(dg, hp)
                 # d silu'(h) / dh = s (1 - s) (2 + h (1 - 2 s))
                 sg = torch.sigmoid(hp)
-                ex = _sigmoid_backward(dg * Bp[l][:, R], sg)
+                ex = _sigmoid_backward(dg * Bp[l][c], sg)
                 extra[l - 1] = ex.addcmul_(ex, torch.rsub(sg, 0.5).mul_(hp)).mul_(2)
                 dBp[l][:, R] = dbp
                 # bp = (rc G_l) W0^T - ((G_l G_l[<]^T) * gamma) X_l[<]
@@ -501,7 +502,7 @@ class _DualWrite(torch.autograd.Function):
                     dr = torch.mul(dsc, g_rows[:, R, :s], out=draw[l][:, R, :s]).neg_()
                     dx.baddbmm_(dr, X[l][:, :s])
                 if l:
-                    dh = _silu_backward.grad_input(dx, Hs[l - 1][:, R], grad_input=dH[l - 1][:, R]).add_(extra[l - 1])
+                    dh = _silu_backward.grad_input(dx, Hs[l - 1][c], grad_input=dH[l - 1][:, R]).add_(extra[l - 1])
                 else:
                     dk[:, R] = dx
         # layer 0's base term for all tokens: h0 = (r0_row k) W0
