@@ -315,9 +315,11 @@ class _DualWrite(torch.autograd.Function):
     """The whole chunked write from per-head initial weights, in the dual form of ``_NeuralMemory._write``, as one
     autograd node with a hand-written backward.
 
-    Inputs: keys k and values v ``[H*B, N, d]`` (head-major), the token weights ``gamma`` [H*B, C+1, N] and decays
-    ``r0`` [H*B, C+1] of ``_write_coefficients``, the chunk length b and the per-head initial weights
-    ``w0[l]`` [H, d_in, d_out]. Returns the per-token surprise [H*B, N] and the final weights [H*B, d_in, d_out].
+    Inputs: keys k and values v ``[H*B, N, d]`` (head-major), queries q (the same layout, or None), the token
+    weights ``gamma`` [H*B, C+1, N] and decays ``r0`` [H*B, C+1] of ``_write_coefficients``, the chunk length b and
+    the per-head initial weights ``w0[l]`` [H, d_in, d_out]. Returns the per-token surprise [H*B, N] and, with
+    queries, what they read from the final memory (15) ``[H*B, N, d]``; without, the final weights
+    [H*B, d_in, d_out]. (Reading inside this node keeps the read's hidden-sized tensors in the pooled buffers.)
 
     Everything is carried by the *scaled* layer-output gradients G_l (each token's closed-form gradient times its
     step scale): ``G_last = scale * (pred - v)`` and ``G_{l-1} = silu'(H_{l-1}) * (rc G_l W0_l^T - ((G_l G_l[<]^T)
@@ -331,7 +333,7 @@ class _DualWrite(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k, v, gamma, r0, b: int, *w0):
+    def forward(ctx, k, v, q, gamma, r0, b: int, *w0):
         HB, N, _ = k.shape
         H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
         grad = any(ctx.needs_input_grad)
@@ -401,21 +403,46 @@ class _DualWrite(torch.autograd.Function):
                 g = g * gC
             wf.append(torch.baddbmm((w.unsqueeze(1) * rC).flatten(0, 1), x.transpose(1, 2), g, alpha=-1))
         surprise = err.pow(2).sum(-1)
+        read = None
+        if q is not None:
+            # (15) every token reads the final memory: layer inputs A and hidden pre-activations Hq kept for backward
+            read = ([q], [])
+            a = q
+            for l, w in enumerate(wf):
+                if l == L - 1:
+                    a = torch.bmm(a, w)                                      # the output: a fresh tensor
+                else:
+                    h = torch.bmm(a, w, out=new(HB, N, w.shape[2]))
+                    a = torch.ops.aten.silu.out(h, out=new(HB, N, w.shape[2]))
+                    read[0].append(a)
+                    read[1].append(h)
         if grad:
             ctx.save_for_backward(k, gamma, r0, *w0)
             ctx.b = b
             ctx.bufs = (g_rows, sc0, raw, es, X, G, Hs, Bp, err, scale)
+            ctx.read = (wf,) + read if read is not None else None
             ctx.scratch = new       # the buffers go back to the pool when the graph is freed
-        return (surprise, *wf)
+        return (surprise, *wf) if q is None else (surprise, a)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_surprise, *d_wf):
+    def backward(ctx, d_surprise, *d_out):
         k, gamma, r0, *w0 = ctx.saved_tensors
         g_rows, sc0, raw, es, X, G, Hs, Bp, err, scale = ctx.bufs
         b = ctx.b
         HB, N, _ = k.shape
         H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
+        d_wf, dq = d_out, None
+        if ctx.read is not None:
+            # the read y = M_wf(q): its gradient reaches the final weights and the queries
+            wf, A, Hq = ctx.read
+            d_wf, g = [None] * L, d_out[0]
+            for l in range(L - 1, -1, -1) if g is not None else ():
+                d_wf[l] = torch.bmm(A[l].transpose(1, 2), g)
+                g = torch.bmm(g, wf[l].transpose(1, 2))
+                if l:
+                    g = _silu_backward(g, Hq[l - 1])
+            dq = g
         new = k.new_empty
         chunk_of = torch.arange(N, device=k.device) // b
         d_gamma = torch.zeros_like(gamma)
@@ -520,7 +547,7 @@ class _DualWrite(torch.autograd.Function):
             d_w0[l] += torch.bmm(_per_head(dBp[l] if g_r is not None else dBp[l] * r0k, H).transpose(1, 2),
                                  _per_head(g_r if g_r is not None else G[l], H))
         _SCRATCH.give(new.tensors)
-        return (dk, dv, d_gamma, d_r0, None, *d_w0)
+        return (dk, dv, dq, d_gamma, d_r0, None, *d_w0)
 
 
 class _MemoryBase(nn.Module):
@@ -628,41 +655,43 @@ class _NeuralMemory(_MemoryBase):
 
     # Subclasses define their views and gates:
     #   _qkv(x, context) -> q, k, v [B, H, N, dh];  _queries(x) -> q [B, H, M, dh]
-    #   _gates(x, chunk) -> theta, eta, keep (= 1 - alpha), each [B, H, N]
+    #   _gates(x, chunk) -> theta, eta, keep (= 1 - alpha), each [B, H, N]  (or override _views(x, context) -> all six)
 
     def initial_state(self, batch_size: int) -> MemoryState:
         """The state every image starts from: M0 (expanded over the batch, no copy) and no momentum."""
         return {'weights': [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights], 'momentum': None}
 
-    def _write(self, k, v, theta, eta, keep, state: MemoryState, q=None, need_momentum: bool = True):
+    def _write_read(self, q, k, v, theta, eta, keep):
+        """forward()'s case: write from M0, then every token reads the final memory. Returns (y [B, H, N, dh], stats).
+
+        The dual form, in one autograd node with a hand-written backward (``_DualWrite``): the weights at each chunk
+        start are never built, the chunk's forward ``x W`` and closed-form backward ``g W^T`` are
+        ``r0 x W0 - ((x X^T) * gamma) G`` and ``r0 g W0^T - ((g G^T) * gamma) X`` over the earlier tokens (x their
+        layer inputs, G their scaled gradients, see ``_write_coefficients``); only the final weights are built, and
+        read. Per head with the batch folded into the rows. Tests check it against ``_write`` + a read, against a
+        token-by-token reference and with gradcheck.
+        """
+        B, H, N, dh = k.shape
+        hm = lambda t: None if t is None else t.transpose(0, 1).flatten(0, 1)   # [B, H, ...] -> [H*B, ...]
+        co = _write_coefficients(hm(theta), hm(eta), hm(keep), self.chunk_size or N)
+        surprise, y = _DualWrite.apply(hm(k), hm(v), hm(q), co['gamma'], co['r0'], self.chunk_size or N,
+                                       *[_f32(w) for w in self.initial_weights])
+        return y.view(H, B, N, dh).transpose(0, 1), {'surprise': surprise.view(H, B, N).mean(0)}
+
+    def _write(self, k, v, theta, eta, keep, state: MemoryState, q=None):
         """Write keys/values chunk by chunk. k, v: [B, H, N, dh]; gates [B, H, N]. Returns (state, stats, reads).
 
         When q is given (causal read) each chunk's queries read the memory *before* that chunk is written.
-        ``need_momentum=False``: the caller reads only the final weights (forward).
 
-        Two implementations of the same update. Forward's case (from M0, after-write read, no momentum state
-        wanted) uses the dual form in one autograd node with a hand-written backward (``_DualWrite``): the weights
-        at each chunk start are never built, the chunk's forward ``x W`` and closed-form backward ``g W^T`` are
-        ``r0 x W0 - ((x X^T) * gamma) G`` and ``r0 g W0^T - ((g G^T) * gamma) X`` over the earlier tokens (x their
-        layer inputs, G their scaled gradients, see ``_write_coefficients``), and only the final weights are built.
-        ``write()`` (which returns the momentum too), causal reads and a given state use the chunk loop below, built
-        from autograd ops: with momentum, each layer's weights W and momentum S are kept stacked as one
+        Used by ``write()`` (which returns the momentum too, and may start from a given state) and causal reads;
+        forward's after-write read takes ``_write_read``, the same update in the dual form. This loop is built from
+        autograd ops: with momentum, each layer's weights W and momentum S are kept stacked as one
         ``[B*H, 2, d_in, d_out]`` tensor, so a chunk's forgetting/momentum mixing is one small bmm and its gradient
-        step one baddbmm. Tests check both against a token-by-token reference and against each other.
+        step one baddbmm.
         """
         B, H, N, _ = k.shape
         BH = B * H
         b = self.chunk_size or N
-        if q is None and not need_momentum and (eta is None or state.get('momentum') is None) and all(
-                w.dim() == 4 and w.stride(0) == 0 for w in state['weights']):
-            # the common case, forward from M0 (expanded over the batch) with an after-write read: one autograd
-            # node with a hand-written backward, per head with the batch folded into the rows
-            hm = lambda t: None if t is None else t.transpose(0, 1).flatten(0, 1)   # [B, H, ...] -> [H*B, ...]
-            co = _write_coefficients(hm(theta), hm(eta), hm(keep), b)
-            surprise, *weights = _DualWrite.apply(hm(k), hm(v), co['gamma'], co['r0'], b,
-                                                  *[_f32(w[0]) for w in state['weights']])
-            stats = {'surprise': surprise.view(H, B, N).mean(0)}
-            return {'weights': [w.view(H, B, *w.shape[1:]).transpose(0, 1) for w in weights], 'momentum': None}, stats, []
         coefs = _coefficients_per_chunk(theta.flatten(0, 1), None if eta is None else eta.flatten(0, 1), keep.flatten(0, 1), b)
         k, v = k.flatten(0, 1), v.flatten(0, 1)                               # [B*H, N, dh]
         ks, vs, kks = k.split(b, dim=1), v.split(b, dim=1), k.pow(2).sum(-1).split(b, dim=-1)
@@ -715,11 +744,14 @@ class _NeuralMemory(_MemoryBase):
                  'momentum': [unflat(p[:, 1]) for p in packed] if use_mom else None}
         return state, stats, [unflat(r) for r in reads]
 
+    def _views(self, x: torch.Tensor, context: Optional[torch.Tensor]):
+        q, k, v = self._qkv(x, context)
+        return (q, k, v) + self._gates(x if context is None else context, self.chunk_size or k.shape[2])
+
     def _prepare(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         xn = self.norm(x)
         cn = self.norm(context) if context is not None else None
-        q, k, v = self._qkv(xn, cn)
-        theta, eta, keep = self._gates(xn if cn is None else cn, self.chunk_size or k.shape[2])
+        q, k, v, theta, eta, keep = self._views(xn, cn)
         if not self.momentum:
             eta = None
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -754,12 +786,11 @@ class _NeuralMemory(_MemoryBase):
         q, k, v, theta, eta, keep = self._prepare(x, context)
         with torch.autocast(device_type=x.device.type, enabled=False):
             causal = self.read_mode == 'causal'
-            state, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q if causal else None,
-                                              need_momentum=False)
             if causal:
+                _, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q)
                 y = torch.cat(reads, dim=2)
             else:
-                y = _mlp_read(state['weights'], q)  # (15) every token reads the final memory
+                y, stats = self._write_read(q, k, v, theta, eta, keep)  # (15) every token reads the final memory
         out = self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
         return (out, stats) if return_stats else out
 
@@ -828,22 +859,35 @@ class AdvancedNeuralMemory(_NeuralMemory):
         with torch.no_grad():
             self.gates.bias.copy_(torch.tensor([0.0, 0.0, -4.0], **dd).repeat_interleave(self.heads))
 
-    def _qkv(self, x, context):
-        kv = context if (self.qkv_diff_views and context is not None) else x
-        return self._split_heads(self.q(x)), self._split_heads(self.k(kv)), self._split_heads(self.v(kv))
+    def _views(self, x, context):
+        # one matmul for every projection that reads the same tokens (the parameters stay separate modules)
+        chunk = self.chunk_size or x.shape[1]
+        split = lambda t: self._split_heads(t)
+        if self.qkv_diff_views and context is not None:
+            k, v, g = self._fused((self.k, self.v, self.gates), context)
+            q = self.q(x)
+        else:
+            q, k, v, g = self._fused((self.q, self.k, self.v, self.gates), x)
+        return (split(q), split(k), split(v)) + self._gate_values(g, chunk)
+
+    @staticmethod
+    def _fused(linears, x):
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias for lin in linears])
+        return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
 
     def _queries(self, x):
         return self._split_heads(self.q(x))
 
-    def _gates(self, x, chunk):
-        B, N, _ = x.shape
-        g = self.gates(x).transpose(1, 2)                                      # [B, 3H, N]
+    def _gate_values(self, g, chunk):
+        B, N, _ = g.shape
+        g = g.transpose(1, 2)                                                  # [B, 3H, N]
         theta = self.max_lr / chunk * torch.sigmoid(g[:, :self.heads])         # per token
         # eta, alpha: one value per chunk from the chunk's mean token, broadcast back to its tokens
         pooled = g[:, self.heads:]
         n_chunks = math.ceil(N / chunk)
         pad = n_chunks * chunk - N
-        counts = torch.full((n_chunks,), float(chunk), device=x.device, dtype=g.dtype)
+        counts = torch.full((n_chunks,), float(chunk), device=g.device, dtype=g.dtype)
         if pad:
             counts[-1] = chunk - pad
             pooled = F.pad(pooled, (0, pad))
