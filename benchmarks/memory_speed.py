@@ -47,7 +47,7 @@ def main(argv=None):
     parser.add_argument('--widths', default='192,384,768', help='comma-separated token widths (heads = width // 64)')
     parser.add_argument('--tokens', type=int, default=197)
     parser.add_argument('-b', '--batch-size', type=int, default=8)
-    parser.add_argument('--chunk-size', type=int, default=16)
+    parser.add_argument('--chunk-size', default='16', help="tokens per memory chunk, or 'none' (the whole image)")
     parser.add_argument('--depth', type=int, default=2, help='memory MLP depth')
     parser.add_argument('--expansion', type=float, default=4.0)
     parser.add_argument('--memory-types', default=','.join(MEMORY_TYPES))
@@ -59,6 +59,7 @@ def main(argv=None):
     parser.add_argument('--vs-titans-pytorch', action='store_true', help='also time titans_pytorch.NeuralMemory')
     args = parser.parse_args(argv)
     global CLOCK
+    chunk = None if args.chunk_size.lower() == 'none' else int(args.chunk_size)
     if args.clock == 'cpu':
         args.threads, CLOCK = 1, time.thread_time
     if args.threads:
@@ -72,13 +73,13 @@ def main(argv=None):
         candidates = {'block': Block(dim, heads, qkv_bias=True)}
         for kind in args.memory_types.split(','):
             candidates[kind] = create_memory(kind, dim, heads=heads, head_dim=64, depth=args.depth,
-                                             expansion=args.expansion, chunk_size=args.chunk_size)
+                                             expansion=args.expansion, chunk_size=chunk)
         if args.vs_titans_pytorch:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')
                 from titans_pytorch import NeuralMemory
             candidates['titans_pytorch'] = NeuralMemory(
-                dim=dim, heads=heads, dim_head=64, chunk_size=args.chunk_size,
+                dim=dim, heads=heads, dim_head=64, chunk_size=chunk or args.tokens,
                 default_model_kwargs=dict(depth=args.depth, expansion_factor=args.expansion))
         med = compare(candidates, x, args.warmup, args.rounds)
         for name, t in med.items():

@@ -25,7 +25,7 @@ the chunk start (mini-batch gradient descent), momentum is a linear recurrence o
 forgetting a cumulative product; both are folded into per-token coefficients, so a whole chunk costs one
 forward and one closed-form backward of the memory MLP (batched matmuls, no autograd inside forward).
 The weights at each chunk start are never built (the "dual form"): they are M0 plus a weighted sum of the earlier
-tokens' rank-one updates, so reading them is a token-by-token matmul (``_NeuralMemory._write``); only the final
+tokens' rank-one updates, so reading them is a token-by-token matmul (``_DualWrite``); only the final
 weights are built, once.
 With ``chunk_size=1`` this is exactly the token-by-token rule above; ``chunk_size=None`` writes the whole image in
 one step (the full-batch inner step that vision TTT work found best). A shorter last chunk is still written.
@@ -42,6 +42,21 @@ Choices where the paper is silent (written down here, as DESIGN.md asks):
   inside the module and q/k are unit-normalised, so scaled inputs stay finite.
 * The output projection is *not* zero-initialised here: the integrations in ``vit.py`` add the zero-initialised
   gate that makes every model equal its backbone at step 0.
+
+Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chunk 16, one CPU thread):
+
+* Where the time goes: ``advanced`` costs about 2.8x a timm Block; of that the write's backward is ~60%, its forward
+  ~25%, projections + read the rest. The dual form does ~3.4 GMAC per forward+backward (the Block ~2.5 GMAC), a
+  third of it in the token-pair terms between chunks, at roughly half the Block's matmul efficiency (16-row
+  matmuls, hidden-sized elementwise passes that miss the L2 cache).
+* Tried and measured: the explicit chunk loop (build W and S at every chunk start, ``_write``) costs 234 ms against
+  the dual form's 137 ms (autograd backward; the W/S state traffic is 4 x 1.5 MB per chunk); materialising the state
+  every few chunks to cut the pair terms saves no FLOPs at N=197 (the state build costs what the pairs saved);
+  bf16 matmuls (AMX) are 1.6-4x faster but break the float32 inner loop this module promises.
+* Done: O(chunk) momentum coefficients (a log-sum-exp scan, not a chunk x chunk matrix: -20 ms at chunk None),
+  contiguous matmul outputs (a strided ``out=`` made bmm fall back to per-image matmuls), the read inside the
+  dual-form node, one matmul for q/k/v/gates, pooled scratch buffers (fresh multi-MB tensors page-fault on CPU).
+* Left: a fused kernel per chunk (one pass over the chunk's hidden-sized tensors) is what the 2x target needs.
 """
 import math
 import threading
@@ -367,30 +382,35 @@ class _DualWrite(torch.autograd.Function):
             x = k[:, R]                                                # the layer input (layer 0: via h0)
             for l in range(L):
                 last = l == L - 1
-                h = h0[:, R] if l == 0 else torch.bmm(_per_head(x, H), w0[l]).view(HB, n, -1).mul_(rc)
+                if l:
+                    h = new(HB, n, w0[l].shape[2])
+                    torch.bmm(_per_head(x, H), w0[l], out=h.view(H, -1, h.shape[-1]))
+                    h.mul_(rc)
+                else:
+                    h = h0[:, R]
                 if s:
                     if l:
                         r = torch.bmm(x, X[l][:, :s].transpose(1, 2))
                         if grad:
                             raw[l][:, R, :s] = r
                         sc = r.mul_(g_rows[:, R, :s])
+                        h.baddbmm_(sc, G[l][:, :s], alpha=-1)
                     else:
-                        sc = sc0[:, R, :s]
-                    h = torch.baddbmm(h, sc, G[l][:, :s], alpha=-1)
+                        h = torch.baddbmm(h0[:, R], sc0[:, R, :s], G[l][:, :s], alpha=-1)
                 if not last:
                     Hs[l].append(h)
-                    x = F.silu(h)
-                    X[l + 1][:, R] = x
-                    norm = norm + x.pow(2).sum(-1)
+                    x = torch.ops.aten.silu.out(h, out=X[l + 1][:, R])
+                    norm = norm + torch.linalg.vector_norm(x, dim=-1).square()
             e = torch.sub(h, v[:, R], out=err[:, R])
             sc_r = torch.reciprocal(norm, out=scale[:, R]).mul_(2).unsqueeze(-1)
             g = torch.mul(e, sc_r, out=G[L - 1][:, R])
             for l in range(L - 1, 0, -1):
-                bp = torch.bmm(_per_head(g * rc, H), w0[l].transpose(1, 2)).view(HB, n, -1)
+                bp = new(HB, n, w0[l].shape[1])
+                torch.bmm(_per_head(g * rc, H), w0[l].transpose(1, 2), out=bp.view(H, -1, bp.shape[-1]))
                 if s:
                     er = torch.bmm(g, G[l][:, :s].transpose(1, 2))
                     ee = torch.mul(er, g_rows[:, R, :s], **({'out': es[l][:, R, :s]} if grad else {}))
-                    bp = torch.baddbmm(bp, ee, X[l][:, :s], alpha=-1)
+                    bp.baddbmm_(ee, X[l][:, :s], alpha=-1)
                 Bp[l].append(bp)
                 g = _silu_backward.grad_input(bp, Hs[l - 1][c], grad_input=G[l - 1][:, R])
         rC = r0[:, C].view(H, -1, 1, 1)
@@ -433,15 +453,18 @@ class _DualWrite(torch.autograd.Function):
         HB, N, _ = k.shape
         H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
         d_wf, dq = d_out, None
+        scratch = _Scratch(k)
         if ctx.read is not None:
             # the read y = M_wf(q): its gradient reaches the final weights and the queries
             wf, A, Hq = ctx.read
             d_wf, g = [None] * L, d_out[0]
             for l in range(L - 1, -1, -1) if g is not None else ():
                 d_wf[l] = torch.bmm(A[l].transpose(1, 2), g)
-                g = torch.bmm(g, wf[l].transpose(1, 2))
                 if l:
-                    g = _silu_backward(g, Hq[l - 1])
+                    g = torch.bmm(g, wf[l].transpose(1, 2), out=scratch(HB, N, wf[l].shape[1]))
+                    g = _silu_backward.grad_input(g, Hq[l - 1], grad_input=g)
+                else:
+                    g = torch.bmm(g, wf[l].transpose(1, 2))
             dq = g
         new = k.new_empty
         chunk_of = torch.arange(N, device=k.device) // b
@@ -449,7 +472,7 @@ class _DualWrite(torch.autograd.Function):
         d_r0 = torch.zeros_like(r0)
         d_w0 = [torch.zeros_like(w) for w in w0]
         dk, dv = new(k.shape), new(k.shape)
-        new = _Scratch(k)
+        new = scratch
         # final weights wf = r0_C w0 - x^T (gamma_C * G): what they send to every token
         gC = gamma[:, C].unsqueeze(-1)
         dG_fin, dX_fin = [None] * L, [None] * L
@@ -460,9 +483,10 @@ class _DualWrite(torch.autograd.Function):
             d_w0[l] += torch.bmm(r0[:, C].view(H, 1, -1), flat).view_as(w0[l])
             d_r0[:, C] += torch.bmm(flat, w0[l].reshape(H, -1, 1)).flatten()
             dgg = torch.bmm(X[l], dw, out=new(HB, N, dw.shape[2]))                   # -d (gamma_C * G)
-            d_gamma[:, C] -= (dgg * G[l]).sum(-1)
+            d_gamma[:, C] -= torch.mul(dgg, G[l], out=new(*dgg.shape)).sum(-1)
             dG_fin[l] = dgg.mul_(gC).neg_()
-            dX_fin[l] = torch.bmm(G[l] * gC, dw.transpose(1, 2), out=new(HB, N, dw.shape[1])).neg_()
+            dX_fin[l] = torch.bmm(torch.mul(G[l], gC, out=new(*G[l].shape)), dw.transpose(1, 2),
+                                  out=new(HB, N, dw.shape[1])).neg_()
         dH = [new(HB, N, w.shape[2]) for w in w0]                        # d pre-activations of every token
         dBp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]
         pairs = C > 1
@@ -490,12 +514,12 @@ class _DualWrite(torch.autograd.Function):
             extra = [None] * L
             for l in range(1, L):
                 hp, gl = Hs[l - 1][c], G[l][:, R]
-                dbp = _silu_backward(dg, hp)
+                dbp = _silu_backward.grad_input(dg, hp, grad_input=dBp[l][:, R])
                 # d silu'(h) / dh = s (1 - s) (2 + h (1 - 2 s))
-                sg = torch.sigmoid(hp)
-                ex = _sigmoid_backward(dg * Bp[l][c], sg)
-                extra[l - 1] = ex.addcmul_(ex, torch.rsub(sg, 0.5).mul_(hp)).mul_(2)
-                dBp[l][:, R] = dbp
+                sg = torch.sigmoid(hp, out=new(*hp.shape))
+                ex = torch.mul(dg, Bp[l][c], out=new(*hp.shape))
+                ex = _sigmoid_backward.grad_input(ex, sg, grad_input=ex)
+                extra[l - 1] = ex.addcmul_(ex, sg.mul_(-1).add_(0.5).mul_(hp)).mul_(2)
                 # bp = (rc G_l) W0^T - ((G_l G_l[<]^T) * gamma) X_l[<]
                 u = torch.bmm(_per_head(dbp, H), w0[l]).view(HB, n, -1)       # d (rc G_l)
                 d_r0[:, c] += (u * gl).sum((1, 2))
@@ -519,8 +543,9 @@ class _DualWrite(torch.autograd.Function):
                 x = X[l][:, R]
                 dx = dX[l].addcmul_(x, d_norm2)
                 if l:
-                    u = torch.bmm(_per_head(dh, H), w0[l].transpose(1, 2)).view(HB, n, -1)   # d (rc x_l) / rc
-                    d_r0[:, c] += (u * x).sum((1, 2))
+                    u = new(HB, n, w0[l].shape[1])                                      # d (rc x_l) / rc
+                    torch.bmm(_per_head(dh, H), w0[l].transpose(1, 2), out=u.view(H, -1, u.shape[-1]))
+                    d_r0[:, c] += torch.mul(u, x, out=new(*u.shape)).sum((1, 2))
                     dx.addcmul_(u, rc)
                 if s:
                     dsc = torch.bmm(dh, G[l][:, :s].transpose(1, 2))                  # -d sc
