@@ -278,3 +278,25 @@ def test_fused_write_repeats_across_grad_modes():
     assert torch.equal(out, ref_out)
     for a, b in zip(g, ref_grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('diff_views', [False, True])
+def test_advanced_views_come_from_their_own_projections(diff_views):
+    """advanced computes q/k/v/gates in one matmul: each view still comes from its own module (q from the input;
+    k, v and the gates from the context with qkv_diff_views), as separate Linear calls would give."""
+    import torch.nn.functional as F
+    mem = _memory('advanced', chunk_size=4, qkv_diff_views=diff_views)
+    x, ctx = torch.randn(2, 10, 64), torch.randn(2, 10, 64)
+    with torch.no_grad():
+        q, k, v, theta, eta, keep = mem._prepare(x, ctx)
+        xn, cn = mem.norm(x), mem.norm(ctx if diff_views else x)
+        heads = lambda t: t.view(2, 10, mem.heads, mem.head_dim).transpose(1, 2)
+        torch.testing.assert_close(q, F.normalize(heads(mem.q(xn)), dim=-1))
+        torch.testing.assert_close(k, F.normalize(heads(mem.k(cn)), dim=-1))
+        torch.testing.assert_close(v, heads(mem.v(cn)))
+        g = mem.gates(cn)
+        torch.testing.assert_close(theta, mem.max_lr / 4 * torch.sigmoid(g[..., :mem.heads]).transpose(1, 2))
+        # eta and alpha: the mean gate logit of each chunk of 4 tokens (the last chunk has 2)
+        first_chunk = g[:, :4, mem.heads:].mean(1)
+        torch.testing.assert_close(eta[:, :, 0], torch.sigmoid(first_chunk[:, :mem.heads]))
+        torch.testing.assert_close(keep[:, :, -1], 1 - torch.sigmoid(g[:, 8:, 2 * mem.heads:].mean(1)))
