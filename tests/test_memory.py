@@ -105,8 +105,8 @@ def test_chunk_coefficients_match_recurrence(b, dtype):
         s = eta[i] * s - theta[i] * u[i]
         w = keep[i] * w + s
     c = {name: t.double() for name, t in chunk_coefficients(theta.to(dtype), eta.to(dtype), keep.to(dtype)).items()}
-    # float32: coefficients good to ~2e-5 relative (log-space sums reach ~200 over 197 tokens); 197 terms of size ~1
-    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    # float32 in, float32 out (computed in float64 inside): only the final rounding of 197 terms of size ~1
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(c['w_decay'] * w0 + c['w_from_s'] * s0 - (c['w_tok'][:, None] * u).sum(0), w, **tol)
     torch.testing.assert_close(c['s_decay'] * s0 - (c['s_tok'][:, None] * u).sum(0), s, **tol)
 

@@ -60,6 +60,7 @@ Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chu
   dual-form node, one matmul for q/k/v/gates, pooled scratch buffers (fresh multi-MB tensors page-fault on CPU).
 * Left: a fused kernel per chunk (one pass over the chunk's hidden-sized tensors) is what the 2x target needs.
 """
+import functools
 import math
 import threading
 import weakref
@@ -167,6 +168,23 @@ def _exp(log_value: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_value).masked_fill(log_value < -46.0, 0.0)
 
 
+def _in_float64(fn):
+    """Compute gate coefficients in float64 and return them in the gates' dtype: their log-space cumulative sums
+    reach thousands over an image (log eta summed over 197 tokens), where float32 keeps only ~4 digits of the
+    differences that get exponentiated. The tensors are gate-sized ([B*H, N]), so this costs nothing measurable.
+    (MPS has no float64: there it stays in the input dtype.)"""
+    @functools.wraps(fn)
+    def wrapper(theta, eta, keep, *args):
+        dtype = theta.dtype
+        if dtype == torch.float64 or theta.device.type == 'mps':
+            return fn(theta, eta, keep, *args)
+        up = lambda t: None if t is None else t.double()
+        out = fn(up(theta), up(eta), up(keep), *args)
+        return {name: None if t is None else t.to(dtype) for name, t in out.items()}
+    return wrapper
+
+
+@_in_float64
 def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Fold momentum (a scan) and forgetting (a cumulative product) of one chunk into per-token coefficients.
 
@@ -195,6 +213,7 @@ def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: t
     return out
 
 
+@_in_float64
 def _write_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: torch.Tensor, b: int) -> Dict[str, torch.Tensor]:
     """How much each written token still weighs in the weights at the start of every chunk (the dual form).
 
