@@ -74,8 +74,13 @@ def timed(fn: Callable[[], None]) -> float:
 
 
 def peak_step_bytes(fn: Callable[[], None]) -> int:
-    """Peak tensor bytes allocated during ``fn`` above the level before it, from torch.profiler memory events."""
+    """Peak tensor bytes allocated during ``fn`` above the level before it, from torch.profiler memory events.
+
+    The memory's scratch pool is emptied first: buffers it kept from an earlier step would otherwise not show up
+    as allocations, although the step needs them as much as any tensor."""
     from torch.profiler import ProfilerActivity, profile
+    from titans_timm.memory import empty_scratch_pool
+    empty_scratch_pool()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

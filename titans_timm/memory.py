@@ -56,8 +56,10 @@ Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chu
   ``torch.compile`` (inductor) of the explicit loop + read measured 2.4x a Block against this dual form's 3.1x
   in the same run, after 94 s of compiling (not something a model should do on its first call).
 * Done: O(chunk) momentum coefficients (a log-sum-exp scan, not a chunk x chunk matrix: -20 ms at chunk None),
-  contiguous matmul outputs (a strided ``out=`` made bmm fall back to per-image matmuls), the read inside the
-  dual-form node, one matmul for q/k/v/gates, pooled scratch buffers (fresh multi-MB tensors page-fault on CPU).
+  contiguous matmul outputs (a strided ``out=`` made bmm fall back to per-image matmuls), one matmul for
+  q/k/v/gates, hidden-sized temporaries from the scratch pool (fresh multi-MB tensors page-fault on CPU), recycled
+  within a call so peak memory does not grow. Reading inside the dual-form node measured no faster and held
+  10 MB longer (autograd frees a read's saved tensors early): the read stays outside.
 * Left: a fused kernel per chunk (one pass over the chunk's hidden-sized tensors) is what the 2x target needs.
 """
 import functools
@@ -333,8 +335,16 @@ class _ScratchPool:
 _SCRATCH = _ScratchPool()
 
 
+def empty_scratch_pool() -> None:
+    """Free the CPU scratch buffers the fused write keeps for its next call (at most 1 GiB, see ``_ScratchPool``),
+    e.g. after training, or before measuring a step's peak memory (pooled buffers are real memory it needs)."""
+    _SCRATCH.empty()
+
+
 class _Scratch:
-    """The buffers one call took from ``_SCRATCH``; they go back when this object is freed (or on ``release``)."""
+    """The buffers one call took from ``_SCRATCH``; they go back when this object is freed, or earlier with
+    ``recycle`` once the caller is done with them (then the next take of the same call reuses them, so the
+    temporaries of one chunk do not pile up over the chunks)."""
 
     def __init__(self, like: torch.Tensor):
         self.like = like
@@ -346,16 +356,23 @@ class _Scratch:
         self.tensors.append(t)
         return t
 
+    def recycle(self, *tensors: torch.Tensor) -> None:
+        """Give these buffers (taken from this object, read by nothing any more) back to the pool now. Only for
+        buffers of the running forward or backward: a backward may run again on a retained graph."""
+        done = {id(t) for t in tensors}
+        self.tensors[:] = [t for t in self.tensors if id(t) not in done]
+        _SCRATCH.give(list(tensors))
+
 
 class _DualWrite(torch.autograd.Function):
     """The whole chunked write from per-head initial weights, in the dual form of ``_NeuralMemory._write``, as one
     autograd node with a hand-written backward.
 
-    Inputs: keys k and values v ``[H*B, N, d]`` (head-major), queries q (the same layout, or None), the token
-    weights ``gamma`` [H*B, C+1, N] and decays ``r0`` [H*B, C+1] of ``_write_coefficients``, the chunk length b and
-    the per-head initial weights ``w0[l]`` [H, d_in, d_out]. Returns the per-token surprise [H*B, N] and, with
-    queries, what they read from the final memory (15) ``[H*B, N, d]``; without, the final weights
-    [H*B, d_in, d_out]. (Reading inside this node keeps the read's hidden-sized tensors in the pooled buffers.)
+    Inputs: keys k and values v ``[H*B, N, d]`` (head-major), the token weights ``gamma`` [H*B, C+1, N] and decays
+    ``r0`` [H*B, C+1] of ``_write_coefficients``, the chunk length b and the per-head initial weights
+    ``w0[l]`` [H, d_in, d_out]. Returns the per-token surprise [H*B, N] and the final weights [H*B, d_in, d_out].
+    (The read stays outside, in autograd ops: autograd frees its saved tensors as soon as their backward ran,
+    while this node's buffers live until the whole graph is freed; inside, it measured no faster and +10 MB.)
 
     Everything is carried by the *scaled* layer-output gradients G_l (each token's closed-form gradient times its
     step scale): ``G_last = scale * (pred - v)`` and ``G_{l-1} = silu'(H_{l-1}) * (rc G_l W0_l^T - ((G_l G_l[<]^T)
@@ -369,7 +386,7 @@ class _DualWrite(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k, v, q, gamma, r0, b: int, *w0):
+    def forward(ctx, k, v, gamma, r0, b: int, *w0):
         HB, N, _ = k.shape
         H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
         grad = any(ctx.needs_input_grad)
@@ -423,6 +440,8 @@ class _DualWrite(torch.autograd.Function):
                     x = torch.ops.aten.silu.out(h, out=X[l + 1][:, R])
                     norm = norm + torch.linalg.vector_norm(x, dim=-1).square()
             e = torch.sub(h, v[:, R], out=err[:, R])
+            if L > 1:
+                new.recycle(h)                                         # the chunk's prediction: read by nothing else
             sc_r = torch.reciprocal(norm, out=scale[:, R]).mul_(2).unsqueeze(-1)
             g = torch.mul(e, sc_r, out=G[L - 1][:, R])
             for l in range(L - 1, 0, -1):
@@ -444,56 +463,28 @@ class _DualWrite(torch.autograd.Function):
                 g = g * gC
             wf.append(torch.baddbmm((w.unsqueeze(1) * rC).flatten(0, 1), x.transpose(1, 2), g, alpha=-1))
         surprise = err.pow(2).sum(-1)
-        read = None
-        if q is not None:
-            # (15) every token reads the final memory: layer inputs A and hidden pre-activations Hq kept for backward
-            read = ([q], [])
-            a = q
-            for l, w in enumerate(wf):
-                if l == L - 1:
-                    a = torch.bmm(a, w)                                      # the output: a fresh tensor
-                else:
-                    h = torch.bmm(a, w, out=new(HB, N, w.shape[2]))
-                    a = torch.ops.aten.silu.out(h, out=new(HB, N, w.shape[2]))
-                    read[0].append(a)
-                    read[1].append(h)
         if grad:
             ctx.save_for_backward(k, gamma, r0, *w0)
             ctx.b = b
             ctx.bufs = (g_rows, sc0, raw, es, X, G, Hs, Bp, err, scale)
-            ctx.read = (wf,) + read if read is not None else None
             ctx.scratch = new       # the buffers go back to the pool when the graph is freed
-        return (surprise, *wf) if q is None else (surprise, a)
+        return (surprise, *wf)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_surprise, *d_out):
+    def backward(ctx, d_surprise, *d_wf):
         k, gamma, r0, *w0 = ctx.saved_tensors
         g_rows, sc0, raw, es, X, G, Hs, Bp, err, scale = ctx.bufs
         b = ctx.b
         HB, N, _ = k.shape
         H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
-        d_wf, dq = d_out, None
-        scratch = _Scratch(k)
-        if ctx.read is not None:
-            # the read y = M_wf(q): its gradient reaches the final weights and the queries
-            wf, A, Hq = ctx.read
-            d_wf, g = [None] * L, d_out[0]
-            for l in range(L - 1, -1, -1) if g is not None else ():
-                d_wf[l] = torch.bmm(A[l].transpose(1, 2), g)
-                if l:
-                    g = torch.bmm(g, wf[l].transpose(1, 2), out=scratch(HB, N, wf[l].shape[1]))
-                    g = _silu_backward.grad_input(g, Hq[l - 1], grad_input=g)
-                else:
-                    g = torch.bmm(g, wf[l].transpose(1, 2))
-            dq = g
         new = k.new_empty
         chunk_of = torch.arange(N, device=k.device) // b
         d_gamma = torch.zeros_like(gamma)
         d_r0 = torch.zeros_like(r0)
         d_w0 = [torch.zeros_like(w) for w in w0]
         dk, dv = new(k.shape), new(k.shape)
-        new = scratch
+        new = _Scratch(k)
         # final weights wf = r0_C w0 - x^T (gamma_C * G): what they send to every token
         gC = gamma[:, C].unsqueeze(-1)
         dG_fin, dX_fin = [None] * L, [None] * L
@@ -504,10 +495,11 @@ class _DualWrite(torch.autograd.Function):
             d_w0[l] += torch.bmm(r0[:, C].view(H, 1, -1), flat).view_as(w0[l])
             d_r0[:, C] += torch.bmm(flat, w0[l].reshape(H, -1, 1)).flatten()
             dgg = torch.bmm(X[l], dw, out=new(HB, N, dw.shape[2]))                   # -d (gamma_C * G)
-            d_gamma[:, C] -= torch.mul(dgg, G[l], out=new(*dgg.shape)).sum(-1)
+            tmp = torch.mul(dgg, G[l], out=new(*dgg.shape))
+            d_gamma[:, C] -= tmp.sum(-1)
             dG_fin[l] = dgg.mul_(gC).neg_()
-            dX_fin[l] = torch.bmm(torch.mul(G[l], gC, out=new(*G[l].shape)), dw.transpose(1, 2),
-                                  out=new(HB, N, dw.shape[1])).neg_()
+            dX_fin[l] = torch.bmm(torch.mul(G[l], gC, out=tmp), dw.transpose(1, 2), out=new(HB, N, dw.shape[1])).neg_()
+            new.recycle(tmp)
         dH = [new(HB, N, w.shape[2]) for w in w0]                        # d pre-activations of every token
         dBp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]
         pairs = C > 1
@@ -541,6 +533,7 @@ class _DualWrite(torch.autograd.Function):
                 ex = torch.mul(dg, Bp[l][c], out=new(*hp.shape))
                 ex = _sigmoid_backward.grad_input(ex, sg, grad_input=ex)
                 extra[l - 1] = ex.addcmul_(ex, sg.mul_(-1).add_(0.5).mul_(hp)).mul_(2)
+                new.recycle(sg)
                 # bp = (rc G_l) W0^T - ((G_l G_l[<]^T) * gamma) X_l[<]
                 u = torch.bmm(_per_head(dbp, H), w0[l]).view(HB, n, -1)       # d (rc G_l)
                 d_r0[:, c] += (u * gl).sum((1, 2))
@@ -566,8 +559,10 @@ class _DualWrite(torch.autograd.Function):
                 if l:
                     u = new(HB, n, w0[l].shape[1])                                      # d (rc x_l) / rc
                     torch.bmm(_per_head(dh, H), w0[l].transpose(1, 2), out=u.view(H, -1, u.shape[-1]))
-                    d_r0[:, c] += torch.mul(u, x, out=new(*u.shape)).sum((1, 2))
+                    tmp = torch.mul(u, x, out=new(*u.shape))
+                    d_r0[:, c] += tmp.sum((1, 2))
                     dx.addcmul_(u, rc)
+                    new.recycle(u, tmp)
                 if s:
                     dsc = torch.bmm(dh, G[l][:, :s].transpose(1, 2))                  # -d sc
                     r = raw[l][:, R, :s] if l else torch.bmm(x, k[:, :s].transpose(1, 2))
@@ -576,6 +571,7 @@ class _DualWrite(torch.autograd.Function):
                     dx.baddbmm_(dr, X[l][:, :s])
                 if l:
                     dh = _silu_backward.grad_input(dx, Hs[l - 1][c], grad_input=dH[l - 1][:, R]).add_(extra[l - 1])
+                    new.recycle(extra[l - 1])
                 else:
                     dk[:, R] = dx
         # layer 0's base term for all tokens: h0 = (r0_row k) W0
@@ -593,7 +589,7 @@ class _DualWrite(torch.autograd.Function):
             d_w0[l] += torch.bmm(_per_head(dBp[l] if g_r is not None else dBp[l] * r0k, H).transpose(1, 2),
                                  _per_head(g_r if g_r is not None else G[l], H))
         _SCRATCH.give(new.tensors)
-        return (dk, dv, dq, d_gamma, d_r0, None, *d_w0)
+        return (dk, dv, d_gamma, d_r0, None, *d_w0)
 
 
 class _MemoryBase(nn.Module):
@@ -713,16 +709,17 @@ class _NeuralMemory(_MemoryBase):
         The dual form, in one autograd node with a hand-written backward (``_DualWrite``): the weights at each chunk
         start are never built, the chunk's forward ``x W`` and closed-form backward ``g W^T`` are
         ``r0 x W0 - ((x X^T) * gamma) G`` and ``r0 g W0^T - ((g G^T) * gamma) X`` over the earlier tokens (x their
-        layer inputs, G their scaled gradients, see ``_write_coefficients``); only the final weights are built, and
-        read. Per head with the batch folded into the rows. Tests check it against ``_write`` + a read, against a
+        layer inputs, G their scaled gradients, see ``_write_coefficients``); only the final weights are built,
+        then read. Per head with the batch folded into the rows. Tests check it against ``_write`` + a read, against a
         token-by-token reference and with gradcheck.
         """
         B, H, N, dh = k.shape
         hm = lambda t: None if t is None else t.transpose(0, 1).flatten(0, 1)   # [B, H, ...] -> [H*B, ...]
         co = _write_coefficients(hm(theta), hm(eta), hm(keep), self.chunk_size or N)
-        surprise, y = _DualWrite.apply(hm(k), hm(v), hm(q), co['gamma'], co['r0'], self.chunk_size or N,
-                                       *[_f32(w) for w in self.initial_weights])
-        return y.view(H, B, N, dh).transpose(0, 1), {'surprise': surprise.view(H, B, N).mean(0)}
+        surprise, *weights = _DualWrite.apply(hm(k), hm(v), co['gamma'], co['r0'], self.chunk_size or N,
+                                              *[_f32(w) for w in self.initial_weights])
+        weights = [w.view(H, B, *w.shape[1:]).transpose(0, 1) for w in weights]        # head-major, as [B, H, ...]
+        return _mlp_read(weights, q), {'surprise': surprise.view(H, B, N).mean(0)}
 
     def _write(self, k, v, theta, eta, keep, state: MemoryState, q=None):
         """Write keys/values chunk by chunk. k, v: [B, H, N, dh]; gates [B, H, N]. Returns (state, stats, reads).
