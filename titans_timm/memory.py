@@ -714,9 +714,10 @@ class _NeuralMemory(_MemoryBase):
         token-by-token reference and with gradcheck.
         """
         B, H, N, dh = k.shape
+        b = self.chunk_size or N
         hm = lambda t: None if t is None else t.transpose(0, 1).flatten(0, 1)   # [B, H, ...] -> [H*B, ...]
-        co = _write_coefficients(hm(theta), hm(eta), hm(keep), self.chunk_size or N)
-        surprise, *weights = _DualWrite.apply(hm(k), hm(v), co['gamma'], co['r0'], self.chunk_size or N,
+        co = _write_coefficients(hm(theta), hm(eta), hm(keep), b)
+        surprise, *weights = _DualWrite.apply(hm(k), hm(v), co['gamma'], co['r0'], b,
                                               *[_f32(w) for w in self.initial_weights])
         weights = [w.view(H, B, *w.shape[1:]).transpose(0, 1) for w in weights]        # head-major, as [B, H, ...]
         return _mlp_read(weights, q), {'surprise': surprise.view(H, B, N).mean(0)}
@@ -905,7 +906,7 @@ class AdvancedNeuralMemory(_NeuralMemory):
     def _views(self, x, context):
         # one matmul for every projection that reads the same tokens (the parameters stay separate modules)
         chunk = self.chunk_size or x.shape[1]
-        split = lambda t: self._split_heads(t)
+        split = self._split_heads
         if self.qkv_diff_views and context is not None:
             k, v, g = self._fused((self.k, self.v, self.gates), context)
             q = self.q(x)
