@@ -58,8 +58,7 @@ Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chu
 * Done: O(chunk) momentum coefficients (a log-sum-exp scan, not a chunk x chunk matrix: -20 ms at chunk None),
   contiguous matmul outputs (a strided ``out=`` made bmm fall back to per-image matmuls), one matmul for
   q/k/v/gates, hidden-sized temporaries from the scratch pool (fresh multi-MB tensors page-fault on CPU), recycled
-  within a call so peak memory does not grow. Reading inside the dual-form node measured no faster and held
-  10 MB longer (autograd frees a read's saved tensors early): the read stays outside.
+  within a call so peak memory does not grow. The read stays outside the dual-form node (see ``_DualWrite``).
 * Left: a fused kernel per chunk (one pass over the chunk's hidden-sized tensors) is what the 2x target needs.
 """
 import functools
@@ -713,7 +712,7 @@ class _NeuralMemory(_MemoryBase):
         then read. Per head with the batch folded into the rows. Tests check it against ``_write`` + a read, against a
         token-by-token reference and with gradcheck.
         """
-        B, H, N, dh = k.shape
+        B, H, N, _ = k.shape
         b = self.chunk_size or N
         hm = lambda t: None if t is None else t.transpose(0, 1).flatten(0, 1)   # [B, H, ...] -> [H*B, ...]
         co = _write_coefficients(hm(theta), hm(eta), hm(keep), b)
