@@ -314,3 +314,20 @@ def test_fused_write_backward_twice_on_a_retained_graph():
     second = torch.autograd.grad(loss, inputs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_scratch_pool_gives_back_while_locked_by_the_same_thread():
+    """A scratch owner's finalizer can run in a garbage collection that starts inside the pool's own take():
+    giving buffers back from there must not deadlock (it did with a non-reentrant lock)."""
+    import threading
+    from titans_timm.memory import _ScratchPool
+    pool = _ScratchPool()
+    done = threading.Event()
+
+    def give_inside_lock():
+        with pool._lock:
+            pool.give([torch.empty(4)])
+        done.set()
+
+    threading.Thread(target=give_inside_lock, daemon=True).start()
+    assert done.wait(10), 'give() inside the pool lock deadlocked'

@@ -52,6 +52,9 @@ Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chu
 * Tried and measured: the explicit chunk loop (build W and S at every chunk start, ``_write``) costs 234 ms against
   the dual form's 137 ms (autograd backward; the W/S state traffic is 4 x 1.5 MB per chunk); materialising the state
   every few chunks to cut the pair terms saves no FLOPs at N=197 (the state build costs what the pairs saved);
+  the explicit loop again as one node with a hand-written backward (half the dual form's FLOPs, the chunk states
+  kept for the backward) measured 219 ms against 172 ms for this dual form in the same run: its 16-row matmuls
+  read per-image weights, which stream from L3 at ~21 GMAC/s where the per-head ones run at ~60;
   bf16 matmuls (AMX) are 1.6-4x faster but break the float32 inner loop this module promises;
   ``torch.compile`` (inductor) of the explicit loop + read measured 2.4x a Block against this dual form's 3.1x
   in the same run, after 94 s of compiling (not something a model should do on its first call).
@@ -303,7 +306,7 @@ class _ScratchPool:
         self.max_bytes = max_bytes
         self._free: Dict[tuple, List[torch.Tensor]] = {}
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # reentrant: a finalizer that runs inside take() gives back
 
     def take(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
         if like.device.type == 'cpu' and not torch.is_inference_mode_enabled():
