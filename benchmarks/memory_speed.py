@@ -6,7 +6,11 @@ so the printed ratios are robust to a busy machine. ``--vs-titans-pytorch`` also
 
     python benchmarks/memory_speed.py                       # D = 192/384/768, N = 197, batch 8
     python benchmarks/memory_speed.py --widths 192 --vs-titans-pytorch
+    python benchmarks/memory_speed.py --device cuda --amp      # on a GPU, under bf16 autocast
+
+On CUDA the clock is read after ``torch.cuda.synchronize()``, so each time covers the kernels, not just their launch.
 """
+import contextlib
 import argparse
 import statistics
 import time
@@ -19,15 +23,25 @@ from titans_timm import MEMORY_TYPES, create_memory
 
 
 CLOCK = time.perf_counter
+AMP = False
+
+
+def _sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def fwd_bwd_time(module, x):
     x = x.detach().requires_grad_(True)
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if AMP else contextlib.nullcontext()
+    _sync(x.device)
     t0 = CLOCK()
-    out = module(x)
+    with amp:
+        out = module(x)
     if isinstance(out, tuple):  # titans_pytorch returns (retrieved, state)
         out = out[0]
     out.float().pow(2).mean().backward()
+    _sync(x.device)
     return CLOCK() - t0
 
 
@@ -57,11 +71,19 @@ def main(argv=None):
     parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
                         help="'cpu': one thread, timed by its own CPU time (robust when other jobs share the machine)")
     parser.add_argument('--vs-titans-pytorch', action='store_true', help='also time titans_pytorch.NeuralMemory')
+    parser.add_argument('--device', default='cpu', help="torch device, e.g. 'cuda'")
+    parser.add_argument('--amp', action='store_true', help='run every module under bf16 autocast')
     args = parser.parse_args(argv)
-    global CLOCK
+    global CLOCK, AMP
     chunk = None if args.chunk_size.lower() == 'none' else int(args.chunk_size)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available here')
     if args.clock == 'cpu':
+        if device.type != 'cpu':
+            parser.error("--clock cpu times this thread's CPU work; use the wall clock on a GPU")
         args.threads, CLOCK = 1, time.thread_time
+    AMP = args.amp
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -69,7 +91,7 @@ def main(argv=None):
     rows = []
     for dim in [int(w) for w in args.widths.split(',')]:
         heads = dim // 64
-        x = torch.randn(args.batch_size, args.tokens, dim)
+        x = torch.randn(args.batch_size, args.tokens, dim, device=device)
         candidates = {'block': Block(dim, heads, qkv_bias=True)}
         for kind in args.memory_types.split(','):
             candidates[kind] = create_memory(kind, dim, heads=heads, head_dim=64, depth=args.depth,
@@ -81,7 +103,7 @@ def main(argv=None):
             candidates['titans_pytorch'] = NeuralMemory(
                 dim=dim, heads=heads, dim_head=64, chunk_size=chunk or args.tokens,
                 default_model_kwargs=dict(depth=args.depth, expansion_factor=args.expansion))
-        med = compare(candidates, x, args.warmup, args.rounds)
+        med = compare({name: mod.to(device) for name, mod in candidates.items()}, x, args.warmup, args.rounds)
         for name, t in med.items():
             if name == 'block':
                 continue
@@ -91,8 +113,10 @@ def main(argv=None):
                 row['faster_than_titans_pytorch'] = med['titans_pytorch'] / t
             rows.append(row)
 
+    where = (torch.cuda.get_device_name(device) if device.type == 'cuda' else f'threads {torch.get_num_threads()}')
     print(f'\nforward+backward, N={args.tokens}, batch {args.batch_size}, chunk {args.chunk_size}, '
-          f'memory depth {args.depth}, expansion {args.expansion:g}, threads {torch.get_num_threads()}, {args.clock} clock')
+          f'memory depth {args.depth}, expansion {args.expansion:g}, {where}, {args.clock} clock'
+          + (', bf16 autocast' if AMP else ''))
     header = '| D / heads | memory | ms | Block ms | x Block |' + (' titans_pytorch / ours |' if args.vs_titans_pytorch else '')
     print(header)
     print('|' + '---|' * (header.count('|') - 1))

@@ -18,8 +18,13 @@ Ratios are model / backbone (lower is better); the issue-3 targets are printed n
     python benchmarks/model_speed.py --sizes tiny,small --csv speed.csv
     python benchmarks/model_speed.py --models 'vit_tiny_mag_*' --memory-interval 3 --repeats 5
     python benchmarks/model_speed.py --threads 1 --clock cpu --stat min  # on a machine shared with other jobs
+    python benchmarks/model_speed.py --device cuda --amp -b 64 --sizes tiny,small,base   # on a GPU, bf16 autocast
+
+On CUDA the clock is read after ``torch.cuda.synchronize()`` and the peak memory is ``torch.cuda.max_memory_allocated``
+over the step (the caching allocator's view: every tensor the step held at once).
 """
 import argparse
+import contextlib
 import csv
 import fnmatch
 import json
@@ -43,13 +48,22 @@ TARGETS = {
 }
 
 
+AMP = False   # --amp: bf16 autocast around every forward
+
+
+def _autocast(x: torch.Tensor):
+    return torch.autocast(x.device.type, dtype=torch.bfloat16) if AMP else contextlib.nullcontext()
+
+
 def train_step_fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
     """A closure running one forward + cross-entropy + backward + AdamW step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), target).backward()
+        with _autocast(x):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
         opt.step()
     return step
 
@@ -57,30 +71,46 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor)
 def infer_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """A closure running one eval-mode forward under inference_mode."""
     def infer():
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(x):
             model(x)
     return infer
 
 
 CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
 _clock = time.perf_counter
+DEVICE = torch.device('cpu')
+
+
+def _sync():
+    if DEVICE.type == 'cuda':
+        torch.cuda.synchronize(DEVICE)
 
 
 def timed(fn: Callable[[], None]) -> float:
     """Seconds ``fn`` takes on the selected clock (wall, or this process's CPU time with ``--clock cpu``)."""
+    _sync()
     t0 = _clock()
     fn()
+    _sync()
     return _clock() - t0
 
 
 def peak_step_bytes(fn: Callable[[], None]) -> int:
-    """Peak tensor bytes allocated during ``fn`` above the level before it, from torch.profiler memory events.
+    """Peak tensor bytes allocated during ``fn`` above the level before it, from torch.profiler memory events
+    (on CUDA: the allocator's peak statistics).
 
     The memory's scratch pool is emptied first: buffers it kept from an earlier step would otherwise not show up
     as allocations, although the step needs them as much as any tensor."""
     from torch.profiler import ProfilerActivity, profile
     from titans_timm.memory import empty_scratch_pool
     empty_scratch_pool()
+    if DEVICE.type == 'cuda':
+        _sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        fn()
+        _sync()
+        return torch.cuda.max_memory_allocated(DEVICE) - before
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -121,9 +151,9 @@ def measure_pair(
         stat: Callable[[List[float]], float] = statistics.median,
 ) -> Dict:
     """Time one model against its backbone, alternating, and measure params and peak training memory."""
-    model = timm.create_model(name, img_size=img_size, **kwargs)
-    x = torch.randn(batch_size, 3, img_size, img_size)
-    target = torch.randint(0, model.num_classes, (batch_size,))
+    model = timm.create_model(name, img_size=img_size, **kwargs).to(DEVICE)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=DEVICE)
+    target = torch.randint(0, model.num_classes, (batch_size,), device=DEVICE)
     pair = {'backbone': backbone, 'model': model}
     row = {'model': name, 'memory_blocks': json.dumps(model.memory_blocks),
            'params_M': num_params(model) / 1e6, 'backbone_params_M': num_params(backbone) / 1e6}
@@ -191,7 +221,15 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--no-infer', action='store_true', help='skip the inference timing')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
     parser.add_argument('--csv', default=None, help='write the rows to this CSV file')
+    parser.add_argument('--device', default='cpu', help="torch device, e.g. 'cuda'")
+    parser.add_argument('--amp', action='store_true', help='bf16 autocast around every forward (model and backbone)')
     args = parser.parse_args(argv)
+    global DEVICE, AMP
+    DEVICE, AMP = torch.device(args.device), args.amp
+    if DEVICE.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available here')
+    if DEVICE.type != 'cpu' and args.clock == 'cpu':
+        parser.error("--clock cpu times this process's CPU work; use the wall clock on a GPU")
 
     sizes = [s.strip() for s in args.sizes.split(',') if s.strip()]
     bad = [s for s in sizes if s not in ('tiny', 'small', 'base')]
@@ -222,7 +260,7 @@ def main(argv=None) -> List[Dict]:
                  if any(fnmatch.fnmatch(n, p) for p in patterns)]
         if not names:
             continue
-        backbone = timm.create_model(f'vit_{size}_patch16_224', img_size=args.img_size)
+        backbone = timm.create_model(f'vit_{size}_patch16_224', img_size=args.img_size).to(DEVICE)
         for name in names:
             row = measure_pair(name, backbone, kwargs, args.batch_size, args.img_size, args.warmup, args.repeats,
                                train=not args.no_train, infer=not args.no_infer,
@@ -233,8 +271,10 @@ def main(argv=None) -> List[Dict]:
         print(f'error: no registered model matches {args.models!r} for sizes {sizes}', file=sys.stderr)
         sys.exit(2)
     print()
-    print(f'batch {args.batch_size}, {args.img_size} px, torch threads {torch.get_num_threads()}, {args.clock} clock, '
-          f'{args.stat} of {args.repeats} alternating rounds; ratios = model / plain backbone')
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == 'cuda' else f'torch threads {torch.get_num_threads()}'
+    print(f'batch {args.batch_size}, {args.img_size} px, {where}, {args.clock} clock, '
+          f'{args.stat} of {args.repeats} alternating rounds{", bf16 autocast" if AMP else ""}; '
+          f'ratios = model / plain backbone')
     print(format_table(rows))
     if args.csv:
         with open(args.csv, 'w', newline='') as f:

@@ -3,6 +3,7 @@
 Tiny configs throughout (img 32, patch 8, depth 2, 32 training images) so the file runs in about a minute.
 """
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -211,3 +212,18 @@ def test_ctrl_c_writes_resumable_checkpoint(backbone, tmp_path):
 
 def test_bad_flag_is_one_line(capsys):
     _bad_input(capsys, ['--epochs', 'two'], 'invalid int value')
+
+
+def test_float16_amp_scales_the_loss_and_resumes_the_scale(backbone, tmp_path):
+    """float16 gradients underflow unscaled: --amp-dtype float16 trains through a GradScaler whose state is part of
+    the resumable checkpoint (bfloat16 needs no scaler and writes none)."""
+    args = ['--model', 'vit_tiny_mag_simple', '--pretrained-path', str(backbone), *TINY, '--epochs', '1',
+            '--freeze-epochs', '0', '--amp', '--clip-grad', '1.0', '--output', str(tmp_path)]
+    first = main(args + ['--amp-dtype', 'float16', '--experiment', 'fp16', '--stop-after-steps', '2'])
+    assert first['interrupted']
+    state = torch.load(tmp_path / 'fp16' / 'train_state.pth', weights_only=True)
+    assert state['scaler']['scale'] > 1
+    done = main(['--resume', str(tmp_path / 'fp16')])
+    assert not done['interrupted'] and math.isfinite(done['final_top1'])
+    bf16 = main(args + ['--experiment', 'bf16', '--stop-after-steps', '1'])
+    assert torch.load(Path(bf16['output_dir']) / 'train_state.pth', weights_only=True)['scaler'] is None

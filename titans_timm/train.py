@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='also write a resumable checkpoint every K steps within an epoch (0: epoch ends only)')
     g.add_argument('-j', '--workers', type=int, default=0,
                    help='data loader processes (0: load in the training process; needed for exact resume)')
-    g.add_argument('--amp', action='store_true', default=False, help='mixed precision (bfloat16 on CPU)')
+    g.add_argument('--amp', action='store_true', default=False,
+                   help='mixed precision (autocast to --amp-dtype; float16 adds loss scaling)')
     g.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda if available)')
     g.add_argument('--dist-backend', default=None, help='default: nccl on cuda, gloo on cpu')
@@ -604,6 +605,8 @@ class Trainer:
         self.output_dir = output_dir
         self.is_primary = args.rank == 0
         self.amp_autocast = _amp_autocast(args, device)
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
+        self.scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == 'float16' else None
 
         self.optimizer = create_optimizer_v2(
             model, **optimizer_kwargs(cfg=args), **args.opt_kwargs,
@@ -666,6 +669,7 @@ class Trainer:
             format_version=1, model=self.args.model, world_size=self.args.world_size, **position,
             optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
             ema=self.ema.state_dict() if self.ema is not None else None, rng=rng,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
             epoch_loss=[float(self.epoch_loss.sum), int(self.epoch_loss.count)],
             best_metric=self.best_metric, best_epoch=self.best_epoch, step0_metrics=self.step0_metrics,
         )
@@ -708,6 +712,8 @@ class Trainer:
             raise TrainInputError(f'--resume {directory}: optimizer state does not fit ({e}); '
                                   f'use the same model and optimizer settings') from None
         _load_scheduler_state(self.scheduler, state['scheduler'])
+        if self.scaler is not None and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
         if self.ema is not None and state.get('ema') is not None:
             self.ema.load_state_dict(state['ema'])
         elif self.ema is not None:
@@ -795,10 +801,18 @@ class Trainer:
                 raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or '
                                          f'use --clip-grad')
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad is not None:
-                dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
-            self.optimizer.step()
+            if self.scaler is None:
+                loss.backward()
+                if args.clip_grad is not None:
+                    dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
+                self.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                if args.clip_grad is not None:
+                    self.scaler.unscale_(self.optimizer)  # clip the true gradients
+                    dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
+                self.scaler.step(self.optimizer)           # skipped when a gradient overflowed
+                self.scaler.update()
             self.num_updates += 1
             self.steps_run += 1
             if self.ema is not None:
