@@ -7,6 +7,7 @@ so the printed ratios are robust to a busy machine. ``--vs-titans-pytorch`` also
     python benchmarks/memory_speed.py                       # D = 192/384/768, N = 197, batch 8
     python benchmarks/memory_speed.py --widths 192 --vs-titans-pytorch
     python benchmarks/memory_speed.py --device cuda --amp      # on a GPU, under bf16 autocast
+    python benchmarks/memory_speed.py --device cuda --cuda-graphs   # each module's fwd and bwd replayed as CUDA graphs
 
 On CUDA the clock is read after ``torch.cuda.synchronize()``, so each time covers the kernels, not just their launch.
 """
@@ -45,6 +46,26 @@ def fwd_bwd_time(module, x):
     return CLOCK() - t0
 
 
+def graphed(module, x):
+    """``module`` with its forward and backward captured as CUDA graphs, after checking that a replay gives the
+    eager outputs and gradients."""
+    def run(fn):
+        xi = x.detach().requires_grad_(True)
+        out = fn(xi)
+        out.pow(2).mean().backward()
+        grads = [xi.grad] + [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+        module.zero_grad(set_to_none=True)
+        return [out.detach()] + grads
+    eager = run(module)
+    fn = torch.cuda.make_graphed_callables(module, (x.detach().requires_grad_(True),))
+    replay = run(fn)
+    diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(replay, eager))
+    print(f'{type(module).__name__}: CUDA-graph replay vs eager, largest relative difference {diff:.1e}')
+    if diff > 1e-4:
+        raise RuntimeError(f'{type(module).__name__}: the CUDA-graph replay differs from eager ({diff:.1e})')
+    return fn
+
+
 def compare(candidates, x, warmup, rounds):
     """Median seconds per fwd+bwd of each named module, timed round-robin."""
     times = {name: [] for name in candidates}
@@ -73,6 +94,9 @@ def main(argv=None):
     parser.add_argument('--vs-titans-pytorch', action='store_true', help='also time titans_pytorch.NeuralMemory')
     parser.add_argument('--device', default='cpu', help="torch device, e.g. 'cuda'")
     parser.add_argument('--amp', action='store_true', help='run every module under bf16 autocast')
+    parser.add_argument('--cuda-graphs', action='store_true',
+                        help='capture each module (Block too) with torch.cuda.make_graphed_callables: removes the '
+                             'per-op launch cost the chunk loop pays on a GPU; checked against eager first')
     args = parser.parse_args(argv)
     global CLOCK, AMP
     chunk = None if args.chunk_size.lower() == 'none' else int(args.chunk_size)
@@ -84,6 +108,8 @@ def main(argv=None):
             parser.error("--clock cpu times this thread's CPU work; use the wall clock on a GPU")
         args.threads, CLOCK = 1, time.thread_time
     AMP = args.amp
+    if args.cuda_graphs and (device.type != 'cuda' or AMP or args.vs_titans_pytorch):
+        parser.error('--cuda-graphs needs --device cuda, without --amp or --vs-titans-pytorch')
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,7 +129,10 @@ def main(argv=None):
             candidates['titans_pytorch'] = NeuralMemory(
                 dim=dim, heads=heads, dim_head=64, chunk_size=chunk or args.tokens,
                 default_model_kwargs=dict(depth=args.depth, expansion_factor=args.expansion))
-        med = compare({name: mod.to(device) for name, mod in candidates.items()}, x, args.warmup, args.rounds)
+        candidates = {name: mod.to(device) for name, mod in candidates.items()}
+        if args.cuda_graphs:
+            candidates = {name: graphed(mod, x) for name, mod in candidates.items()}
+        med = compare(candidates, x, args.warmup, args.rounds)
         for name, t in med.items():
             if name == 'block':
                 continue
@@ -116,7 +145,7 @@ def main(argv=None):
     where = (torch.cuda.get_device_name(device) if device.type == 'cuda' else f'threads {torch.get_num_threads()}')
     print(f'\nforward+backward, N={args.tokens}, batch {args.batch_size}, chunk {args.chunk_size}, '
           f'memory depth {args.depth}, expansion {args.expansion:g}, {where}, {args.clock} clock'
-          + (', bf16 autocast' if AMP else ''))
+          + (', bf16 autocast' if AMP else '') + (', CUDA graphs' if args.cuda_graphs else ''))
     header = '| D / heads | memory | ms | Block ms | x Block |' + (' titans_pytorch / ours |' if args.vs_titans_pytorch else '')
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
