@@ -935,7 +935,7 @@ class AdvancedNeuralMemory(_NeuralMemory):
         pad = n_chunks * chunk - N
         counts = torch.full((n_chunks,), float(chunk), device=g.device, dtype=g.dtype)
         if pad:
-            counts[-1] = chunk - pad
+            counts[-1:].fill_(chunk - pad)   # a fill, not a host-to-device copy (CUDA graphs cannot capture one)
             pooled = F.pad(pooled, (0, pad))
         pooled = pooled.reshape(B, 2 * self.heads, n_chunks, chunk).sum(-1) / counts  # [B, 2H, C]
         pooled = pooled.repeat_interleave(chunk, dim=-1)[..., :N]              # [B, 2H, N]
