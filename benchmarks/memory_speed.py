@@ -11,8 +11,8 @@ so the printed ratios are robust to a busy machine. ``--vs-titans-pytorch`` also
 
 On CUDA the clock is read after ``torch.cuda.synchronize()``, so each time covers the kernels, not just their launch.
 """
-import contextlib
 import argparse
+import contextlib
 import statistics
 import time
 import warnings
