@@ -83,7 +83,8 @@ def main(argv=None):
     parser.add_argument('--tokens', type=int, default=197)
     parser.add_argument('-b', '--batch-size', type=int, default=8)
     parser.add_argument('--chunk-size', default='16', help="tokens per memory chunk, or 'none' (the whole image)")
-    parser.add_argument('--depth', type=int, default=2, help='memory MLP depth')
+    parser.add_argument('--depth', type=int, default=None,
+                        help="memory MLP depth (default: each type's own: simple 1, mlp and advanced 2)")
     parser.add_argument('--expansion', type=float, default=4.0)
     parser.add_argument('--memory-types', default=','.join(MEMORY_TYPES))
     parser.add_argument('--warmup', type=int, default=2)
@@ -119,16 +120,20 @@ def main(argv=None):
         heads = dim // 64
         x = torch.randn(args.batch_size, args.tokens, dim, device=device)
         candidates = {'block': Block(dim, heads, qkv_bias=True)}
+        depth_opt = {} if args.depth is None else {'depth': args.depth}
+        tp_depth = args.depth or 2          # titans_pytorch at advanced's default, the config the issue compares
         for kind in args.memory_types.split(','):
-            candidates[kind] = create_memory(kind, dim, heads=heads, head_dim=64, depth=args.depth,
-                                             expansion=args.expansion, chunk_size=chunk)
+            candidates[kind] = create_memory(kind, dim, heads=heads, head_dim=64, expansion=args.expansion,
+                                             chunk_size=chunk, **depth_opt)
         if args.vs_titans_pytorch:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')
                 from titans_pytorch import NeuralMemory
             candidates['titans_pytorch'] = NeuralMemory(
                 dim=dim, heads=heads, dim_head=64, chunk_size=chunk or args.tokens,
-                default_model_kwargs=dict(depth=args.depth, expansion_factor=args.expansion))
+                default_model_kwargs=dict(depth=tp_depth, expansion_factor=args.expansion))
+        depths = {name: tp_depth if name == 'titans_pytorch' else getattr(mod, 'depth', None)
+                  for name, mod in candidates.items()}
         candidates = {name: mod.to(device) for name, mod in candidates.items()}
         if args.cuda_graphs:
             candidates = {name: graphed(mod, x) for name, mod in candidates.items()}
@@ -136,21 +141,22 @@ def main(argv=None):
         for name, t in med.items():
             if name == 'block':
                 continue
-            row = {'D': dim, 'heads': heads, 'memory': name, 'ms': 1000 * t, 'block_ms': 1000 * med['block'],
-                   'x_block': t / med['block']}
-            if 'titans_pytorch' in med and name != 'titans_pytorch':
-                row['faster_than_titans_pytorch'] = med['titans_pytorch'] / t
+            depth = depths[name]
+            row = {'D': dim, 'heads': heads, 'memory': name, 'depth': depth, 'ms': 1000 * t,
+                   'block_ms': 1000 * med['block'], 'x_block': t / med['block']}
+            if 'titans_pytorch' in med and name != 'titans_pytorch' and depth == depths['titans_pytorch']:
+                row['faster_than_titans_pytorch'] = med['titans_pytorch'] / t  # only at the same memory depth
             rows.append(row)
 
     where = (torch.cuda.get_device_name(device) if device.type == 'cuda' else f'threads {torch.get_num_threads()}')
     print(f'\nforward+backward, N={args.tokens}, batch {args.batch_size}, chunk {args.chunk_size}, '
-          f'memory depth {args.depth}, expansion {args.expansion:g}, {where}, {args.clock} clock'
+          f'expansion {args.expansion:g}, {where}, {args.clock} clock'
           + (', bf16 autocast' if AMP else '') + (', CUDA graphs' if args.cuda_graphs else ''))
-    header = '| D / heads | memory | ms | Block ms | x Block |' + (' titans_pytorch / ours |' if args.vs_titans_pytorch else '')
+    header = '| D / heads | memory | depth | ms | Block ms | x Block |' + (' titans_pytorch / ours |' if args.vs_titans_pytorch else '')
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
     for r in rows:
-        line = f"| {r['D']} / {r['heads']} | {r['memory']} | {r['ms']:.1f} | {r['block_ms']:.1f} | {r['x_block']:.2f} |"
+        line = f"| {r['D']} / {r['heads']} | {r['memory']} | {r['depth']} | {r['ms']:.1f} | {r['block_ms']:.1f} | {r['x_block']:.2f} |"
         if args.vs_titans_pytorch:
             line += f" {r['faster_than_titans_pytorch']:.1f}x |" if 'faster_than_titans_pytorch' in r else ' - |'
         print(line)

@@ -52,8 +52,9 @@ def _reference(mem, x, chunk, causal=False):
 @pytest.mark.parametrize('kind', UPDATED)
 @pytest.mark.parametrize('chunk', [1, 4, 5, None])
 @pytest.mark.parametrize('momentum', [True, False])
-def test_chunked_equals_token_by_token_reference(kind, chunk, momentum):
-    mem = _memory(kind, dtype=torch.float64, chunk_size=chunk, momentum=momentum)
+@pytest.mark.parametrize('depth', [1, 2])
+def test_chunked_equals_token_by_token_reference(kind, chunk, momentum, depth):
+    mem = _memory(kind, dtype=torch.float64, chunk_size=chunk, momentum=momentum, depth=depth)
     x = torch.randn(2, 23, 64, dtype=torch.float64)  # 23 tokens: 4 and 5 do not divide it
     with torch.no_grad():
         out = mem(x)
@@ -201,6 +202,14 @@ def test_qkv_diff_views_takes_keys_from_context():
     x, ctx = torch.randn(1, 12, 64), torch.randn(1, 12, 64)
     with torch.no_grad():
         assert not torch.allclose(mem(x, context=ctx), mem(x, context=ctx * 2 + 1))
+
+
+def test_default_depths_linear_simple_deep_advanced():
+    """The issue and DESIGN.md name the deep memory among advanced's features: simple is linear unless asked."""
+    simple = create_memory('simple', 64)
+    assert simple.depth == 1 and [tuple(w.shape) for w in simple.initial_weights] == [(1, 64, 64)]
+    assert create_memory('advanced', 64).depth == 2 and create_memory('mlp', 64).depth == 2
+    assert create_memory('simple', 64, depth=2).options['depth'] == 2
 
 
 def test_bad_options_fail_clearly():

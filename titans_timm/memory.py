@@ -15,12 +15,17 @@ Three memory types (``MEMORY_TYPES``):
 
 * ``mlp``: the persistent memory MLP M0 read with queries, no test-time update (the cheapest ablation).
 * ``simple``: the update rule with learned per-head *scalar* theta/eta/alpha; one fused projection gives
-  queries, keys and values.
+  queries, keys and values; a linear memory by default (``depth=1``: one d x d matrix per head).
 * ``advanced``: separate W_Q / W_K / W_V views (keys/values may come from another depth of the backbone,
-  ``qkv_diff_views``), data-dependent per-token theta and per-chunk eta/alpha from small linear heads.
+  ``qkv_diff_views``), data-dependent per-token theta and per-chunk eta/alpha from small linear heads, and a deep
+  memory by default (``depth=2``: a two-layer MLP, hidden 4 x head dim).
 
-Both ``simple`` and ``advanced`` use q/k L2 normalisation, multi-head deep memory (head dim 64, depth 2 by
-default) and the chunk-parallel form (16-18): inside a chunk every token's gradient is taken at the weights of
+The default depths follow the issue and DESIGN.md, which name the deep memory among ``advanced``'s features and
+give ``simple`` (scalar gates) a lower cost budget: a depth-2 ``simple`` costs what ``advanced`` costs (the write
+is the same), a linear one about a quarter of that. Either type takes any ``depth``.
+
+Both ``simple`` and ``advanced`` use q/k L2 normalisation, multi-head memory (head dim 64) and the
+chunk-parallel form (16-18): inside a chunk every token's gradient is taken at the weights of
 the chunk start (mini-batch gradient descent), momentum is a linear recurrence over the chunk's tokens and
 forgetting a cumulative product; both are folded into per-token coefficients, so a whole chunk costs one
 forward and one closed-form backward of the memory MLP (batched matmuls, no autograd inside forward).
@@ -844,11 +849,12 @@ class _NeuralMemory(_MemoryBase):
 class SimpleNeuralMemory(_NeuralMemory):
     """``simple`` memory: learned per-head scalar theta (inner lr), eta (momentum) and alpha (forgetting).
 
-    One fused linear gives queries, keys and values (like timm's Attention qkv)."""
+    One fused linear gives queries, keys and values (like timm's Attention qkv). The memory is linear by default
+    (``depth=1``); ``depth=2`` makes it as deep, and as costly to write, as ``advanced``'s."""
 
     kind = 'simple'
 
-    def __init__(self, dim: int, heads: Optional[int] = None, head_dim: int = 64, depth: int = 2,
+    def __init__(self, dim: int, heads: Optional[int] = None, head_dim: int = 64, depth: int = 1,
                  expansion: float = 4.0, chunk_size: Optional[int] = 16, read_mode: str = 'after_write',
                  momentum: bool = True, max_lr: float = 1.0, device=None, dtype=None, **unused):
         super().__init__(dim, heads, head_dim, depth, expansion, chunk_size, read_mode, momentum, max_lr, device, dtype)
@@ -953,7 +959,8 @@ def create_memory(kind: str, dim: int, **options) -> nn.Module:
     Args:
         kind: one of ``MEMORY_TYPES`` (``'mlp'``, ``'simple'``, ``'advanced'``).
         dim: token width.
-        **options: ``heads`` (default ``dim // head_dim``), ``head_dim`` (64), ``depth`` (memory MLP layers, 2),
+        **options: ``heads`` (default ``dim // head_dim``), ``head_dim`` (64), ``depth`` (memory MLP layers: 1 for
+            ``simple``, 2 for ``mlp`` and ``advanced``),
             ``expansion`` (hidden width / head_dim, 4), ``chunk_size`` (16; None = whole image in one step),
             ``read_mode`` (``'after_write'`` or ``'causal'``), ``momentum`` (True), ``max_lr`` (bound of the inner
             step, 1.0), ``qkv_diff_views`` (advanced only).
