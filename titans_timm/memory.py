@@ -50,6 +50,8 @@ Choices where the paper is silent (written down here, as DESIGN.md asks):
 
 Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chunk 16, one CPU thread):
 
+* ``simple`` at its default depth 1 costs about 1.06x a Block (the linear write has no hidden layer to carry);
+  at depth 2 it writes exactly as ``advanced`` does.
 * Where the time goes: ``advanced`` costs about 2.8x a timm Block; of that the write's backward is ~60%, its forward
   ~25%, projections + read the rest. The dual form does ~3.4 GMAC per forward+backward (the Block ~2.5 GMAC), a
   third of it in the token-pair terms between chunks, at roughly half the Block's matmul efficiency (16-row
