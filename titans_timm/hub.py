@@ -101,7 +101,7 @@ _APPROACHES = {
 _MEMORY_TYPES = {
     'mlp': 'persistent MLP memory (learned, not updated at test time)',
     'simple': 'Titans neural memory updated at test time by gradient descent with momentum and forgetting, '
-              'learned scalar gates, a linear memory per head',
+              'learned scalar gates (a linear memory per head unless built deeper)',
     'advanced': 'Titans neural memory updated at test time, with data-dependent gates, separate Q/K/V views, '
                 'q/k normalisation and a deep multi-head memory',
 }
