@@ -122,9 +122,10 @@ def test_model_starts_as_backbone_and_trains_a_step_on_gpu(name, tmp_path):
     opt.step()
 
 
-def test_torch_compile_on_gpu_same_outputs_and_grads():
+@pytest.mark.parametrize('name', ['vit_tiny_mac_advanced', 'vit_tiny_mag_advanced'])
+def test_torch_compile_on_gpu_same_outputs_and_grads(name):
     torch.manual_seed(0)
-    model = timm.create_model('vit_tiny_mac_advanced', num_classes=10, **SMALL_KW).to(CUDA)
+    model = timm.create_model(name, num_classes=10, **SMALL_KW).to(CUDA)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if 'memory_ls' in name or 'memory_gate' in name:

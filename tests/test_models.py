@@ -309,13 +309,24 @@ def test_split_parameters_plain_timm_vit():
     assert titans_timm.split_parameters is split_parameters
 
 
-def test_torch_compile_same_outputs():
-    """One tiny config through dynamo (full graph) + AOT autograd: the MAC state recurrence compiles unchanged."""
-    model = _open_gates(timm.create_model('vit_tiny_mac_advanced', num_classes=4, **SMALL_KW)).eval()
+@pytest.mark.parametrize('name', ['vit_tiny_mac_advanced', 'vit_tiny_mal_simple', 'vit_tiny_mag_advanced'])
+def test_torch_compile_same_outputs_and_grads(name):
+    """Dynamo (full graph, no graph break) + AOT autograd gives eager's outputs and gradients: the MAC state
+    recurrence, and MAL/MAG's write, which compiles as plain autograd ops (the fused node is eager-only)."""
+    model = _open_gates(timm.create_model(name, num_classes=4, **SMALL_KW))
     x = _images(2)
     compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    ref = model(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(compiled.eval()(x), model.eval()(x))
 
 
 def test_pretrained_true_resolves_backbone_from_offline_hub_cache(tmp_path, monkeypatch):

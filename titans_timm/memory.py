@@ -842,6 +842,11 @@ class _NeuralMemory(_MemoryBase):
             if causal:
                 _, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q)
                 y = torch.cat(reads, dim=2)
+            elif torch.compiler.is_compiling():
+                # the dual form's node (scratch buffers, out= writes, a finalizer) is not traceable; the same
+                # update as plain autograd ops is, and inductor fuses that loop well (see the speed notes)
+                state, stats, _ = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]))
+                y = _mlp_read(state['weights'], q)
             else:
                 y, stats = self._write_read(q, k, v, theta, eta, keep)  # (15) every token reads the final memory
         out = self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
