@@ -264,6 +264,25 @@ def test_fused_write_gradients_equal_autograd_write(kind, chunk, momentum):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize('kind', UPDATED)
+@pytest.mark.parametrize('chunk', [4, None])
+def test_constant_token_keeps_the_image_finite(kind, chunk):
+    """A constant token (zero padding, say) is layer-normed to zero and gives a zero key: its step normaliser is
+    clamped, so the image's memory stays finite, both writes agree on the gradients, and other images are as alone."""
+    mem = _memory(kind, dtype=torch.float64, chunk_size=chunk, depth=2)
+    x = torch.randn(2, 10, 64, dtype=torch.float64)
+    x[0, 3] = 1.0
+    params = list(mem.parameters())
+    y = mem(x)
+    assert torch.isfinite(y).all()
+    fused = torch.autograd.grad(y.pow(2).sum(), params, allow_unused=True)
+    unfused = torch.autograd.grad(mem.read(x, mem.write(x)).pow(2).sum(), params, allow_unused=True)
+    for a, b in zip(fused, unfused):
+        assert a is not None and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(y[1:], mem(x[1:]))
+
+
 def test_fused_write_repeats_across_grad_modes():
     """The fused write reuses scratch buffers between calls: results and gradients do not depend on what ran
     before (inference mode, no_grad, a graph still alive)."""

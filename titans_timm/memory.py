@@ -166,11 +166,16 @@ def step_normaliser(inputs: List[torch.Tensor], first: Optional[torch.Tensor] = 
     Each token's step is divided by it (normalised LMS): the change a step of size theta makes to that token's
     own prediction is then about ``2 theta`` times its error whatever the scale of the memory's activations, so
     theta < 1 descends and the write cannot blow up as the memory weights grow. ``first``: ``||k||^2`` if known.
+    At least ``NORMALISER_MIN``: a zero key (a constant or zero-padded token, layer-normed to zero) has a zero
+    gradient, and 0 / 0 would turn the whole image's memory into NaN.
     """
     total = inputs[0].pow(2).sum(-1) if first is None else first
     for t in inputs[1:]:
         total = total + t.pow(2).sum(-1)
-    return total
+    return total.clamp_min(NORMALISER_MIN)
+
+
+NORMALISER_MIN = 1e-6   # keys are unit vectors, so only a (near-)zero key reaches it
 
 
 def _exp(log_value: torch.Tensor) -> torch.Tensor:
@@ -451,7 +456,7 @@ class _DualWrite(torch.autograd.Function):
             e = torch.sub(h, v[:, R], out=err[:, R])
             if L > 1:
                 new.recycle(h)                                         # the chunk's prediction: read by nothing else
-            sc_r = torch.reciprocal(norm, out=scale[:, R]).mul_(2).unsqueeze(-1)
+            sc_r = torch.reciprocal(norm.clamp_min(NORMALISER_MIN), out=scale[:, R]).mul_(2).unsqueeze(-1)
             g = torch.mul(e, sc_r, out=G[L - 1][:, R])
             for l in range(L - 1, 0, -1):
                 bp = new(HB, n, w0[l].shape[1])
@@ -558,6 +563,7 @@ class _DualWrite(torch.autograd.Function):
             if d_surprise is not None:
                 d_err.addcmul_(e, d_surprise[:, R].unsqueeze(-1), value=2)
             d_norm2 = (dg * e).sum(-1, keepdim=True).mul_(sc_r * sc_r).neg_()     # 2 d norm
+            d_norm2.masked_fill_(sc_r > 1.9999 / NORMALISER_MIN, 0.0)   # clamped (scale 2 / min, float32): no gradient
             torch.neg(d_err, out=dv[:, R])
             dh = dH[L - 1][:, R].copy_(d_err)
             for l in range(L - 1, -1, -1):
