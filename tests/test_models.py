@@ -201,6 +201,19 @@ def test_bad_arguments_fail_clearly():
         timm.create_model('vit_tiny_mac_mlp', num_memory_tokens=0, **SMALL_KW)
     with pytest.raises(ValueError, match='JSON'):
         timm.create_model('vit_tiny_mal_mlp', memory_options={'chunk_size': object()}, **SMALL_KW)
+    with pytest.raises(ValueError, match='memory_blocks must be a list'):
+        timm.create_model('vit_tiny_mal_mlp', memory_blocks=[True], **SMALL_KW)
+    with pytest.raises(ValueError, match='memory_interval'):
+        timm.create_model('vit_tiny_mal_mlp', memory_interval=True, **SMALL_KW)
+    with pytest.raises(ValueError, match='memory option max_lr'):
+        timm.create_model('vit_tiny_mag_simple', memory_options={'max_lr': -1.0}, **SMALL_KW)
+    for options in ({'read_mode': 'causal', 'chunk_size': 16}, {'qkv_diff_views': True}):
+        with pytest.raises(ValueError, match='MAL and MAG only'):
+            timm.create_model('vit_tiny_mac_advanced', memory_options=options, **SMALL_KW)
+    with pytest.raises(ValueError, match='block_fn cannot be overridden'):
+        timm.create_model('vit_tiny_mal_mlp', block_fn=torch.nn.Identity, **SMALL_KW)
+    from timm.models.vision_transformer import Block
+    timm.create_model('vit_tiny_mal_mlp', block_fn=Block, **SMALL_KW)   # timm's own default: accepted
 
 
 def test_memory_placement():

@@ -877,8 +877,14 @@ class SimpleNeuralMemory(_NeuralMemory):
         nn.init.zeros_(self.qkv.bias)
         # logits of the per-head gates: theta ~ 0.5 * max_lr, eta ~ 0.5, alpha ~ 0.02 at init
         self.theta_logit = nn.Parameter(torch.zeros(self.heads, **dd))
-        self.eta_logit = nn.Parameter(torch.zeros(self.heads, **dd))
+        # without momentum there is no eta: no parameter that would never get a gradient (DDP needs none)
+        self.eta_logit = nn.Parameter(torch.zeros(self.heads, **dd)) if momentum else None
         self.alpha_logit = nn.Parameter(torch.full((self.heads,), -4.0, **dd))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.eta_logit is None:
+            state_dict.pop(prefix + 'eta_logit', None)   # saved before momentum-free memories dropped it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _qkv(self, x, context):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -891,7 +897,7 @@ class SimpleNeuralMemory(_NeuralMemory):
         B, N, _ = x.shape
         shape = (B, self.heads, N)
         theta = (self.max_lr / chunk * torch.sigmoid(self.theta_logit))[None, :, None].expand(shape)
-        eta = torch.sigmoid(self.eta_logit)[None, :, None].expand(shape)
+        eta = torch.sigmoid(self.eta_logit)[None, :, None].expand(shape) if self.momentum else None
         keep = (1 - torch.sigmoid(self.alpha_logit))[None, :, None].expand(shape)
         return theta, eta, keep
 
@@ -983,11 +989,36 @@ def create_memory(kind: str, dim: int, **options) -> nn.Module:
     """
     if kind not in _MEMORY_CLASSES:
         raise ValueError(f'unknown memory type {kind!r}; choose one of {MEMORY_TYPES}')
+    _check_options(kind, options)
+    return _MEMORY_CLASSES[kind](dim, **options)
+
+
+def _check_options(kind: str, options: Dict[str, object]) -> None:
+    """One clear ValueError for an unknown option or a value of the wrong type or range. ``mlp`` is never written:
+    it checks the write options (a sweep passes the same ones to every type) and ignores them."""
     known = {'heads', 'head_dim', 'depth', 'expansion', 'chunk_size', 'read_mode', 'momentum', 'max_lr',
              'qkv_diff_views', 'device', 'dtype'}
     unknown = set(options) - known
     if unknown:
         raise ValueError(f'unknown memory option(s) {sorted(unknown)}; known: {sorted(known - {"device", "dtype"})}')
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    rules = {
+        'heads': (lambda v: v is None or (is_int(v) and v >= 1), 'an int >= 1 or None (dim // head_dim)'),
+        'head_dim': (lambda v: is_int(v) and v >= 1, 'an int >= 1'),
+        'depth': (lambda v: is_int(v) and v >= 1, 'an int >= 1'),
+        'expansion': (lambda v: is_real(v) and v > 0, 'a number > 0'),
+        'chunk_size': (lambda v: v is None or (is_int(v) and v >= 1), 'an int >= 1, or None (the whole image)'),
+        'read_mode': (lambda v: v in READ_MODES, f'one of {READ_MODES}'),
+        'momentum': (lambda v: isinstance(v, bool), 'True or False'),
+        'max_lr': (lambda v: is_real(v) and v > 0, 'a number > 0 (the inner step must descend)'),
+        'qkv_diff_views': (lambda v: isinstance(v, bool), 'True or False'),
+    }
+    for name, (ok, what) in rules.items():
+        if name in options and not ok(options[name]):
+            raise ValueError(f'memory option {name} must be {what}, got {options[name]!r}')
     if options.get('qkv_diff_views') and kind != 'advanced':
         raise ValueError("qkv_diff_views needs memory type 'advanced'")
-    return _MEMORY_CLASSES[kind](dim, **options)
+    if kind != 'mlp' and options.get('read_mode') == 'causal' and options.get('chunk_size', 16) is None:
+        raise ValueError("read_mode='causal' needs a chunk_size: with the whole image as one chunk every token "
+                         "would read the initial memory and the write would be lost (e.g. chunk_size=16)")

@@ -112,7 +112,7 @@ def resolve_memory_blocks(
         Sorted, unique, non-negative block indices (at least one).
     """
     if memory_blocks is not None:
-        if isinstance(memory_blocks, int) or not all(isinstance(i, int) for i in memory_blocks):
+        if isinstance(memory_blocks, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in memory_blocks):
             raise ValueError(f'memory_blocks must be a list of block indices, got {memory_blocks!r}')
         bad = [i for i in memory_blocks if not -depth <= i < depth]
         if bad or not memory_blocks:
@@ -121,7 +121,7 @@ def resolve_memory_blocks(
                 f'for a model of depth {depth}')
         return sorted({i % depth for i in memory_blocks})
     interval = DEFAULT_MEMORY_INTERVAL if memory_interval is None else memory_interval
-    if not isinstance(interval, int) or interval < 1:
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
         raise ValueError(f'memory_interval must be a positive int, got {memory_interval!r}')
     # count back from the last block so the memory nearest the head is always present
     return list(range(depth - 1, -1, -interval))[::-1]
@@ -392,11 +392,15 @@ class TitansVisionTransformer(VisionTransformer):
         if {'device', 'dtype'} & set(memory_options):
             raise ValueError('pass device/dtype to create_model itself, not in memory_options')
         if approach == 'mac':
+            # MAC writes each block's tokens, then reads the state with its own queries: no read mode, one view
+            if memory_options.get('read_mode', 'after_write') != 'after_write' or memory_options.get('qkv_diff_views'):
+                raise ValueError("MAC writes every MAC block's tokens and reads the state with its own queries: "
+                                 "memory_options read_mode and qkv_diff_views apply to MAL and MAG only")
             if not isinstance(num_memory_tokens, int) or num_memory_tokens < 1:
                 raise ValueError(f'num_memory_tokens must be an int >= 1 for MAC, got {num_memory_tokens!r}')
             if not isinstance(num_persistent_tokens, int) or num_persistent_tokens < 0:
                 raise ValueError(f'num_persistent_tokens must be an int >= 0, got {num_persistent_tokens!r}')
-        if kwargs.get('block_fn', Block) is not Block:
+        if kwargs.pop('block_fn', Block) is not Block:
             raise ValueError('TitansVisionTransformer builds its own blocks; block_fn cannot be overridden')
         depth = kwargs.get('depth', 12)
         blocks = resolve_memory_blocks(depth, memory_blocks, memory_interval)
