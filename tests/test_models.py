@@ -242,6 +242,19 @@ def test_model_args_json_and_state_dict_round_trip(name, tmp_path):
     json.dumps(model.pretrained_cfg)
 
 
+def _graph_has(out, node_name):
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == node_name:
+            return True
+        seen.add(node)
+        stack.extend(f for f, _ in node.next_functions)
+    return False
+
+
 @pytest.mark.parametrize('name', ['vit_tiny_mal_advanced', 'vit_tiny_mac_advanced', 'vit_tiny_mac_mlp',
                                   'vit_tiny_mag_simple'])
 def test_grad_checkpointing_same_outputs_and_grads(name):
@@ -253,12 +266,16 @@ def test_grad_checkpointing_same_outputs_and_grads(name):
         model.set_grad_checkpointing(enable)
         model.zero_grad()
         out = model(x)
+        fused.append(_graph_has(out, '_DualWriteBackward'))
         out.square().sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    fused = []
     out0, grads0 = run(False)
     out1, grads1 = run(True)
     assert model.grad_checkpointing
+    # the fused write's buffers live outside checkpointing's reach: under it no such node may hold them
+    assert fused == [name.split('_')[2] != 'mac', False]
     torch.testing.assert_close(out1, out0)
     for n in grads0:
         torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-6, msg=n)

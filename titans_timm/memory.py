@@ -710,6 +710,9 @@ class _NeuralMemory(_MemoryBase):
 
     option_names = _MemoryBase.option_names + ('chunk_size', 'read_mode', 'momentum', 'max_lr')
 
+    # set by the model's set_grad_checkpointing: write with autograd ops (see forward)
+    grad_checkpointing = False
+
     # Subclasses define their views and gates:
     #   _qkv(x, context) -> q, k, v [B, H, N, dh];  _queries(x) -> q [B, H, M, dh]
     #   _gates(x, chunk) -> theta, eta, keep (= 1 - alpha), each [B, H, N]  (or override _views(x, context) -> all six)
@@ -848,9 +851,10 @@ class _NeuralMemory(_MemoryBase):
             if causal:
                 _, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q)
                 y = torch.cat(reads, dim=2)
-            elif torch.compiler.is_compiling():
-                # the dual form's node (scratch buffers, out= writes, a finalizer) is not traceable; the same
-                # update as plain autograd ops is, and inductor fuses that loop well (see the speed notes)
+            elif torch.compiler.is_compiling() or (self.grad_checkpointing and torch.is_grad_enabled()):
+                # the same update as plain autograd ops: the dual form's node (scratch buffers, out= writes, a
+                # finalizer) is not traceable, while this loop is and inductor fuses it well (see the speed
+                # notes); and its saved tensors go through checkpointing's hooks, the node's buffers do not
                 state, stats, _ = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]))
                 y = _mlp_read(state['weights'], q)
             else:

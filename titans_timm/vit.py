@@ -459,6 +459,14 @@ class TitansVisionTransformer(VisionTransformer):
             self.fix_init_weight()
 
     @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch; the memories follow it (their fused write keeps buffers that checkpointing cannot drop,
+        so under it they write with plain autograd ops, whose saved tensors are recomputed like the block's)."""
+        super().set_grad_checkpointing(enable)
+        for _, memory in memory_modules(self):
+            memory.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         """Backbone's no-decay set plus MAC persistent tokens and any the memory modules declare."""
         skip = set(super().no_weight_decay())
