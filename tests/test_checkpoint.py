@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -230,3 +231,17 @@ def test_checkpoint_pins_resolved_memory_arguments(tmp_path):
     finally:
         vit.DEFAULT_MEMORY_INTERVAL = old
     assert loaded.memory_blocks == model.memory_blocks
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_written_files_get_the_umask_mode(tmp_path, umask):
+    """Checkpoints are shared like any file the user writes: 0o666 less the umask, not a private 0o600."""
+    old = os.umask(umask)
+    try:
+        path = tmp_path / 'm.safetensors'
+        save_model(_model(), path, architecture=ARCH, model_args=ARGS)
+        ckpt.atomic_write_bytes(tmp_path / 'results.json', b'{}')
+    finally:
+        os.umask(old)
+    for p in (path, tmp_path / 'results.json'):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask

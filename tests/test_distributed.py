@@ -20,11 +20,11 @@ STRUCT = dict(img_size=32, patch_size=8, depth=2)
 MODEL = 'vit_tiny_mal_mlp'
 
 
-def _train_args(backbone, out, experiment, epochs=2):
+def _train_args(backbone, out, experiment, epochs=2, extra=()):
     return ['-m', 'titans_timm.train', '--model', MODEL, '--pretrained-path', str(backbone), '--img-size', '32',
             '--train-num-samples', '32', '--val-num-samples', '16', '-b', '4', '--lr', '2e-3', '--epochs', str(epochs),
             '--freeze-epochs', '1', '--warmup-epochs', '0', '--no-progress', '--output', str(out),
-            '--experiment', experiment, '--dump-rank-weights', '--device', 'cpu']
+            '--experiment', experiment, '--dump-rank-weights', '--device', 'cpu', *extra]
 
 
 def _free_port() -> int:
@@ -59,9 +59,14 @@ def _check_replicas(run: Path, tags):
 
 def test_torchrun_two_cpu_processes(backbone, tmp_path):
     log = _run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                *_train_args(backbone, tmp_path, 'ddp')], cwd=tmp_path)
+                *_train_args(backbone, tmp_path, 'ddp', extra=('--model-ema',))], cwd=tmp_path)
     run = tmp_path / 'ddp'
     dumps, roles = _check_replicas(run, ('init', 'epoch0', 'epoch1'))
+    # The EMA copy is made before DDP broadcasts rank 0's weights: the model must be built alike on every rank.
+    for t in ('init', 'epoch1'):
+        a, b = (safetensors.torch.load_file(str(run / f'rank{r}_ema_{t}.safetensors')) for r in (0, 1))
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f'EMA replicas differ at {t}: {differ[:5]}'
     phase1, final = dumps[(0, 'epoch0')], dumps[(0, 'epoch1')]
     assert all(not torch.equal(phase1[n], final[n]) for n in roles['backbone'])
     saved = safetensors.torch.load_file(str(run / 'model.safetensors'))
@@ -69,7 +74,8 @@ def test_torchrun_two_cpu_processes(backbone, tmp_path):
     # Only rank 0 logs epochs and writes the run files.
     assert log.count('epoch 2/2 phase 2: train loss') == 1
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith('rank')) == [
-        'args.yaml', 'last.safetensors', 'model.safetensors', 'results.json', 'summary.csv', 'train_state.pth']
+        'args.yaml', 'last.safetensors', 'model.safetensors', 'model_ema.safetensors', 'results.json', 'summary.csv',
+        'train_state.pth']
 
 
 def test_accelerate_launch_two_cpu_processes(backbone, tmp_path):

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from titans_timm import checkpoint as ckpt
+from titans_timm import train
 from titans_timm.train import main, parse_args, TrainInputError
 from titans_timm.vit import split_parameters
 
@@ -227,3 +228,136 @@ def test_float16_amp_scales_the_loss_and_resumes_the_scale(backbone, tmp_path):
     assert not done['interrupted'] and math.isfinite(done['final_top1'])
     bf16 = main(args + ['--experiment', 'bf16', '--stop-after-steps', '1'])
     assert torch.load(Path(bf16['output_dir']) / 'train_state.pth', weights_only=True)['scaler'] is None
+
+
+def _files(run_dir):
+    """{name: (bytes, mtime_ns)} of every file in a run folder."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(run_dir).iterdir() if p.is_file()}
+
+
+def test_checkpoint_pair_survives_a_crash_between_its_two_files(backbone, tmp_path, monkeypatch, caplog):
+    """Dying after last.safetensors is replaced but before train_state.pth: --resume falls back to the previous
+    complete pair and the run still ends bit-identical to an uninterrupted one."""
+    args = ['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(backbone), *TINY, '--epochs', '2',
+            '--freeze-epochs', '1', '--checkpoint-interval', '1', '--output', str(tmp_path)]
+    ref = main(args + ['--experiment', 'ref'])
+    assert sorted(p.name for p in (tmp_path / 'ref').glob('*.prev.*')) == []  # only kept while writing
+    saves = []
+
+    def dies_on_third_state(obj, path):
+        saves.append(path)
+        if len(saves) == 3:  # the weights of update 3 are in place, their state is not
+            raise KeyboardInterrupt
+        return original(obj, path)
+
+    original = train._torch_save_atomic
+    monkeypatch.setattr(train, '_torch_save_atomic', dies_on_third_state)
+    with pytest.raises(SystemExit) as e:
+        main(args + ['--experiment', 'cut'])
+    assert e.value.code == 130
+    monkeypatch.setattr(train, '_torch_save_atomic', original)
+    cut = tmp_path / 'cut'
+    assert ckpt.read_metadata(cut / 'last.safetensors')['num_updates'] == 3
+    assert torch.load(cut / 'train_state.pth', weights_only=True)['num_updates'] == 2
+    done = main(['--resume', str(cut)])
+    assert 'resuming from the previous checkpoint' in caplog.text
+    assert not done['interrupted'] and done['final_top1'] == ref['final_top1']
+    a, b = _load(tmp_path / 'ref' / 'model.safetensors'), _load(cut / 'model.safetensors')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(cut.glob('*.prev.*'))
+
+
+def test_data_dir_without_dataset_is_an_image_folder(tmp_path):
+    """`titans-timm-train DIR` trains on the image folder DIR, as in timm; the built-in set never hides it."""
+    from PIL import Image
+    root = tmp_path / 'shapes'
+    for split, n in (('train', 8), ('val', 2)):
+        for c, name in enumerate(('circle', 'square')):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new('RGB', (32, 32), (120 * c + 10 * i, 0, 0)).save(root / split / name / f'{i}.png')
+    assert parse_args([str(root)]).dataset == '' and parse_args(['--data-dir', str(root)]).dataset == ''
+    assert parse_args([]).dataset == 'fashion-mnist-mini'
+    out = main([str(root), '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'patch_size=8', 'depth=2',
+                '--img-size', '32', '-b', '4', '--epochs', '1', '--no-progress', '--output', str(tmp_path / 'o'),
+                '--experiment', 'f', '--backbone-lr-scale', '1'])
+    meta = ckpt.read_metadata(Path(out['output_dir']) / 'model.safetensors')
+    assert meta['label_names'] == ['circle', 'square'] and meta['model_args']['num_classes'] == 2
+    assert yaml.safe_load((Path(out['output_dir']) / 'args.yaml').read_text())['dataset'] == ''
+
+
+def test_runs_without_evaluation_and_finished_runs_are_left_alone(backbone, tmp_path, capsys, caplog):
+    """--val-split '' ends cleanly; --resume of a finished run says so and changes no file; a new run never
+    mixes into a folder holding a run; a resumed run refuses a different schedule instead of ignoring it."""
+    args = ['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(backbone), *TINY, '--epochs', '1',
+            '--freeze-epochs', '1', '--val-split', '', '--output', str(tmp_path), '--experiment', 'r']
+    first = main(args)
+    run = Path(first['output_dir'])
+    assert first['final_top1'] is None and (run / 'model.safetensors').is_file()
+    before = _files(run)
+    again = main(['--resume', str(run)])
+    assert 'already finished' in caplog.text and not again['interrupted']
+    assert _files(run) == before
+    capsys.readouterr()
+    _bad_input(capsys, args, 'already holds a run')
+    line = _bad_input(capsys, ['--resume', str(run), '--epochs', '3'], '--epochs 3')
+    assert '--pretrained-path' in line
+    _bad_input(capsys, ['--resume', str(run), '--lr', '0.1'], '--lr')
+    _bad_input(capsys, ['--resume', str(run), '--sched', 'step'], '--sched')
+    assert _files(run) == before
+    # --force starts over there: the old run's files go (its eval report too), the new run's files come
+    (run / 'eval_report.json').write_text('{}')
+    over = main(args + ['--force', '--model', 'vit_tiny_mag_simple', '--stop-after-steps', '1'])
+    assert over['interrupted'] and not (run / 'model.safetensors').exists()
+    assert not (run / 'eval_report.json').exists() and (run / 'last.safetensors').is_file()
+    assert 'force' not in yaml.safe_load((run / 'args.yaml').read_text())
+
+
+def test_default_run_names_never_collide(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.time, 'strftime', lambda fmt: '20250101-000000')
+    args = parse_args(['--output', str(tmp_path)])
+    dirs = [train._experiment_dir(args, dict(input_size=(3, 32, 32))) for _ in range(3)]
+    assert [d.name for d in dirs] == ['20250101-000000-vit_tiny_mag_advanced-32'] + [
+        f'20250101-000000-vit_tiny_mag_advanced-32-{i}' for i in (1, 2)]
+
+
+def test_pth_backbone_keeps_its_matching_head(backbone, tmp_path):
+    """A .pth backbone (a plain state dict or a timm training checkpoint) loads its head like a safetensors one."""
+    pth = tmp_path / 'backbone.pth'
+    torch.save(dict(state_dict=_load(backbone), epoch=3), pth)
+    common = [*TINY, '--val-num-samples', '32', '--eval-only', '--model', 'vit_tiny_patch16_224',
+              '--model-kwargs', 'patch_size=8', 'depth=2']
+    ref = main(['--pretrained-path', str(backbone), *common])
+    from_pth = main(['--pretrained-path', str(pth), *common])
+    assert from_pth['final'] == ref['final']
+
+
+@pytest.mark.parametrize('argv, expect', [
+    (['--opt', 'adamx'], '--opt adamx'),
+    (['--sched', 'cosinex'], '--sched cosinex'),
+    (['--aa', 'bogus-policy'], '--aa'),
+    (['-b', '0'], '--batch-size 0'),
+    (['--epochs', '0', '--freeze-epochs', '0'], '--epochs 0'),
+    (['--memory-options', '{"chunk_sise": 4}'], 'chunk_sise'),
+    pytest.param(['--device', 'cuda'], 'pass --device cpu',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')),
+])
+def test_more_bad_inputs_are_one_line_and_write_nothing(capsys, tmp_path, argv, expect):
+    line = _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', *TINY, '--epochs', '1', '--output',
+                               str(tmp_path / 'out'), '--experiment', 'x', *argv], expect)
+    assert 'could not load weights' not in line
+    assert not (tmp_path / 'out').exists()
+
+
+def test_cnn_takes_img_size_and_its_frozen_batchnorm_stays_frozen(tmp_path):
+    """--img-size reaches models without an img_size argument (resnet) as the data size only; in phase 1 the
+    backbone's BatchNorm running statistics stay as they were, like every other backbone tensor."""
+    out = main(['--model', 'resnet10t', *TINY, '--epochs', '1', '--freeze-epochs', '1', '--val-split', '',
+                '--output', str(tmp_path), '--experiment', 'rn', '--dump-rank-weights'])
+    run = Path(out['output_dir'])
+    init, after = _load(run / 'rank0_init.safetensors'), _load(run / 'rank0_epoch0.safetensors')
+    assert 'img_size' not in ckpt.read_metadata(run / 'model.safetensors')['model_args']
+    head = [k for k in init if k.startswith('fc.')]
+    assert head and all(not torch.equal(init[k], after[k]) for k in head if k.endswith('weight'))
+    moved = [k for k in init if k not in head and not torch.equal(init[k], after[k])]
+    assert not moved, f'frozen backbone changed in phase 1: {moved[:5]}'

@@ -27,8 +27,17 @@ Choices (what a timm user would expect, plus what exact resume needs):
   augmentation draws of a resumed epoch differ.
 - Ctrl-C finishes the current step, writes a resumable checkpoint and exits (status 130); a second
   Ctrl-C aborts at once. ``--resume DIR`` reads ``DIR/args.yaml`` as defaults, so
-  ``titans-timm-train --resume DIR`` alone continues a run.
-- ``--img-size`` also sets the model's ``img_size`` (ViTs need it) unless ``--model-kwargs`` does.
+  ``titans-timm-train --resume DIR`` alone continues a run. The checkpoint pair is crash-safe: while a new
+  pair is written the previous one stays as ``last.prev.safetensors`` + ``train_state.prev.pth``, and
+  ``--resume`` takes the newest pair whose two files match. A resumed run keeps its optimizer and LR
+  schedule, so a different ``--epochs``/``--lr``/``--sched``/... is refused, not ignored; resuming a
+  finished run changes nothing.
+- ``DIR`` / ``--data-dir DIR`` without ``--dataset`` is an image folder (as in timm); with neither, the
+  built-in Fashion-MNIST subset trains. A new run refuses a folder that already holds a run's files
+  (:data:`RUN_FILES`); the default timestamped name gets a ``-1``, ``-2`` suffix when taken.
+- ``--img-size`` also sets the model's ``img_size`` (ViTs need it; models without one, e.g. ResNets, are
+  built without it) unless ``--model-kwargs`` does. In phase 1 the backbone's BatchNorm layers run in eval
+  mode, so their running statistics stay frozen too.
   With ``--pretrained-path`` to a titans-timm checkpoint, its structural model args (img_size,
   patch_size, depth, ...) are inherited unless given, its head is kept when the class count matches,
   and its normalisation is used, so a memory model built from a backbone checkpoint starts exactly
@@ -50,6 +59,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -74,7 +84,7 @@ import titans_timm  # noqa: F401  (registers the titans-timm model names with ti
 from titans_timm import checkpoint as ckpt
 from titans_timm import two_phase
 
-__all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError']
+__all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError', 'RUN_FILES']
 
 _logger = logging.getLogger('titans_timm.train')
 
@@ -83,7 +93,23 @@ _logger = logging.getLogger('titans_timm.train')
 _STRUCTURAL_ARGS = ('img_size', 'patch_size', 'depth', 'embed_dim', 'num_heads', 'mlp_ratio', 'in_chans',
                     'global_pool', 'class_token', 'reg_tokens', 'no_embed_class', 'qkv_bias')
 # Arguments that describe one invocation, not the run: never written to args.yaml, never inherited on resume.
-_RUN_ONLY_ARGS = ('config', 'resume', 'eval_only', 'stop_after_steps', 'dump_rank_weights')
+_RUN_ONLY_ARGS = ('config', 'resume', 'eval_only', 'stop_after_steps', 'dump_rank_weights', 'force')
+# Arguments a resumed run cannot change: the optimizer and scheduler come back from train_state.pth as they
+# were built (timm schedulers save t_initial, warmup, base LRs, ...), and the batch size fixes the steps per
+# epoch the saved position counts in. A different value on --resume would run the old one while args.yaml
+# recorded the new one, so it is refused (see _check_resume_args).
+_RESUME_FIXED_ARGS = (
+    'epochs', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'sched', 'sched_on_updates', 'warmup_epochs',
+    'warmup_lr', 'warmup_prefix', 'min_lr', 'cooldown_epochs', 'patience_epochs', 'decay_epochs',
+    'decay_milestones', 'decay_rate', 'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'lr_cycle_mul',
+    'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay', 'opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay',
+    'layer_decay', 'opt_kwargs', 'batch_size',
+)
+# The files a run writes into its folder (args.yaml aside: alone it only records a run that never reached its
+# first checkpoint). A new run refuses a folder that holds any of them rather than mixing two runs; tools that
+# retrain a run from scratch into the same folder (e.g. a sweep with --force) remove these first.
+RUN_FILES = ('last.safetensors', 'train_state.pth', 'last.prev.safetensors', 'train_state.prev.pth',
+             'model.safetensors', 'model_ema.safetensors', 'summary.csv', 'results.json')
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -118,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('Dataset')
     g.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional, as in timm)')
     g.add_argument('--data-dir', metavar='DIR', help='path to dataset root (image folders or HF datasets cache)')
-    g.add_argument('--dataset', default=BUILTIN_DATASET, metavar='NAME',
-                   help=f'dataset: {BUILTIN_DATASET} (built in), hf:ORG/NAME or hfds/ORG/NAME, or "" for an '
-                        f'image folder in --data-dir (default: {BUILTIN_DATASET})')
+    g.add_argument('--dataset', default=None, metavar='NAME',
+                   help=f'dataset: {BUILTIN_DATASET} (built in), a preset (cifar10, imagenet, ...), hf:ORG/NAME '
+                        f'or hfds/ORG/NAME, or "" for an image folder in --data-dir (default: the image folder '
+                        f'given by DIR / --data-dir, else {BUILTIN_DATASET})')
     g.add_argument('--train-split', default='train', metavar='NAME')
     g.add_argument('--val-split', default='validation', metavar='NAME', help='evaluation split ("" for none)')
     g.add_argument('--train-num-samples', type=int, default=None, metavar='N',
@@ -235,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--dist-url', default=None)
     g.add_argument('--output', default='./output/train', metavar='DIR')
     g.add_argument('--experiment', default='', metavar='NAME', help='default: timestamp-model-imgsize')
+    g.add_argument('--force', action='store_true', default=False,
+                   help='start over in OUTPUT/EXPERIMENT: delete the run files a previous run left there '
+                        '(without it, a folder that holds a run is an error)')
     g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'))
     g.add_argument('--resume', default='', metavar='DIR', help='continue the run saved in DIR')
     g.add_argument('--eval-only', action='store_true', default=False,
@@ -282,15 +312,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     pre.add_argument('-c', '--config', default='')
     pre.add_argument('--resume', default='')
     known, _ = pre.parse_known_args(argv)
+    saved_cfg = {}
     if known.resume:
         saved = Path(known.resume) / 'args.yaml'
         if not saved.is_file():
             raise TrainInputError(f'--resume {known.resume}: no args.yaml there; pass the experiment directory '
                                   f'a previous run wrote (OUTPUT/EXPERIMENT)')
-        cfg = _read_yaml(str(saved), 'saved args')
-        cfg = {k: v for k, v in cfg.items() if k not in _RUN_ONLY_ARGS}
-        _check_keys(parser, cfg, str(saved))
-        parser.set_defaults(**cfg)
+        saved_cfg = _read_yaml(str(saved), 'saved args')
+        saved_cfg = {k: v for k, v in saved_cfg.items() if k not in _RUN_ONLY_ARGS}
+        _check_keys(parser, saved_cfg, str(saved))
+        parser.set_defaults(**saved_cfg)
     if known.config:
         cfg = _read_yaml(known.config, 'config file')
         _check_keys(parser, cfg, known.config)
@@ -298,7 +329,29 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data and not args.data_dir:
         args.data_dir = args.data
+    if args.dataset is None:
+        # As in timm's train.py, a data directory given without a dataset name is an image folder; with
+        # neither, the built-in set trains (so `titans-timm-train` alone runs offline).
+        from titans_timm.data import BUILTIN_DATASET
+        args.dataset = '' if args.data_dir else BUILTIN_DATASET
+    if known.resume:
+        _check_resume_args(args, saved_cfg, Path(known.resume))
     return args
+
+
+def _check_resume_args(args, saved_cfg: Dict[str, Any], run_dir: Path) -> None:
+    """Refuse a schedule, optimizer or batch-size value that differs from the run being resumed.
+
+    The resumed optimizer and scheduler are the saved ones, so a new ``--epochs`` (or ``--lr``, ``--sched``,
+    ...) would silently not take effect; changing the schedule is a new run that starts from the weights.
+    """
+    for key in _RESUME_FIXED_ARGS:
+        if key in saved_cfg and getattr(args, key) != saved_cfg[key]:
+            flag = '--' + key.replace('_', '-')
+            raise TrainInputError(
+                f'{flag} {getattr(args, key)} differs from {saved_cfg[key]} of the run in {run_dir} '
+                f'(its args.yaml); a resumed run keeps its optimizer and LR schedule: drop {flag} to continue it, '
+                f'or start a new run from its weights with --pretrained-path {run_dir / "last.safetensors"}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,13 +371,19 @@ def _checkpoint_head_size(path: str, meta: Dict[str, Any], classifier: str) -> O
     nc = (meta.get('model_args') or {}).get('num_classes') or (meta.get('pretrained_cfg') or {}).get('num_classes')
     if nc:
         return int(nc)
+    key = f'{classifier}.weight'
     if path.endswith('.safetensors'):
         import safetensors
         with safetensors.safe_open(path, framework='pt') as f:
-            key = f'{classifier}.weight'
             if key in f.keys():
                 return int(f.get_slice(key).get_shape()[0])
-    return None
+        return None
+    try:
+        # .pth / .pt / .bin (also timm training checkpoints), read with weights_only=True
+        state = ckpt.read_state_dict(path)
+    except ckpt.CheckpointError:
+        return None  # timm's own load reports what is wrong with the file
+    return int(state[key].shape[0]) if key in state and state[key].dim() >= 1 else None
 
 
 def _model_kwargs(args, data_num_classes: int) -> Dict[str, Any]:
@@ -384,7 +443,14 @@ def _create_model(args, kwargs: Dict[str, Any]) -> nn.Module:
         factory['pretrained_cfg_overlay'] = _pretrained_overlay(args, kwargs)
         pretrained = True
     try:
-        model = timm.create_model(args.model, pretrained=pretrained, **factory, **kwargs)
+        try:
+            model = timm.create_model(args.model, pretrained=pretrained, **factory, **kwargs)
+        except TypeError as e:
+            # --img-size sets img_size for models that take one (ViTs); CNNs such as resnet take none.
+            if 'img_size' not in str(e) or 'img_size' in (args.model_kwargs or {}) or 'img_size' not in kwargs:
+                raise
+            kwargs.pop('img_size')
+            model = timm.create_model(args.model, pretrained=pretrained, **factory, **kwargs)
     except TypeError as e:
         raise TrainInputError(f'model {args.model!r} does not accept these kwargs ({e}); check --model-kwargs '
                               f'and --memory-options') from None
@@ -395,16 +461,19 @@ def _create_model(args, kwargs: Dict[str, Any]) -> nn.Module:
             raise TrainInputError(f'--pretrained-path {args.pretrained_path} does not fit {args.model}: '
                                   f'{msg[:400]}') from None
         raise TrainInputError(f'could not build {args.model}: {msg[:400]}') from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise TrainInputError(f'could not load weights for {args.model}: {str(e).splitlines()[0][:300]}') from None
+    except (ValueError, AssertionError) as e:
+        # model kwargs (e.g. an unknown memory option) fail as ValueError, as do some weight files
+        raise TrainInputError(f'could not build {args.model}: {str(e).splitlines()[0][:300]}; check '
+                              f'--model-kwargs, --memory-options' + (' and --pretrained-path' if pretrained else '')) from None
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
 
 
-def _model_from_run(args):
-    """The model of a run being resumed, rebuilt from ``last.safetensors`` (exact model args, its weights)."""
-    weights = Path(args.resume) / 'last.safetensors'
+def _model_from_run(args, weights: Path):
+    """The model of a run being resumed, rebuilt from its checkpoint weights (exact model args, its weights)."""
     try:
         meta = ckpt.read_metadata(weights)
         if meta.get('architecture') != args.model:
@@ -457,11 +526,15 @@ def _train_loader(args, dataset, data_config):
     interpolation = args.train_interpolation
     if args.no_aug or not interpolation:
         interpolation = data_config['interpolation']
-    dataset.transform = create_transform(
-        data_config['input_size'], is_training=True, no_aug=args.no_aug, train_crop_mode=args.train_crop_mode,
-        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        auto_augment=args.aa, interpolation=interpolation, mean=data_config['mean'], std=data_config['std'],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=False)
+    try:
+        dataset.transform = create_transform(
+            data_config['input_size'], is_training=True, no_aug=args.no_aug, train_crop_mode=args.train_crop_mode,
+            scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+            auto_augment=args.aa, interpolation=interpolation, mean=data_config['mean'], std=data_config['std'],
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=False)
+    except (AssertionError, ValueError, KeyError) as e:  # timm asserts on an unknown --aa policy
+        raise TrainInputError(f'bad augmentation settings ({type(e).__name__}: {str(e)[:200]}); check --aa '
+                              f'(e.g. rand-m9-mstd0.5), --train-crop-mode, --remode, --scale, --ratio') from None
     sampler = torch.utils.data.distributed.DistributedSampler(
         dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
     batch_sampler = _ResumableBatchSampler(sampler, args.batch_size)
@@ -525,6 +598,66 @@ def _torch_save_atomic(obj, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     ckpt.atomic_write_bytes(path, buf.getvalue())
+
+
+# The resumable checkpoint is a pair, weights + state, written one after the other; each file is atomic but the
+# pair is not. So the complete pair is first kept under the PREV names (hard links, no copy), then the new pair
+# replaces the LAST names, then the PREV names go. Whenever the process dies, one of the two pairs is complete
+# and consistent (both files carry the same checkpoint id), and --resume picks the newest such pair.
+LAST_PAIR = ('last.safetensors', 'train_state.pth')
+PREV_PAIR = ('last.prev.safetensors', 'train_state.prev.pth')
+
+
+def _keep_copy(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` a copy of ``src`` (a hard link where the filesystem has them)."""
+    tmp = dst.with_name(f'.{dst.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        os.link(src, tmp)
+    except OSError:
+        ckpt.atomic_write_bytes(dst, src.read_bytes())
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_pair(directory: Path, names):
+    """``(problem, state)``: the pair's train state, or why the pair ``names`` in ``directory`` cannot be resumed."""
+    weights_path, state_path = (directory / n for n in names)
+    for p in (state_path, weights_path):
+        if not p.is_file():
+            return f'{p.name} is missing; that run never wrote a checkpoint', None
+    try:
+        state = torch.load(state_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else ''
+        return f'{state_path.name} is unreadable or corrupt ({type(e).__name__}: {detail})', None
+    try:
+        meta = ckpt.read_metadata(weights_path)
+    except ckpt.CheckpointError as e:
+        return str(e), None
+    # The checkpoint id pairs the two files exactly; checkpoints written before it existed compare update counts.
+    same = (meta.get('checkpoint_id') == state.get('checkpoint_id') if 'checkpoint_id' in state
+            else meta.get('num_updates') == state.get('num_updates'))
+    if not same:
+        return (f'{weights_path.name} (update {meta.get("num_updates")}) and {state_path.name} (update '
+                f'{state.get("num_updates")}) are from different steps'), None
+    return None, state
+
+
+def _find_resume_pair(directory: Path):
+    """``(weights path, train state, from_prev)`` of the newest consistent checkpoint pair in ``directory``."""
+    problem, state = _read_pair(directory, LAST_PAIR)
+    if problem is None:
+        return directory / LAST_PAIR[0], state, False
+    prev_problem, state = _read_pair(directory, PREV_PAIR)
+    if prev_problem is None:
+        _logger.warning(f'{directory}: {problem} (a checkpoint write was interrupted); resuming from the '
+                        f'previous checkpoint, {PREV_PAIR[0]} + {PREV_PAIR[1]}')
+        return directory / PREV_PAIR[0], state, True
+    raise TrainInputError(f'--resume {directory}: {problem}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,14 +741,22 @@ class Trainer:
         # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
         self.scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == 'float16' else None
 
-        self.optimizer = create_optimizer_v2(
-            model, **optimizer_kwargs(cfg=args), **args.opt_kwargs,
-            param_group_fn=partial(
-                two_phase.two_phase_param_groups, weight_decay=args.weight_decay, layer_decay=args.layer_decay))
+        try:
+            self.optimizer = create_optimizer_v2(
+                model, **optimizer_kwargs(cfg=args), **args.opt_kwargs,
+                param_group_fn=partial(
+                    two_phase.two_phase_param_groups, weight_decay=args.weight_decay, layer_decay=args.layer_decay))
+        except (ValueError, TypeError, AssertionError) as e:
+            raise TrainInputError(f'could not create optimizer --opt {args.opt} ({str(e)[:200]}); see '
+                                  f'timm.optim.list_optimizers() and check --opt-kwargs') from None
         self.steps_per_epoch = len(loader_train)
-        self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-            updates_per_epoch=self.steps_per_epoch)
+        try:
+            self.scheduler, self.num_epochs = create_scheduler_v2(
+                self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+                updates_per_epoch=self.steps_per_epoch)
+        except (ValueError, TypeError, AssertionError) as e:
+            raise TrainInputError(f'could not create scheduler --sched {args.sched} ({str(e)[:200]}); use one of '
+                                  f'cosine, tanh, step, multistep, plateau, poly') from None
         self.ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
             if args.model_ema else None
 
@@ -647,6 +788,9 @@ class Trainer:
         self.epoch_loss = AverageMeter()
         self.stop = _StopRequest()
         self.steps_run = 0
+        # Whether last.safetensors + train_state.pth in output_dir form one complete checkpoint (to keep as
+        # the previous pair while the next one is written); a new run has none yet.
+        self.last_pair_complete = False
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -659,12 +803,25 @@ class Trainer:
         return states
 
     def save_checkpoint(self, epoch: int, step_in_epoch: int) -> None:
-        """Write last.safetensors + train_state.pth for resuming at (epoch, step_in_epoch)."""
+        """Write last.safetensors + train_state.pth for resuming at (epoch, step_in_epoch).
+
+        Crash-safe as a pair: the previous complete pair stays readable under the PREV_PAIR names until the
+        new pair is complete (see :func:`_find_resume_pair`).
+        """
         rng = self._gather_rng()  # collective: every rank takes part
         if not self.is_primary:
             return
-        position = dict(epoch=epoch, step_in_epoch=step_in_epoch, num_updates=self.num_updates)
-        self._save_weights(self.output_dir / 'last.safetensors', position)
+        last = [self.output_dir / n for n in LAST_PAIR]
+        prev = [self.output_dir / n for n in PREV_PAIR]
+        if self.last_pair_complete:
+            # Keep the weights first: until the state follows, the LAST pair is still the complete one.
+            for src, dst in zip(last, prev):
+                _keep_copy(src, dst)
+        # else the LAST pair is half written (or absent) and PREV, if any, is the complete pair: leave it.
+        self.last_pair_complete = False
+        position = dict(epoch=epoch, step_in_epoch=step_in_epoch, num_updates=self.num_updates,
+                        checkpoint_id=uuid.uuid4().hex)
+        self._save_weights(last[0], position)
         state = dict(
             format_version=1, model=self.args.model, world_size=self.args.world_size, **position,
             optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
@@ -673,7 +830,10 @@ class Trainer:
             epoch_loss=[float(self.epoch_loss.sum), int(self.epoch_loss.count)],
             best_metric=self.best_metric, best_epoch=self.best_epoch, step0_metrics=self.step0_metrics,
         )
-        _torch_save_atomic(state, self.output_dir / 'train_state.pth')
+        _torch_save_atomic(state, last[1])
+        self.last_pair_complete = True
+        for p in prev:
+            p.unlink(missing_ok=True)
 
     def _save_weights(self, path: Path, extra: Dict[str, Any], model: Optional[nn.Module] = None) -> None:
         ckpt.save_model(
@@ -683,26 +843,18 @@ class Trainer:
                 mean=list(self.data_config['mean']), std=list(self.data_config['std']),
                 interpolation=self.data_config['interpolation'], crop_pct=self.data_config['crop_pct'])))
 
-    def load_checkpoint(self, directory: str) -> None:
-        """Restore model, optimizer, scheduler, EMA, position and RNG from a run directory."""
+    def load_checkpoint(self, directory: str, pair=None) -> None:
+        """Restore model, optimizer, scheduler, EMA, position and RNG from a run directory.
+
+        ``pair`` is :func:`_find_resume_pair`'s answer for ``directory`` when the caller already has it.
+        """
         directory = Path(directory)
-        state_path, weights_path = directory / 'train_state.pth', directory / 'last.safetensors'
-        for p in (state_path, weights_path):
-            if not p.is_file():
-                raise TrainInputError(f'--resume {directory}: {p.name} is missing; that run never wrote a checkpoint')
+        weights_path, state, from_prev = pair if pair is not None else _find_resume_pair(directory)
         try:
-            state = torch.load(state_path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise TrainInputError(f'--resume {directory}: train_state.pth is unreadable or corrupt '
-                                  f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
-        try:
-            meta = ckpt.read_metadata(weights_path)
             ckpt.load_state_dict_file(self.model, weights_path, strict=True)
         except ckpt.CheckpointError as e:
             raise TrainInputError(f'--resume: {e}') from None
-        if meta.get('num_updates') != state.get('num_updates'):
-            raise TrainInputError(f'--resume {directory}: last.safetensors (update {meta.get("num_updates")}) and '
-                                  f'train_state.pth (update {state.get("num_updates")}) are from different steps')
+        self.last_pair_complete = not from_prev
         if state.get('world_size', 1) != self.args.world_size and state['step_in_epoch']:
             raise TrainInputError(f'--resume {directory}: stopped mid-epoch with {state["world_size"]} processes; '
                                   f'resume with the same number of processes')
@@ -786,6 +938,8 @@ class Trainer:
             _set_rng_state(self.rng_to_restore)
             self.rng_to_restore = None
         self.train_model.train()
+        if phase == 1:
+            two_phase.freeze_backbone_norm_stats(self.model)
         clip_params = two_phase.active_parameters(self.optimizer)
         bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f'epoch {epoch + 1} phase {phase}',
                    leave=False, disable=self._no_bar())
@@ -842,8 +996,12 @@ class Trainer:
     def _dump_rank_weights(self, tag: str) -> None:
         if self.args.dump_rank_weights and self.output_dir is not None:
             import safetensors.torch
-            state = {k: v.detach().contiguous().clone() for k, v in unwrap_model(self.model).state_dict().items()}
-            safetensors.torch.save_file(state, str(self.output_dir / f'rank{self.args.rank}_{tag}.safetensors'))
+            models = [(f'rank{self.args.rank}_{tag}', unwrap_model(self.model))]
+            if self.ema is not None:
+                models.append((f'rank{self.args.rank}_ema_{tag}', self.ema.module))
+            for name, model in models:
+                state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+                safetensors.torch.save_file(state, str(self.output_dir / f'{name}.safetensors'))
 
     def _write_summary_row(self, row: Dict[str, Any]) -> None:
         path = self.output_dir / 'summary.csv'
@@ -871,6 +1029,9 @@ class Trainer:
         self._dump_rank_weights('init')
         interrupted = False
         last_eval = None
+        if self.start_epoch >= self.num_epochs and self.loader_eval is not None:
+            # Resumed after the last epoch's checkpoint but before the final files were written.
+            last_eval = self.evaluate(self.model)
         with self.stop:
             for epoch in range(self.start_epoch, self.num_epochs):
                 t_epoch = time.time()
@@ -949,14 +1110,90 @@ def _setup_logging() -> None:
     _logger.setLevel(logging.INFO)
 
 
+def _held_run_files(directory: Path) -> List[str]:
+    return [n for n in RUN_FILES if (directory / n).exists()]
+
+
+def _check_new_experiment_dir(args) -> None:
+    """A new run never writes into a folder holding another run's files (it would mix the two runs)."""
+    if args.resume or not args.experiment or args.force:
+        return
+    path = Path(args.output) / args.experiment
+    held = _held_run_files(path)
+    if held:
+        raise TrainInputError(f'{path} already holds a run ({", ".join(held)}); continue it with --resume {path}, '
+                              f'start over there with --force, or pick another --experiment')
+
+
 def _experiment_dir(args, data_config) -> Path:
-    name = args.experiment
+    """The run folder, created: ``--resume DIR``, ``OUTPUT/EXPERIMENT``, or ``OUTPUT/<time>-<model>-<size>``.
+
+    The default timestamped name gets a numbered suffix (``-1``, ``-2``, ...) when taken, as timm's
+    ``get_outdir(..., inc=True)`` does; creating the folder claims the name, so two runs started in the same
+    second get different folders.
+    """
     if args.resume:
         return Path(args.resume)
-    if not name:
-        name = '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
-                         str(data_config['input_size'][-1])])
-    return Path(args.output) / name
+    if args.experiment:
+        _check_new_experiment_dir(args)
+        path = Path(args.output) / args.experiment
+        path.mkdir(parents=True, exist_ok=True)
+        if args.force:
+            for name in RUN_FILES + ('eval_report.json',):   # the report described the old weights
+                (path / name).unlink(missing_ok=True)
+        return path
+    base = '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(data_config['input_size'][-1])])
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    for i in range(10000):
+        path = Path(args.output) / (base if i == 0 else f'{base}-{i}')
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise TrainInputError(f'no free run folder name under {args.output}; pass --experiment NAME')
+
+
+def _shared_experiment_dir(args, data_config) -> Optional[Path]:
+    """Rank 0 creates the run folder; other ranks learn its name (they write only test dumps there)."""
+    path = _experiment_dir(args, data_config) if args.rank == 0 else None
+    if args.distributed:
+        names = [str(path) if path is not None else None]
+        torch.distributed.broadcast_object_list(names, src=0)
+        path = Path(names[0]) if args.dump_rank_weights or args.rank == 0 else None
+    return path
+
+
+def _check_args(args) -> None:
+    """Checks that need no data, model or process group; every failure is a :class:`TrainInputError`."""
+    from titans_timm.data import BUILTIN_DATASETS
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise TrainInputError(f'--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        where = f' (from {Path(args.resume) / "args.yaml"})' if args.resume else ''
+        raise TrainInputError(f'--device {args.device}{where}: CUDA is not available here; pass --device cpu')
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise TrainInputError(f'data directory not found: {args.data_dir}; check --data-dir')
+    if args.data_dir and args.dataset.strip().lower().replace('_', '-') in BUILTIN_DATASETS:
+        raise TrainInputError(f'dataset {args.dataset!r} is built in and reads no data directory; to train on the '
+                              f'image folder {args.data_dir}, pass --dataset "" (or no --dataset)')
+    _check_model_name(args.model)
+    if args.pretrained_path and not args.resume and not os.path.isfile(args.pretrained_path):
+        raise TrainInputError(f'--pretrained-path not found: {args.pretrained_path}')
+    for flag, value in (('--epochs', args.epochs), ('--batch-size', args.batch_size),
+                        ('--validation-batch-size', args.validation_batch_size)):
+        if value is not None and value < 1:
+            raise TrainInputError(f'{flag} {value}: must be at least 1')
+    if args.freeze_epochs < 0 or args.freeze_epochs > args.epochs:
+        raise TrainInputError(f'--freeze-epochs {args.freeze_epochs} must be between 0 and --epochs {args.epochs}')
+    if args.backbone_lr_scale < 0:
+        raise TrainInputError('--backbone-lr-scale must be >= 0')
+    if args.resume and not os.path.isdir(args.resume):
+        raise TrainInputError(f'--resume {args.resume}: not a directory; pass OUTPUT/EXPERIMENT of the run')
+    if not args.eval_only:
+        _check_new_experiment_dir(args)
 
 
 def _args_text(args) -> str:
@@ -966,25 +1203,43 @@ def _args_text(args) -> str:
     return yaml.safe_dump(d, default_flow_style=False, sort_keys=True)
 
 
+def _result_text(summary: Dict[str, Any]) -> str:
+    """``top1 .. (step 0: ..), best ..`` with whatever a run measured (nothing without an evaluation split)."""
+    if summary.get('final_top1') is None:
+        return 'no evaluation (--val-split is empty)'
+    s0 = summary.get('step0_top1')
+    return (f'top1 {summary["final_top1"]:.2f}' + (f' (step 0: {s0:.2f})' if s0 is not None else '')
+            + f', best {summary.get("best_top1")}')
+
+
+def _finished_summary(trainer: 'Trainer', run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The saved summary of a resumed run that already finished (final weights and results.json written)."""
+    if trainer.start_epoch < trainer.num_epochs or trainer.start_step:
+        return None
+    results, weights = run_dir / 'results.json', run_dir / 'model.safetensors'
+    if not (results.is_file() and weights.is_file()):
+        return None  # the last checkpoint was written but not the final files: fit() writes them
+    try:
+        summary = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return None
+    summary.update(interrupted=False, checkpoint=str(weights), output_dir=str(run_dir))
+    if trainer.is_primary:
+        _logger.info(f'{run_dir} is already finished ({trainer.num_epochs} epochs): {_result_text(summary)}, '
+                     f'weights {weights}; nothing to do (start a new run to train further)')
+    return summary
+
+
 def run(args) -> Dict[str, Any]:
     """Train (or evaluate) as ``args`` says; raises :class:`TrainInputError` for bad input before any work."""
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    # Validate what is cheap to validate before touching processes or data.
-    if args.data_dir and not os.path.isdir(args.data_dir):
-        raise TrainInputError(f'data directory not found: {args.data_dir}; check --data-dir')
-    _check_model_name(args.model)
-    if args.pretrained_path and not args.resume and not os.path.isfile(args.pretrained_path):
-        raise TrainInputError(f'--pretrained-path not found: {args.pretrained_path}')
-    if args.freeze_epochs < 0 or args.freeze_epochs > args.epochs:
-        raise TrainInputError(f'--freeze-epochs {args.freeze_epochs} must be between 0 and --epochs {args.epochs}')
-    if args.backbone_lr_scale < 0:
-        raise TrainInputError('--backbone-lr-scale must be >= 0')
-    if args.resume and not os.path.isdir(args.resume):
-        raise TrainInputError(f'--resume {args.resume}: not a directory; pass OUTPUT/EXPERIMENT of the run')
+    _check_args(args)  # what is cheap to validate, before touching processes or data
 
     device = init_distributed_device(args)
-    random_seed(args.seed, args.rank)
+    # The same seed on every rank while the model is built, so randomly initialised parameters (and the EMA
+    # copy made from them) agree before DDP's broadcast; each rank then reseeds for its own augmentation draws.
+    random_seed(args.seed, 0)
 
     dataset_train = None if args.eval_only else _create_dataset(args, args.train_split, True, args.train_num_samples)
     dataset_eval = _create_dataset(args, args.val_split, False, args.val_num_samples) if args.val_split else None
@@ -999,12 +1254,16 @@ def run(args) -> Dict[str, Any]:
                               f'{len(label_names)} classes; drop --num-classes or fix it')
     args.num_classes = len(label_names)
 
+    resume_pair = None
     if args.resume:
-        model, model_kwargs = _model_from_run(args)
+        resume_pair = _find_resume_pair(Path(args.resume))
+        model, model_kwargs = _model_from_run(args, resume_pair[0])
     else:
         model_kwargs = _model_kwargs(args, args.num_classes)
         model = _create_model(args, model_kwargs)
     model.to(device)
+    if args.rank:
+        random_seed(args.seed, args.rank)  # rank 0 keeps its stream: single-process runs are unchanged
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     if args.lr is None:
         global_batch = args.batch_size * args.world_size
@@ -1032,28 +1291,28 @@ def run(args) -> Dict[str, Any]:
         return dict(output_dir=None, checkpoint=None, best_top1=metrics['top1'], final=metrics,
                     final_top1=metrics['top1'], step0_top1=metrics['top1'], interrupted=False)
 
-    output_dir = None
-    if args.rank == 0:
-        output_dir = _experiment_dir(args, data_config)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_bytes(output_dir / 'args.yaml', _args_text(args).encode())
-    elif args.dump_rank_weights:
-        output_dir = _experiment_dir(args, data_config)
-        output_dir.mkdir(parents=True, exist_ok=True)
+    # The Trainer builds the optimizer, scheduler and EMA (and so rejects a bad --opt or --sched) before the
+    # run folder exists; resuming a finished run returns here without touching a file.
     trainer = Trainer(args, model, model_kwargs, label_names, data_config, loader_train, loader_eval, device,
-                      output_dir)
+                      output_dir=None)
     if args.resume:
-        trainer.load_checkpoint(args.resume)
+        trainer.load_checkpoint(args.resume, resume_pair)
+        done = _finished_summary(trainer, Path(args.resume))
+        if done is not None:
+            if args.distributed:
+                torch.distributed.destroy_process_group()
+            return done
+    output_dir = _shared_experiment_dir(args, data_config)
+    if args.rank == 0:
+        ckpt.atomic_write_bytes(output_dir / 'args.yaml', _args_text(args).encode())
+    trainer.output_dir = output_dir
     summary = trainer.fit()
     if args.rank == 0:
         if summary['interrupted']:
             _logger.warning(f'stopped: resumable checkpoint in {output_dir}; continue with '
                             f'titans-timm-train --resume {output_dir}')
         else:
-            s0 = summary['step0_top1']
-            _logger.info(f'done: top1 {summary["final_top1"]:.2f}'
-                         + (f' (step 0: {s0:.2f})' if s0 is not None else '')
-                         + f', best {summary["best_top1"]}, weights {summary["checkpoint"]}')
+            _logger.info(f'done: {_result_text(summary)}, weights {summary["checkpoint"]}')
     if args.distributed:
         torch.distributed.destroy_process_group()
     return summary

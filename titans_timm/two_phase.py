@@ -39,6 +39,7 @@ from timm.utils import unwrap_model
 __all__ = [
     'ROLES', 'DEFAULT_BACKBONE_LR_SCALE', 'phase_of', 'parameter_roles', 'two_phase_param_groups',
     'apply_phase', 'start_epoch_phase', 'reset_optimizer_state', 'active_parameters', 'describe_lrs',
+    'freeze_backbone_norm_stats',
     'patch_timm_train_script',
 ]
 
@@ -178,6 +179,23 @@ def describe_lrs(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
         role = g.get('role', 'all')
         out[role] = max(out.get(role, 0.0), float(g['lr']))
     return {k: out[k] for k in (*ROLES, 'all') if k in out}
+
+
+def freeze_backbone_norm_stats(model: nn.Module) -> int:
+    """Put the backbone's BatchNorm layers in eval mode (call after ``model.train()`` in phase 1).
+
+    A frozen backbone must not change at all, but BatchNorm's running statistics are buffers that training
+    mode updates on every forward, whatever the LR. A norm layer counts as backbone unless one of its
+    parameters is a memory or head parameter. Returns how many layers were switched (none in a ViT).
+    """
+    roles = parameter_roles(model)
+    count = 0
+    for module in unwrap_model(model).modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            if all(roles.get(id(p), 'backbone') == 'backbone' for p in module.parameters(recurse=False)):
+                module.eval()
+                count += 1
+    return count
 
 
 def start_epoch_phase(optimizer, epoch: int, freeze_epochs: int, backbone_lr_scale: float,
