@@ -214,3 +214,84 @@ def test_cli_surprise_maps_on_plain_model(tmp_path, capsys, label_names):
     code, err = _run_cli(['--checkpoint', path, '--workers', '0', '--num-samples', '10', '--output', str(tmp_path),
                           '--no-progress', '--surprise-maps', '2'], capsys)
     assert code == 2 and err.startswith('error: ') and 'no memory' in err
+
+
+def test_report_names_the_weights_and_data_it_evaluated(mag_checkpoint, tmp_path, label_names):
+    argv = ['--checkpoint', mag_checkpoint, '--num-samples', '10', '-b', '10', '--workers', '0', '--no-progress',
+            '--output', str(tmp_path)]
+    report = ev.main(argv)
+    assert report['checkpoint_sha256'] == ev.file_sha256(mag_checkpoint)
+    assert report['split'] == 'validation' and report['num_samples_requested'] == 10
+    assert ev.report_mismatch(report, ev.parse_args(argv)) is None
+    # Another split or sample count, or other weights at the same path: the report does not describe them.
+    assert 'split' in ev.report_mismatch(report, ev.parse_args(argv + ['--split', 'train']))
+    assert 'num_samples_requested' in ev.report_mismatch(report, ev.parse_args(argv[:2] + ['--num-samples', '40']))
+    retrained = _save(tmp_path / 'model.safetensors', 'vit_tiny_mag_simple', MODEL_ARGS, label_names, seed=1)
+    other_weights = ev.parse_args(['--checkpoint', retrained, '--num-samples', '10'])
+    assert 'other weights' in ev.report_mismatch(report, other_weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A dataset trained with --input-key/--target-key: a local parquet dataset with two label columns.
+
+@pytest.fixture(scope='module')
+def two_label_dataset(tmp_path_factory):
+    """hf:DIR parquet dataset (as the reviewer's): image, label (animal/vehicle), fine (cat/dog/car/bus)."""
+    import datasets
+    root = tmp_path_factory.mktemp('two_labels')
+    features = datasets.Features(dict(
+        picture=datasets.Image(), label=datasets.ClassLabel(names=['animal', 'vehicle']),
+        fine=datasets.ClassLabel(names=['cat', 'dog', 'car', 'bus'])))
+    gen = torch.Generator().manual_seed(0)
+    (root / 'data').mkdir()
+    for split in ('train', 'validation'):
+        images = [Image.fromarray(torch.randint(0, 255, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy())
+                  for _ in range(8)]
+        fine = [i % 4 for i in range(8)]
+        ds = datasets.Dataset.from_dict(dict(picture=images, label=[f // 2 for f in fine], fine=fine),
+                                        features=features)
+        ds.to_parquet(str(root / 'data' / f'{split}-00000.parquet'))
+    return root
+
+
+def test_input_and_target_keys_from_flags_and_args_yaml(two_label_dataset, tmp_path, capsys):
+    fine = ['cat', 'dog', 'car', 'bus']
+    ckpt = _save(tmp_path / 'model.safetensors', 'vit_tiny_patch16_224',
+                 dict(img_size=32, patch_size=8, depth=2, num_classes=4), fine)
+    cache = str(tmp_path / 'hf_cache')
+    dataset = f'hf:{two_label_dataset}'
+    common = ['--checkpoint', ckpt, '--workers', '0', '--no-progress', '--data-dir', cache]
+    # The run's args.yaml, as titans-timm-train writes it for --input-key picture --target-key fine.
+    args_yaml = tmp_path / 'args.yaml'
+    args_yaml.write_text(f'dataset: {dataset}\ninput_key: picture\ntarget_key: fine\nval_split: validation\n'
+                         f'batch_size: 4\n')
+    from_yaml = ev.main(['-c', str(args_yaml), *common, '--output', str(tmp_path / 'a')])
+    assert from_yaml['label_names'] == fine and from_yaml['num_samples'] == 8
+    assert from_yaml['input_key'] == 'picture' and from_yaml['target_key'] == 'fine'
+    from_flags = ev.main(['--dataset', dataset, '--input-key', 'picture', '--target-key', 'fine', *common,
+                          '--output', str(tmp_path / 'b')])
+    assert from_flags['confusion_matrix'] == from_yaml['confusion_matrix']
+    # The default label column is the coarse one: 2 classes for a 4-class model, refused.
+    code, err = _run_cli(['--dataset', dataset, '--input-key', 'picture', *common, '--output', str(tmp_path / 'c')],
+                         capsys)
+    assert code == 2 and '4 classes but the dataset has 2' in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad run options fail at once, before the model is loaded or any image evaluated.
+
+@pytest.mark.parametrize('case', ['cuda_without_cuda', 'unknown_device', 'output_is_a_file', 'output_under_a_file'])
+def test_cli_bad_device_or_output_fails_before_evaluating(mag_checkpoint, tmp_path, capsys, monkeypatch, case):
+    if case == 'cuda_without_cuda' and torch.cuda.is_available():
+        pytest.skip('CUDA is available here')
+
+    def never(*args, **kwargs):
+        raise AssertionError('the model was loaded before the run options were checked')
+    monkeypatch.setattr(ev, 'load_model_for_eval', never)
+    (tmp_path / 'file').write_text('not a folder')
+    extra = dict(cuda_without_cuda=['--device', 'cuda'], unknown_device=['--device', 'foo'],
+                 output_is_a_file=['--output', str(tmp_path / 'file')],
+                 output_under_a_file=['--output', str(tmp_path / 'file' / 'eval')])[case]
+    code, err = _run_cli(['--checkpoint', mag_checkpoint, '--workers', '0', *extra], capsys)
+    assert code == 2 and err.startswith('error: ') and '\n' not in err
+    assert ('--device' in err) if 'device' in case or 'cuda' in case else ('cannot write to --output' in err)

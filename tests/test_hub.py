@@ -24,13 +24,16 @@ import timm
 import yaml
 import safetensors.torch
 from huggingface_hub import ModelCard
+from PIL import Image
 
 import titans_timm  # noqa: F401  (registers the architectures)
 from titans_timm import hub
 from titans_timm.checkpoint import load_model, save_model
+from titans_timm.evaluate import file_sha256
 
 LABELS = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
-EVAL_REPORT = dict(top1=81.25, top5=99.125, loss=0.51234, img_per_sec=812.5, dataset='fashion-mnist-mini', split='test')
+EVAL_REPORT = dict(top1=81.25, top5=99.125, topk=5, loss=0.51234, img_per_sec=812.5, dataset='fashion-mnist-mini',
+                   split='test', num_samples=1000)
 RECIPE = ('model: {model}\npretrained: true\ndataset: fashion-mnist-mini\nepochs: 6\nfreeze_epochs: 2\n'
           'backbone_lr_scale: 0.1\n'
           'lr: 0.0005\nbatch_size: 64\nopt: adamw\nweight_decay: 0.05\nsched: cosine\nmodel_ema: true\n')
@@ -53,7 +56,8 @@ def make_run(root: Path, architecture: str, with_report: bool = True, **model_ar
                                    dataset='fashion-mnist-mini'))
     (run / 'args.yaml').write_text(RECIPE.format(model=architecture))
     if with_report:
-        report = dict(EVAL_REPORT, model=architecture, source=str((run / 'model.safetensors').resolve()))
+        report = dict(EVAL_REPORT, model=architecture, source=str((run / 'model.safetensors').resolve()),
+                      checkpoint_sha256=file_sha256(run / 'model.safetensors'))
         (run / 'eval_report.json').write_text(json.dumps(report))
     return run / 'model.safetensors'
 
@@ -104,6 +108,8 @@ def test_dry_run_folder_loads_back_identical(run_dir, tmp_path, architecture, mo
                       recipe=ckpt.parent / 'args.yaml')
     folder = Path(result['folder'])
     assert result['files'] == FILES == sorted(p.name for p in folder.iterdir())  # safetensors only, no pickle
+    with safetensors.safe_open(folder / 'model.safetensors', 'pt') as f:
+        assert f.metadata() == {'format': 'pt'}  # as transformers / huggingface_hub write it
 
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == architecture
@@ -202,9 +208,15 @@ def test_card_renders_real_numbers_and_parses(mac_export):
     assert data.metrics == ['accuracy']
     results = {r.metric_name: r.metric_value for r in data.eval_results}
     assert results == {'Top-1 accuracy (%)': 81.25, 'Top-5 accuracy (%)': 99.125}
+    # What was evaluated: the built-in validation split is drawn from Fashion-MNIST's *test* split.
+    result = data.eval_results[0]
+    assert result.dataset_type == 'zalando-datasets/fashion_mnist' and result.dataset_split == 'test'
+    assert "1,000-image subset of Fashion-MNIST's test split" in result.dataset_name
+    assert '1,000 images evaluated' in result.dataset_name
 
     text = card.text
-    assert '| fashion-mnist-mini | test | 81.25 | 99.12 | 0.5123 | 812.5 |' in text
+    assert ("| fashion-mnist-mini | test (1,000 images of Fashion-MNIST's test split) | 1,000 | 81.25 | 99.12 | "
+            "0.5123 | 812.5 |") in text
     assert '**Phase 1** (epochs 1-2)' in text and '**Phase 2** (epochs 3-6)' in text and '0.1x' in text
     assert '| lr | 0.0005 |' in text and '| weight_decay | 0.05 |' in text
     assert 'MAC' in text and '`advanced`' in text and 'block 1 (0-based) of 2' in text
@@ -257,14 +269,51 @@ def test_card_does_not_publish_local_dataset_paths(mac_run, tmp_path):
     assert '/home/me' not in text
     card = ModelCard(text)
     assert card.data.datasets == [] and card.data.eval_results[0].dataset_type == 'custom'
-    assert '| ants_bees (local image folder) | val | 81.25 |' in card.text
+    assert '| ants_bees (local image folder) | val | 1,000 | 81.25 |' in card.text
+    assert card.data.eval_results[0].dataset_name == \
+        'ants_bees (local image folder) (val split), 1,000 images evaluated'
+
+
+def test_card_claims_no_base_model_without_a_recipe(run_dir, tmp_path):
+    """No args.yaml, no --recipe: nothing shows where the weights started, so no base_model is claimed."""
+    ckpt = make_run(run_dir / 'no_recipe', 'vit_tiny_mag_simple')
+    (ckpt.parent / 'args.yaml').unlink()
+    result = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'out', verify=False)
+    card = ModelCard.load(Path(result['folder']) / 'README.md')
+    assert card.data.base_model is None
+    assert 'starting point is not recorded' in card.text
+
+
+@pytest.mark.parametrize('trained,hub_id', [
+    # the recipe's exact name and tag decide which checkpoint training loaded
+    ('vit_tiny_patch16_224', 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'),
+    ('vit_tiny_patch16_224.augreg_in21k', 'timm/vit_tiny_patch16_224.augreg_in21k'),
+])
+def test_card_base_model_is_the_checkpoint_the_recipe_loaded(run_dir, tmp_path, trained, hub_id):
+    ckpt = make_run(run_dir / 'tagged', 'vit_tiny_patch16_224')
+    result = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'out', verify=False,
+                      recipe=dict(model=trained, pretrained=True, epochs=1))
+    assert ModelCard.load(Path(result['folder']) / 'README.md').data.base_model == hub_id
+
+
+@pytest.mark.parametrize('architecture,hub_id', [
+    ('vit_base_patch32_224', 'timm/vit_base_patch32_224.augreg_in21k_ft_in1k'),
+    ('vit_small_patch16_384', 'timm/vit_small_patch16_384.augreg_in21k_ft_in1k'),
+    ('vit_base_patch16_clip_224', 'timm/vit_base_patch16_clip_224.laion2b_ft_in12k_in1k'),
+    ('vit_small_patch16_224.dino', 'timm/vit_small_patch16_224.dino'),
+    ('vit_base_mac_simple', 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'),
+    ('not_a_model', None),
+])
+def test_backbone_hub_id_maps_names_exactly(architecture, hub_id):
+    """Other timm ViTs of a size are not the size's patch16/224 checkpoint."""
+    assert hub.backbone_hub_id(architecture) == hub_id
 
 
 def test_backbone_ids_and_dataset_ids():
     assert hub.backbone_hub_id('vit_small_mag_simple') == 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k'
     assert hub.backbone_hub_id('vit_base_mal_mlp') == 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'
     assert hub.backbone_hub_id('vit_tiny_patch16_224') == 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'
-    assert hub.backbone_hub_id('resnet50') is None
+    assert hub.backbone_hub_id('resnet50') == 'timm/resnet50.a1_in1k'  # what pretrained=True loads
     assert hub.dataset_hub_id('hfds/uoft-cs/cifar100') == 'uoft-cs/cifar100'
     assert hub.dataset_hub_id('hf:zh-plus/tiny-imagenet') == 'zh-plus/tiny-imagenet'
     assert hub.dataset_hub_id('fashion-mnist-mini') == 'zalando-datasets/fashion_mnist'
@@ -360,6 +409,70 @@ def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def test_card_labels_top_k_and_usage_for_few_classes(run_dir, tmp_path):
+    """With 3 classes the evaluator reports top-3; the card says so and its usage snippet runs."""
+    labels = ['cat', 'dog', 'car']
+    model = timm.create_model('vit_tiny_mag_simple', img_size=32, depth=2, num_classes=3)
+    ckpt = run_dir / 'three' / 'model.safetensors'
+    save_model(model, ckpt, architecture='vit_tiny_mag_simple', model_args=dict(img_size=32, depth=2, num_classes=3),
+               label_names=labels)
+    report = dict(EVAL_REPORT, dataset='hf:org/three', split='validation', top5=100.0, topk=3, num_samples=30)
+    result = hub.push(ckpt, 'titans-org/three', dry_run_dir=tmp_path / 'out', eval_report=report, verify=False)
+    folder = Path(result['folder'])
+    card = ModelCard.load(folder / 'README.md')
+    assert {r.metric_name for r in card.data.eval_results} == {'Top-1 accuracy (%)', 'Top-3 accuracy (%)'}
+    assert '| Dataset | Split | Images | Top-1 (%) | Top-3 (%) |' in card.text and 'Top-5' not in card.text
+    # The usage snippet, as a user would paste it (from the exported folder instead of the Hub).
+    snippet = card.text.split('```python\n', 1)[1].split('```', 1)[0]
+    snippet = snippet.replace("'hf-hub:titans-org/three'", repr(f'local-dir:{folder}'))
+    scope = dict(img=Image.new('RGB', (40, 40), (120, 30, 200)))
+    exec(snippet, scope)
+    assert scope['top_idx'].shape == (1, 3) and scope['labels'] == labels
+
+
+def test_auto_picked_report_must_describe_the_current_weights(run_dir, tmp_path, capsys):
+    """A report next to the checkpoint is used only while the weights are those it evaluated."""
+    ckpt = make_run(run_dir / 'retrained', 'vit_tiny_mag_simple')
+    first = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'a', verify=False)
+    assert ModelCard.load(Path(first['folder']) / 'README.md').data.eval_results is not None
+    report = ckpt.parent / 'eval_report.json'
+    stale = report.read_text()
+    # Retrained into the same folder: same path, new weights; the old report stays.
+    model, meta = load_model(ckpt)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    save_model(model, ckpt, architecture=meta['architecture'], model_args=meta['model_args'],
+               label_names=meta['label_names'])
+    report.write_text(stale)
+    capsys.readouterr()
+    second = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'b', verify=False)
+    text = (Path(second['folder']) / 'README.md').read_text()
+    assert 'model-index' not in text and '81.25' not in text
+    err = capsys.readouterr().err
+    assert 'note: not using' in err and 'evaluated other weights' in err
+    # Passed explicitly, the stale report is one clear error.
+    with pytest.raises(hub.HubError, match='does not describe this checkpoint: it evaluated other weights'):
+        hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'c', eval_report=report, verify=False)
+    assert hub.main([str(ckpt), 'titans-org/x', '--dry-run', str(tmp_path / 'd'), '--eval-report', str(report)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: --eval-report') and err.count('\n') == 1
+    # A report without a sha256 (an older titans-timm-eval) is not picked up either.
+    report.write_text(json.dumps(dict(EVAL_REPORT, source=str(ckpt.resolve()))))
+    third = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'e', verify=False)
+    assert 'model-index' not in (Path(third['folder']) / 'README.md').read_text()
+    assert 'no checkpoint_sha256' in capsys.readouterr().err
+
+
+def test_dry_run_into_the_checkpoint_folder_is_refused(run_dir, tmp_path, capsys):
+    ckpt = make_run(run_dir / 'selfdir', 'vit_tiny_mag_simple', with_report=False)
+    (ckpt.parent / 'args.yaml').unlink()
+    before = ckpt.read_bytes()
+    assert hub.main([str(ckpt), 'titans-org/x', '--dry-run', str(ckpt.parent)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: --dry-run') and 'would overwrite' in err and err.count('\n') == 1
+    assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == ['model.safetensors']
 
 
 def test_upload_sends_exactly_the_dry_run_folder(mac_run, mac_export):

@@ -1,7 +1,10 @@
-"""titans-timm-sweep: a 2x2 sweep trains, evaluates and tabulates; a re-run skips finished runs; bad input."""
+"""titans-timm-sweep: a 2x2 sweep trains, evaluates and tabulates; a re-run skips finished runs trained with the
+same settings, refuses ones trained otherwise, and re-evaluates reports of other data; bad input."""
 import csv
 import json
 import os
+import shlex
+import sys
 
 import pytest
 import yaml
@@ -36,6 +39,9 @@ def test_plan_and_dry_run(recipe, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert '[1/10] vit_tiny_baseline' in printed and '[10/10] vit_small_mag_simple' in printed
     assert '--epochs 3' in printed  # pass-through arguments reach every run
+    # Each command can be pasted into a shell as it is: interpreter first.
+    command = next(line.strip() for line in printed.splitlines() if 'titans_timm.train' in line)
+    assert shlex.split(command)[:3] == [sys.executable, '-m', 'titans_timm.train']
     assert not out.exists()  # a dry run writes nothing
 
 
@@ -78,12 +84,90 @@ def test_two_by_two_sweep_then_rerun_skips(recipe, tmp_path, capsys):
     assert [r['top1'] for r in again['rows']] == [r['top1'] for r in rows]
     assert mtimes == {n: os.path.getmtime(out / n / 'model.safetensors') for n in NAMES}
 
+    # Changed settings: a finished run trained otherwise is never reused silently; nothing is trained.
+    for extra, recipe_text, difference in (
+            (['--', '--epochs', '2'], None, "arguments after --: '(none)' -> '--epochs 2'"),
+            ([], yaml.safe_dump(dict(TINY_RECIPE, epochs=2)), 'recipe epochs: 1 -> 2')):
+        if recipe_text:
+            with open(recipe, 'w') as f:
+                f.write(recipe_text)
+        with pytest.raises(SystemExit) as exc:
+            sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out), *extra])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and err.startswith('error: ') and '\n' not in err
+        assert str(out / 'vit_tiny_mal_mlp') in err and '(and 3 more run(s))' in err and difference in err
+        assert '--force' in err and '--output' in err
+        sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out), '--dry-run', *extra])
+        assert capsys.readouterr().out.count(f'trained with other settings ({difference})') == 4
+    with open(recipe, 'w') as f:
+        f.write(yaml.safe_dump(TINY_RECIPE))
+    assert mtimes == {n: os.path.getmtime(out / n / 'model.safetensors') for n in NAMES}
+
+    # A report written by hand on other data (here the train split) is not what the sweep asked for: the
+    # re-run evaluates again, on the validation split of the run's args.yaml.
+    from titans_timm import evaluate
+    run_dir = out / 'vit_tiny_mag_simple'
+    evaluate.main(['--checkpoint', str(run_dir / 'model.safetensors'), '--split', 'train', '--num-samples', '4',
+                   '--workers', '0', '--no-progress'])
+    again = sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count('evaluating again') == 1 and "its split is 'train', not 'validation'" in printed
+    assert [r['top1'] for r in again['rows']] == [r['top1'] for r in rows]
+    with open(run_dir / 'eval_report.json') as f:
+        report = json.load(f)
+    assert report['split'] == 'validation' and report['num_samples'] == TINY_RECIPE['val_num_samples']
+
     # A run without training's final summary is not finished: the plan resumes it (train_state.pth exists).
     os.remove(out / 'vit_tiny_mal_simple' / 'results.json')
     sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out), '--dry-run'])
     printed = capsys.readouterr().out
     assert '[2/4] vit_tiny_mal_simple (vit_tiny_mal_simple): resume + eval' in printed
     assert '[1/4] vit_tiny_mal_mlp (vit_tiny_mal_mlp): finished, skip' in printed
+
+    # --force retrains over a folder holding a whole run (checkpoint pair, summary.csv): the trainer is told
+    # to start over there, not refused
+    mtime = os.path.getmtime(out / 'vit_tiny_mal_mlp' / 'model.safetensors')
+    forced = sweep.main(['-c', recipe, '--approaches', 'mal', '--memory-types', 'mlp', '--no-baseline',
+                         '--output', str(out), '--force'])
+    assert forced['failed'] == [] and forced['rows'][0]['status'] == 'done', capsys.readouterr().out
+    assert os.path.getmtime(out / 'vit_tiny_mal_mlp' / 'model.safetensors') > mtime
+
+
+def _record(run_dir, **record):
+    run_dir.mkdir(parents=True)
+    (run_dir / 'sweep_run.json').write_text(json.dumps(record))
+
+
+def test_settings_difference_reads_old_and_new_records(recipe, tmp_path):
+    run = sweep.plan_runs(['tiny'], ['mag'], ['simple'], baseline=False)[0]
+    wanted = sweep.trained_with(recipe, run, ['--epochs', '2'])
+    assert wanted == dict(model='vit_tiny_mag_simple', recipe=TINY_RECIPE, passthrough=['--epochs', '2'])
+    _record(tmp_path / 'same', trained_with=wanted)
+    assert sweep.settings_difference(str(tmp_path / 'same'), wanted) is None
+    # A record of an older sweep holds only the command (also with the --resume the sweep added).
+    old = [sys.executable, '-m', 'titans_timm.train', '-c', recipe, '--model', 'vit_tiny_mag_simple', '--output',
+           str(tmp_path), '--experiment', 'vit_tiny_mag_simple']
+    _record(tmp_path / 'old_same', command=old + ['--epochs', '2', '--resume', 'x'])
+    assert sweep.settings_difference(str(tmp_path / 'old_same'), wanted) is None
+    _record(tmp_path / 'old_other', command=old)
+    assert sweep.settings_difference(str(tmp_path / 'old_other'), wanted) == \
+        "arguments after --: '(none)' -> '--epochs 2'"
+    (tmp_path / 'none').mkdir()
+    assert 'no readable sweep_run.json' in sweep.settings_difference(str(tmp_path / 'none'), wanted)
+
+
+def test_interrupted_run_with_other_settings_starts_over(recipe, tmp_path, capsys):
+    run_dir = tmp_path / 'sweep' / 'vit_tiny_mag_simple'
+    run = sweep.plan_runs(['tiny'], ['mag'], ['simple'], baseline=False)[0]
+    _record(run_dir, trained_with=sweep.trained_with(recipe, run, []))
+    (run_dir / 'train_state.pth').write_bytes(b'')
+    argv = ['-c', recipe, '--approaches', 'mag', '--memory-types', 'simple', '--no-baseline',
+            '--output', str(tmp_path / 'sweep'), '--dry-run']
+    sweep.main(argv)
+    assert 'vit_tiny_mag_simple): resume + eval' in capsys.readouterr().out
+    sweep.main(argv + ['--', '--epochs', '2'])  # resuming would mix two budgets in one run
+    assert "interrupted with other settings (arguments after --: '(none)' -> '--epochs 2'): train again" in \
+        capsys.readouterr().out
 
 
 def test_failed_run_is_reported_and_the_sweep_goes_on(recipe, tmp_path, capsys):

@@ -11,8 +11,8 @@
   name with ``--pretrained`` works too;
 
 on a dataset given with the training CLI's dataset flags (``--dataset``, ``--data-dir``, ``--split`` /
-``--val-split``, ``-b``, ``--img-size``, ``--workers``, ``--num-samples`` / ``--val-num-samples``), or
-taken from a recipe / a run's ``args.yaml`` with ``-c``. Images are prepared with the model's own data
+``--val-split``, ``--input-key``, ``--target-key``, ``-b``, ``--img-size``, ``--workers``, ``--num-samples`` /
+``--val-num-samples``), or taken from a recipe / a run's ``args.yaml`` with ``-c``. Images are prepared with the model's own data
 config (timm ``resolve_data_config`` + ``create_transform``, eval mode), so mean/std, input size and
 crop follow the checkpoint.
 
@@ -26,6 +26,13 @@ loss of Titans' neural memory, eq. 12) at each memory block, as heatmaps over th
 
 Choices (the issue is silent on them):
 
+* A report says exactly what it evaluated: the sha256 of the ``--checkpoint`` file
+  (``checkpoint_sha256``), the dataset, split, requested sample count (``num_samples_requested``) and
+  image/label columns. :func:`report_mismatch` compares a report with the arguments of an evaluation, so
+  the sweep and ``titans-timm-push`` use a report only for the weights and data it describes.
+* The device and the output folder are checked before the model is loaded: ``--device cuda`` without
+  CUDA, an unknown device or an unwritable ``--output`` is one ``error:`` line, not a traceback after
+  the whole evaluation.
 * Throughput ``img_per_sec`` counts model forward time only (data loading excluded), so it measures
   the model, not the disk; ``elapsed_s`` is the wall time of the whole pass.
 * Without ``--output`` the report goes next to the checkpoint (``--checkpoint``) or to
@@ -52,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    'EvalError', 'build_parser', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
+    'EvalError', 'build_parser', 'file_sha256', 'report_mismatch', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
     'plot_confusion_matrix', 'plot_per_class_accuracy', 'surprise_maps', 'plot_surprise_maps',
     'confusion_figsize', 'per_class_figsize', 'surprise_figsize', 'PLOT_DPI', 'parse_args', 'run', 'main',
     'cli',
@@ -80,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                     'accuracy, img/s, confusion matrix and memory surprise maps.')
     parser.add_argument('-c', '--config', default=None, metavar='YAML',
                         help='training recipe or a run\'s args.yaml: its dataset keys (dataset, data_dir, val_split, '
-                             'val_num_samples, validation_batch_size/batch_size, workers) become defaults; '
-                             'other keys are ignored')
+                             'val_num_samples, input_key, target_key, validation_batch_size/batch_size, workers) '
+                             'become defaults; other keys are ignored')
     src = parser.add_argument_group('model')
     src.add_argument('--checkpoint', metavar='FILE', default=None,
                      help='model.safetensors written by titans-timm-train (with --model NAME: any state dict '
@@ -100,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--data-dir', default=None, metavar='DIR', help='dataset root folder')
     data.add_argument('--split', '--val-split', dest='split', default='validation',
                       help='dataset split to evaluate (default: validation)')
+    data.add_argument('--input-key', default=None, metavar='NAME',
+                      help='image column of a HF dataset (as in titans-timm-train; default: the dataset\'s own)')
+    data.add_argument('--target-key', default=None, metavar='NAME',
+                      help='label column of a HF dataset (as in titans-timm-train; default: the dataset\'s own)')
     data.add_argument('-b', '--batch-size', type=int, default=64, metavar='N', help='batch size (default: 64)')
     data.add_argument('--img-size', type=int, default=None, metavar='N',
                       help='input image size (default: the model\'s own)')
@@ -126,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Recipe (YAML, timm train.py dests) keys that mean the same thing for evaluation, in priority order.
 _RECIPE_KEYS = (
     ('dataset', 'dataset'), ('data_dir', 'data_dir'), ('val_split', 'split'), ('val_num_samples', 'num_samples'),
-    ('batch_size', 'batch_size'), ('validation_batch_size', 'batch_size'), ('workers', 'workers'),
+    ('input_key', 'input_key'), ('target_key', 'target_key'), ('batch_size', 'batch_size'), ('validation_batch_size', 'batch_size'), ('workers', 'workers'),
 )
 
 
@@ -262,7 +273,9 @@ def _create_eval_dataset(args: argparse.Namespace):
     if args.num_samples is not None and args.num_samples < 1:
         raise EvalError(f'--num-samples must be at least 1, got {args.num_samples}')
     try:
-        return tdata.create_dataset(name, root=args.data_dir, split=args.split, num_samples=args.num_samples)
+        # The image/label columns exactly as titans-timm-train passes them (an empty string means the default).
+        return tdata.create_dataset(name, root=args.data_dir, split=args.split, num_samples=args.num_samples,
+                                    image_column=args.input_key or None, label_column=args.target_key or None)
     except tdata.DataError as e:
         raise EvalError(str(e)) from None
 
@@ -690,8 +703,84 @@ def _parse_blocks(text: Optional[str]) -> Optional[List[int]]:
 def _default_output(args: argparse.Namespace) -> str:
     if args.checkpoint:
         return os.path.dirname(os.path.abspath(args.checkpoint))
-    name = args.model.split(':', 1)[-1].rstrip('/').replace('/', '_').replace(os.sep, '_').lstrip('._') or 'model'
+    name = (args.model or 'model').split(':', 1)[-1].rstrip('/').replace('/', '_').replace(os.sep, '_')
+    name = name.lstrip('._') or 'model'
     return os.path.join('output', 'eval', name)
+
+
+def _check_device(name: Optional[str]) -> str:
+    """The device to run on; an unknown or unavailable one is an :class:`EvalError` before any work."""
+    if name is None:
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EvalError(f'--device {name!r} is not a torch device; use cpu, cuda or cuda:N') from None
+    if device.type == 'cpu':
+        return name
+    backend = torch.backends.mps if device.type == 'mps' else getattr(torch, device.type, None)
+    is_available = getattr(backend, 'is_available', None)
+    if is_available is None or not is_available():
+        raise EvalError(f'--device {name}: no {device.type} device is available here (torch {torch.__version__}); '
+                        f'use --device cpu or leave --device out')
+    count = getattr(backend, 'device_count', None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise EvalError(f'--device {name}: only {count()} {device.type} device(s) here; use {device.type}:0 to '
+                        f'{device.type}:{count() - 1}')
+    return name
+
+
+def _check_output(output: str):
+    """Create ``output`` and make sure files can be written there, before the (long) evaluation."""
+    import tempfile
+    try:
+        os.makedirs(output, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output, prefix='.write_test_'):
+            pass
+    except OSError as e:
+        raise EvalError(f'cannot write to --output {output!r} ({e.strerror or type(e).__name__}); pass a folder '
+                        f'you can write to') from None
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes: what an eval report records to name the exact weights it evaluated."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def report_mismatch(report: dict, args: argparse.Namespace) -> Optional[str]:
+    """Why ``report`` (an ``eval_report.json``) does not describe an evaluation with ``args``; ``None`` if it does.
+
+    A report matches when it evaluated the same weights (the sha256 of ``args.checkpoint``; reports without
+    one never match a checkpoint) on the same dataset, data folder, split, requested sample count and
+    image/label columns. Batch size, device, workers and plots do not change the numbers and are not compared.
+    """
+    if not isinstance(report, dict):
+        return 'it is not a JSON object'
+    if args.checkpoint:
+        recorded = report.get('checkpoint_sha256')
+        if not recorded:
+            return 'it does not record which weights it evaluated (no checkpoint_sha256)'
+        if not os.path.isfile(args.checkpoint):
+            return f'{args.checkpoint} does not exist'
+        if recorded != file_sha256(args.checkpoint):
+            return f'it evaluated other weights than the current {os.path.basename(args.checkpoint)}'
+    elif report.get('source') != args.model:
+        return f"it evaluated {report.get('source')!r}, not {args.model!r}"
+    wanted = dict(
+        dataset=args.dataset if args.dataset is not None else _builtin_name(), data_dir=args.data_dir,
+        split=args.split, num_samples_requested=args.num_samples, input_key=args.input_key or None,
+        target_key=args.target_key or None)
+    if 'num_samples_requested' not in report:
+        return 'it does not record how many samples were requested (written by an older titans-timm-eval)'
+    for key, value in wanted.items():
+        if report.get(key) != value:
+            return f'its {key} is {report.get(key)!r}, not {value!r}'
+    return None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -701,7 +790,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.surprise_maps < 0:
         raise EvalError(f'--surprise-maps takes a number of images, got {args.surprise_maps}')
     blocks = _parse_blocks(args.surprise_blocks)
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = _check_device(args.device)
+    output = args.output or _default_output(args)
+    if args.checkpoint or args.model:  # with neither, loading the model says what to pass
+        _check_output(output)
 
     model, info = load_model_for_eval(args.checkpoint, args.model, args.pretrained, args.img_size,
                                       args.num_classes)
@@ -713,17 +805,19 @@ def run(args: argparse.Namespace) -> dict:
 
     metrics = evaluate_model(model, loader, len(label_names), label_names, device=device, amp=args.amp,
                              progress=not args.no_progress)
-    output = args.output or _default_output(args)
-    os.makedirs(output, exist_ok=True)
     import timm
     import titans_timm
     report = dict(
         model=info['architecture'],
         source=info['source'],
+        checkpoint_sha256=file_sha256(args.checkpoint) if args.checkpoint else None,
         model_args=info['model_args'],
         dataset=args.dataset if args.dataset is not None else _builtin_name(),
         data_dir=args.data_dir,
         split=args.split,
+        num_samples_requested=args.num_samples,
+        input_key=args.input_key or None,
+        target_key=args.target_key or None,
         num_classes=len(label_names),
         label_names=label_names,
         param_count=sum(p.numel() for p in model.parameters()),

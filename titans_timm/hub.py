@@ -15,9 +15,10 @@ The repository holds exactly three files, all written by :func:`export_folder`:
   ``model_args`` (every argument needed to rebuild the model, memory options included),
   ``label_names``, and a ``pretrained_cfg`` with label names, mean/std, input size and crop;
 - ``README.md``: a model card rendered from ``hub_cards/model_card.md`` (``string.Template``):
-  YAML front matter (``library_name: timm``, tags, datasets, metrics, ``base_model`` = the
-  backbone's hub id, license, and a ``model-index`` with the evaluation results), then model
-  details, the two-phase training recipe, a results table, usage and citations.
+  YAML front matter (``library_name: timm``, tags, datasets, metrics, ``base_model`` = the Hub
+  checkpoint training loaded, when the recipe shows one, license, and a ``model-index`` with the
+  evaluation results), then model details, the two-phase training recipe, a results table, usage
+  and citations.
 
 Choices made here (and why):
 
@@ -30,15 +31,28 @@ Choices made here (and why):
 - Before anything is uploaded, the folder is loaded back with ``timm.create_model('local-dir:DIR',
   pretrained=True)`` and its logits are compared bit for bit with the checkpoint's model
   (``verify=True``). A ``config.json`` that misses a model argument fails here, not for users.
-- ``base_model`` is the timm hub checkpoint of the backbone size (tiny/small/base, the same ids the
-  model registry's pretrained tags use) when the weights descend from it (recipe ``pretrained: true``,
-  or no recipe); a run started from a local ``pretrained_path`` checkpoint or from scratch gets no
-  ``base_model`` (the card says what it started from); ``--base-model`` sets it explicitly.
+- ``base_model`` is claimed only on evidence: the recorded training arguments (``args.yaml`` or
+  ``--recipe``) say ``pretrained: true`` without a local ``pretrained_path``, and timm's pretrained cfg of
+  the trained model name (exactly that name and tag, e.g. ``vit_base_patch32_224`` ->
+  ``timm/vit_base_patch32_224.augreg_in21k_ft_in1k``) names the Hub checkpoint training loaded. A run
+  started from a local checkpoint or from scratch, or one without a recipe, gets no ``base_model`` (the
+  card says what it started from, or that it is not recorded); ``--base-model`` sets it explicitly.
+- An evaluation report is used only for the weights it evaluated: ``titans-timm-eval`` records the
+  checkpoint's sha256 (``checkpoint_sha256``). The ``eval_report.json`` next to the checkpoint is picked
+  up only when that sha256 is the checkpoint's (else it is skipped with a printed note: the weights were
+  retrained since); an explicit ``--eval-report`` that records other weights is an error. Reports without
+  a sha256 (timm's ``validate.py``) are used only when passed explicitly.
+- The results say what was evaluated: the split and the number of images, in the table and in the
+  ``model-index``. The built-in ``fashion-mnist-mini`` is listed as what it is: its validation split is
+  1,000 images of Fashion-MNIST's *test* split (model-index split ``test``), its train split 4,000 of the
+  train split.
 - The recipe is published without machine-local entries (output dir, data dir, device, workers...),
   and checkpoint paths are cut to ``run/file``.
 - ``datasets`` lists Hub dataset ids: ``hfds/X``/``hf:X`` become ``X``; the built-in
   Fashion-MNIST subset is listed as ``zalando-datasets/fashion_mnist``; local folders are named in
   the card text only.
+- The exported ``model.safetensors`` carries the metadata ``{'format': 'pt'}`` (as transformers and
+  huggingface_hub write it); timm's ``save_for_hf`` writes none.
 - The card template ships with the code: ``hub_cards/`` is read from the installed package
   (``titans_timm/hub_cards/``, where a wheel puts it) or from the source tree next to the package
   (editable installs and checkouts); ``--card-template PATH`` uses any other template.
@@ -106,7 +120,10 @@ _MEMORY_TYPES = {
                 'q/k normalisation and a deep multi-head memory',
 }
 _ARCH_RE = re.compile(r'^vit_(tiny|small|base)_(mal|mac|mag)_(mlp|simple|advanced)$')
-_BACKBONE_RE = re.compile(r'^vit_(tiny|small|base)_')
+_BACKBONE_RE = re.compile(r'^vit_(tiny|small|base)_patch16_224$')  # the sweep baselines' backbones
+# The built-in dataset: which split of the Hub dataset each of its splits was drawn from, and how many images.
+_BUILTIN_DATASET = 'fashion-mnist-mini'
+_BUILTIN_SPLITS = {'train': ('train', 4000), 'validation': ('test', 1000)}
 # Keys of an evaluation report, first match wins: titans-timm-eval and timm's validate.py spellings.
 _REPORT_KEYS = {
     'top1': ('top1', 'top-1', 'acc1', 'top1_acc', 'accuracy'),
@@ -115,6 +132,8 @@ _REPORT_KEYS = {
     'img_per_sec': ('img_per_sec', 'images_per_sec', 'img/s', 'img_s', 'samples_per_sec', 'throughput'),
     'dataset': ('dataset', 'data', 'dataset_name'),
     'split': ('split', 'val_split'),
+    'num_samples': ('num_samples',),
+    'topk': ('topk',),  # titans-timm-eval clips top-5 to top-k for fewer than 5 classes
 }
 # Recipe (args.yaml / train_timm_hparams/*.yaml) entries shown in the card's hyperparameter table.
 _RECIPE_KEYS = (
@@ -187,7 +206,8 @@ def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict
 
     Returns:
         A list of dicts with keys ``top1``, ``top5``, ``loss``, ``img_per_sec``, ``dataset``,
-        ``split`` (``None`` where the report has no value); empty for ``None``.
+        ``split``, ``num_samples``, ``topk`` (the k of ``top5``: 5, or the class count below 5 classes)
+        (``None`` where the report has no value); empty for ``None``.
 
     Raises:
         HubError: unreadable JSON, or a report without a top-1 accuracy.
@@ -224,6 +244,12 @@ def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict
                     row[field] = float(row[field])
                 except (TypeError, ValueError):
                     raise HubError(f'{source}: {field} must be a number, got {row[field]!r}') from None
+        for field in ('num_samples', 'topk'):
+            if row[field] is not None:
+                try:
+                    row[field] = int(row[field])
+                except (TypeError, ValueError):
+                    raise HubError(f'{source}: {field} must be an integer, got {row[field]!r}') from None
         rows.append(row)
     return rows
 
@@ -261,7 +287,8 @@ def read_recipe(recipe: Union[None, PathLike, Dict[str, Any]]) -> Dict[str, Any]
 
 
 def parse_architecture(architecture: str) -> Tuple[Optional[str], Optional[str], Optional[str]]:
-    """Split ``vit_{size}_{approach}_{memory}`` into its parts; ``(size, None, None)`` for plain ViTs."""
+    """Split ``vit_{size}_{approach}_{memory}`` into its parts; ``(size, None, None)`` for the sweep baselines
+    ``vit_{size}_patch16_224``, ``(None, None, None)`` for any other model."""
     m = _ARCH_RE.match(architecture)
     if m:
         return m.group(1), m.group(2), m.group(3)
@@ -270,9 +297,19 @@ def parse_architecture(architecture: str) -> Tuple[Optional[str], Optional[str],
 
 
 def backbone_hub_id(architecture: str) -> Optional[str]:
-    """The timm hub id of the pretrained backbone an architecture starts from, or None if unknown."""
-    size = parse_architecture(architecture)[0]
-    return BACKBONE_HUB_IDS.get(size)
+    """The Hub checkpoint ``timm.create_model(architecture, pretrained=True)`` loads, or None if it loads none.
+
+    Read from timm's pretrained cfg of exactly this name (a ``.tag`` picks that tag, no tag timm's default),
+    so ``vit_base_patch32_224``, CLIP or 384 px ViTs map to their own checkpoints; the memory models map to
+    their backbone's (see ``default_cfgs`` in :mod:`titans_timm.vit`).
+    """
+    import titans_timm.vit  # noqa: F401  (registers the memory models and their pretrained cfgs)
+    try:
+        cfg = timm.models.get_pretrained_cfg(str(architecture))
+    except (RuntimeError, ValueError, KeyError):
+        return None
+    hub_id = getattr(cfg, 'hf_hub_id', None)
+    return hub_id or None
 
 
 def dataset_hub_id(name: Optional[str]) -> Optional[str]:
@@ -319,24 +356,29 @@ def _placement(model: nn.Module, approach: Optional[str]) -> str:
 def _initialisation(architecture: str, recipe: Dict[str, Any], base_model: Optional[str]) -> Tuple[Optional[str], str]:
     """``(base_model for the front matter or None, what training started from, in words)``.
 
-    The front matter names a base model only when the weights really descend from it: the recipe
-    loaded the backbone's timm hub checkpoint (``pretrained: true``), the user named one, or no recipe
-    says otherwise. A run started from a local checkpoint (``pretrained_path``) or from scratch gets
-    no ``base_model``; the card says what it started from instead.
+    The front matter names a base model only on evidence: the user named one, or the recorded training
+    arguments loaded a Hub checkpoint (``pretrained: true`` and no local ``pretrained_path``), which is then
+    the one timm's pretrained cfg gives for the trained model name. A run started from a local checkpoint or
+    from scratch gets no ``base_model``; without a recipe nothing is claimed.
     """
     if base_model:
         return base_model, f'[{base_model}](https://huggingface.co/{base_model})'
+    if not recipe:
+        return None, ('weights whose starting point is not recorded (no training recipe came with this upload; '
+                      'push with `--recipe RUN/args.yaml`)')
     local = recipe.get('pretrained_path') or recipe.get('initial_checkpoint') or recipe.get('resume_from')
     if local:
         # only the run folder and file name: the rest of a local path means nothing to readers
         shown = '/'.join(Path(str(local)).parts[-2:])
         return None, f'the local checkpoint `{shown}` (not on the Hub)'
-    if recipe and not recipe.get('pretrained'):
+    if not recipe.get('pretrained'):
         return None, 'random initialisation (trained from scratch)'
-    hub_id = backbone_hub_id(architecture)
+    # The name training created, with its tag if the recipe gave one (vit_tiny_patch16_224.augreg_in21k).
+    trained = str(recipe.get('model') or '')
+    name = trained if trained.split('.')[0] == architecture else architecture
+    hub_id = backbone_hub_id(name)
     if not hub_id:
-        raise HubError(f"cannot tell the backbone hub id of '{architecture}'; pass --base-model ORG/NAME "
-                       f'(e.g. {BACKBONE_HUB_IDS["tiny"]})')
+        return None, f"timm's pretrained weights of `{name}`"
     return hub_id, f'the timm checkpoint [{hub_id}](https://huggingface.co/{hub_id})'
 
 
@@ -428,14 +470,43 @@ def _training_section(recipe: Dict[str, Any], has_memory: bool = True, from_chec
     return '\n'.join(lines)
 
 
+def _topk(row: Dict[str, Any]) -> int:
+    """The k of a row's ``top5``: the report's ``topk`` (below 5 classes the evaluator clips it), else 5."""
+    return row.get('topk') or 5
+
+
+def _builtin_source_split(row: Dict[str, Any]) -> Optional[Tuple[str, int]]:
+    """For the built-in dataset: ``(split of Fashion-MNIST its evaluated split was drawn from, its size)``."""
+    if str(row.get('dataset') or '').lower().replace('_', '-') != _BUILTIN_DATASET:
+        return None
+    split = str(row.get('split') or 'validation').lower()
+    return _BUILTIN_SPLITS['train' if split.startswith('train') else 'validation']
+
+
+def _split_text(row: Dict[str, Any]) -> str:
+    """The evaluated split in words; for the built-in dataset also the Fashion-MNIST split it comes from."""
+    split = str(row['split'] or '-')
+    source = _builtin_source_split(row)
+    if source:
+        return f"{split} ({source[1]:,} images of Fashion-MNIST's {source[0]} split)"
+    return split
+
+
 def _results_section(rows: List[Dict[str, Any]], dataset_fallback: str) -> str:
     if not rows:
         return ('No evaluation report was supplied with this upload (run `titans-timm-eval` and push with '
                 '`--eval-report REPORT.json`).')
-    lines = ['| Dataset | Split | Top-1 (%) | Top-5 (%) | Loss | Images/s |', '|---|---|---|---|---|---|']
+    ks = {_topk(row) for row in rows}
+    topk_header = f'Top-{ks.pop()} (%)' if len(ks) == 1 else 'Top-k (%)'
+    lines = [f'| Dataset | Split | Images | Top-1 (%) | {topk_header} | Loss | Images/s |',
+             '|---|---|---:|---|---|---|---|']
     for row in rows:
-        lines.append(f"| {_md_escape(row['dataset'] or dataset_fallback)} | {_md_escape(row['split'] or '-')} | "
-                     f"{_fmt_number(row['top1'])} | {_fmt_number(row['top5'])} | {_fmt_number(row['loss'], 4)} | "
+        topk = _fmt_number(row['top5'])
+        if topk_header == 'Top-k (%)' and row['top5'] is not None:
+            topk += f' (top-{_topk(row)})'
+        images = f"{row['num_samples']:,}" if row['num_samples'] is not None else '-'
+        lines.append(f"| {_md_escape(row['dataset'] or dataset_fallback)} | {_md_escape(_split_text(row))} | "
+                     f"{images} | {_fmt_number(row['top1'])} | {topk} | {_fmt_number(row['loss'], 4)} | "
                      f"{_fmt_number(row['img_per_sec'], 1)} |")
     return '\n'.join(lines)
 
@@ -446,10 +517,22 @@ def _model_index(model_name: str, rows: List[Dict[str, Any]], dataset_ids: List[
         ds_id = dataset_hub_id(row['dataset']) or (dataset_ids[0] if dataset_ids else None)
         metrics = [dict(type='accuracy', value=round(row['top1'], 4), name='Top-1 accuracy (%)')]
         if row['top5'] is not None:
-            metrics.append(dict(type='accuracy', value=round(row['top5'], 4), name='Top-5 accuracy (%)'))
-        dataset = dict(name=str(row['dataset'] or dataset_text), type=ds_id or 'custom')
-        if row['split']:
-            dataset['split'] = str(row['split'])
+            metrics.append(dict(type='accuracy', value=round(row['top5'], 4), name=f'Top-{_topk(row)} accuracy (%)'))
+        # The name says what was evaluated: the split and the number of images.
+        name = str(row['dataset'] or dataset_text)
+        split = str(row['split']) if row['split'] else None
+        source = _builtin_source_split(row)
+        if source:
+            split = source[0]  # the split of zalando-datasets/fashion_mnist the images come from
+            name = (f"{name} {row['split'] or 'validation'} "
+                    f"(a {source[1]:,}-image subset of Fashion-MNIST's {split} split)")
+        elif split:
+            name = f'{name} ({split} split)'
+        if row['num_samples'] is not None:
+            name += f", {row['num_samples']:,} images evaluated"
+        dataset = dict(name=name, type=ds_id or 'custom')
+        if split:
+            dataset['split'] = split
         results.append(dict(task=dict(type='image-classification', name='Image Classification'),
                             dataset=dataset, metrics=metrics))
     if not results:
@@ -483,8 +566,10 @@ def card_fields(
         datasets = [d for d in (dataset_hub_id(n) for n in dataset_names) if d]
     datasets = list(dict.fromkeys(datasets))  # unique, in order
     dataset_text = dataset_names[0] if dataset_names else (datasets[0] if datasets else 'not recorded')
-    if dataset_text == 'fashion-mnist-mini':
-        dataset_text = 'fashion-mnist-mini (the Fashion-MNIST subset built into titans-timm, MIT licence)'
+    if dataset_text == _BUILTIN_DATASET:
+        dataset_text = (f"{_BUILTIN_DATASET} (the Fashion-MNIST subset built into titans-timm, MIT licence: "
+                        f"4,000 images of Fashion-MNIST's train split for training, 1,000 of its test split "
+                        f"for validation)")
 
     counts = _parameter_counts(model)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
@@ -607,6 +692,13 @@ def _data_config(pretrained_cfg: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _add_safetensors_format(path: Path) -> None:
+    """Rewrite ``path`` with the ``{'format': 'pt'}`` metadata that transformers and huggingface_hub write."""
+    import safetensors.torch
+    tensors = safetensors.torch.load_file(str(path))
+    safetensors.torch.save_file(tensors, str(path), metadata={'format': 'pt'})
+
+
 def _verify_folder(model: nn.Module, folder: Path) -> None:
     """Reload ``folder`` the way users will and require bit-identical logits."""
     in_chans, height, width = get_model_input_config(model)['input_size']
@@ -689,6 +781,7 @@ def export_folder(
                     safe_serialization=True, data_config=_data_config(pretrained_cfg))
     except (ValueError, TypeError) as e:
         raise HubError(f'timm could not export the model ({e}); check the checkpoint metadata') from None
+    _add_safetensors_format(folder / 'model.safetensors')
     (folder / 'README.md').write_text(card, encoding='utf-8')
     if verify:
         _verify_folder(model, folder)
@@ -744,19 +837,59 @@ def _run_file(checkpoint: PathLike, name: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def _report_weights_mismatch(report: Dict[str, Any], checkpoint: PathLike) -> Optional[str]:
+    """Why ``report`` did not evaluate the weights in ``checkpoint`` (by sha256); None if it did or cannot say."""
+    from titans_timm.evaluate import file_sha256
+    recorded = report.get('checkpoint_sha256') if isinstance(report, dict) else None
+    if not recorded:
+        return None
+    if recorded != file_sha256(str(checkpoint)):
+        return (f"it evaluated other weights (sha256 {str(recorded)[:12]}...) than {checkpoint}; the checkpoint was "
+                f'probably retrained since')
+    return None
+
+
 def _run_eval_report(checkpoint: PathLike) -> Optional[Path]:
-    """``eval_report.json`` next to the checkpoint (titans-timm-eval's default), if it evaluated this very file."""
+    """``eval_report.json`` next to the checkpoint (titans-timm-eval's default), if it evaluated these very weights.
+
+    It must record the checkpoint's sha256 (``checkpoint_sha256``, written by titans-timm-eval): a report of
+    last.safetensors or EMA weights, or of weights since retrained into the same folder, describes other
+    weights. A report that is skipped is named in a note on stderr.
+    """
     path = _run_file(checkpoint, 'eval_report.json')
     if path is None:
         return None
     try:
-        source = json.loads(path.read_text(encoding='utf-8')).get('source')
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None  # not ours to judge here; an explicit --eval-report gets the full error
-    # a report of last.safetensors or of the EMA weights describes other weights
-    if source and os.path.abspath(source) == os.path.abspath(checkpoint):
+        report = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        report = None
+    if not isinstance(report, dict):
+        why = 'it is not a JSON report of titans-timm-eval'
+    elif not report.get('checkpoint_sha256'):
+        why = 'it does not record which weights it evaluated (no checkpoint_sha256)'
+    else:
+        why = _report_weights_mismatch(report, checkpoint)
+    if why is None:
         return path
+    print(f'note: not using {path} on the model card: {why}; run titans-timm-eval --checkpoint {checkpoint} '
+          f'again, or pass --eval-report', file=sys.stderr)
     return None
+
+
+def _check_explicit_report(eval_report: Any, checkpoint: PathLike):
+    """An explicit report that records other weights than ``checkpoint`` is a :class:`HubError`."""
+    report = eval_report
+    if isinstance(eval_report, (str, os.PathLike)):
+        try:
+            report = json.loads(Path(eval_report).read_text(encoding='utf-8'))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return  # read_eval_report gives the full error
+    for entry in report if isinstance(report, (list, tuple)) else [report]:
+        why = _report_weights_mismatch(entry, checkpoint) if isinstance(entry, dict) else None
+        if why:
+            label = f'--eval-report {eval_report}' if isinstance(eval_report, (str, os.PathLike)) else 'the eval report'
+            raise HubError(f'{label} does not describe this checkpoint: {why}; evaluate it again with '
+                           f'titans-timm-eval --checkpoint {checkpoint}')
 
 
 def push(
@@ -786,12 +919,14 @@ def push(
             a plain state dict (``.safetensors`` or ``.pth``, read with ``weights_only=True``) also works
             when ``architecture=NAME`` and the model kwargs are passed in ``model_overrides``.
         repo_id: ``ORG/NAME`` of the Hub repository (created if missing).
-        eval_report: JSON report of ``titans-timm-eval`` (path or dict) for the card's results; default:
-            ``eval_report.json`` next to the checkpoint when its ``source`` is this checkpoint.
+        eval_report: JSON report of ``titans-timm-eval`` (path or dict) for the card's results; one that records
+            another checkpoint sha256 is refused. Default: ``eval_report.json`` next to the checkpoint when it
+            records this checkpoint's sha256 (else a note on stderr says why it is not used).
         recipe: training recipe (path or dict); default: ``args.yaml`` next to the checkpoint, if any.
         token: Hub token with write access; default ``HF_TOKEN`` / the ``hf auth login`` token.
         private: create the repository private.
-        dry_run_dir: write the exact folder that would be uploaded here, and upload nothing.
+        dry_run_dir: write the exact folder that would be uploaded here, and upload nothing (not the folder
+            holding the checkpoint: the export would overwrite it).
         license, base_model, datasets: card front matter (defaults: apache-2.0, the backbone's
             timm hub id, the Hub ids of the datasets named in the report and recipe).
         card_template: a different ``string.Template`` card; default ``hub_cards/model_card.md``.
@@ -810,12 +945,18 @@ def push(
     """
     if not re.fullmatch(r'[\w.-]+/[\w.-]+', str(repo_id)):
         raise HubError(f"repo id must look like ORG/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}")
+    if dry_run_dir and Path(dry_run_dir).resolve() in Path(checkpoint).resolve().parents:
+        raise HubError(f'--dry-run {dry_run_dir} holds the checkpoint {checkpoint}, which the export would '
+                       f'overwrite; pass a new or empty folder to --dry-run')
     try:
         model, meta = load_model(checkpoint, **model_overrides)
     except CheckpointError as e:
         raise HubError(str(e)) from None
     recipe = recipe if recipe is not None else _run_file(checkpoint, 'args.yaml')
-    eval_report = eval_report if eval_report is not None else _run_eval_report(checkpoint)
+    if eval_report is not None:
+        _check_explicit_report(eval_report, checkpoint)
+    else:
+        eval_report = _run_eval_report(checkpoint)
     if not dry_run_dir:
         from huggingface_hub import get_token
         token = token or get_token()
@@ -903,8 +1044,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--dry-run', metavar='DIR', default=None,
                         help='write the exact folder that would be uploaded to DIR; upload nothing')
     parser.add_argument('--eval-report', metavar='JSON', default=None,
-                        help='report of titans-timm-eval for the results table (default: eval_report.json next to '
-                             'the checkpoint, if it evaluated this checkpoint)')
+                        help='report of titans-timm-eval for the results table; it must not record another '
+                             'checkpoint (default: eval_report.json next to the checkpoint, if its sha256 is this '
+                             "checkpoint's)")
     parser.add_argument('--recipe', metavar='YAML', default=None,
                         help='training recipe or run args.yaml (default: args.yaml next to the checkpoint)')
     parser.add_argument('--token', default=None,
@@ -912,7 +1054,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--private', action='store_true', help='create the repository private')
     parser.add_argument('--license', default='apache-2.0', help='license in the card (default: apache-2.0)')
     parser.add_argument('--base-model', default=None, metavar='ORG/NAME',
-                        help="card base_model (default: the backbone's timm hub id when the run loaded it)")
+                        help="card base_model (default: the timm Hub checkpoint the recipe loaded with "
+                             "pretrained: true; none without a recipe)")
     parser.add_argument('--dataset-id', dest='datasets', action='append', default=None, metavar='ORG/NAME',
                         help='Hub dataset id for the card (repeatable; default: from the report and recipe)')
     parser.add_argument('--card-template', default=None, metavar='MD',

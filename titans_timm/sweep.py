@@ -5,7 +5,7 @@
 ``--memory-types`` (plus, unless ``--no-baseline``, the plain backbone ``vit_{size}_patch16_224`` as
 ``vit_{size}_baseline``), each as its own ``titans-timm-train`` run with the same recipe (``-c``)::
 
-    titans-timm-sweep -c train_timm_hparams/fashion_mnist_mini.yaml --model-sizes tiny \\
+    titans-timm-sweep -c train_timm_hparams/fashion_mnist_titans.yaml --model-sizes tiny \\
         --approaches mal,mac,mag --memory-types mlp,simple,advanced --output output/sweep -- --epochs 2
 
 Arguments after ``--`` go to every training run unchanged. Each run lives in ``OUTPUT/NAME/`` (training's
@@ -23,9 +23,20 @@ Choices (the issue is silent on them):
   run is listed as failed (exit status 1 at the end).
 * A run is finished when ``OUTPUT/NAME/model.safetensors`` and training's final summary
   ``OUTPUT/NAME/results.json`` exist (training writes both only when it completes). A re-run skips
-  finished runs, re-evaluating only if ``eval_report.json`` is missing; an interrupted run (one with
-  ``train_state.pth`` but no final summary) continues with training's ``--resume``, a run that never got
-  that far is trained again. ``--force`` retrains everything from scratch.
+  finished runs; an interrupted run (one with ``train_state.pth`` but no final summary) continues with
+  training's ``--resume``, a run that never got that far is trained again. ``--force`` retrains everything
+  from scratch.
+* What a run was trained with is recorded in ``OUTPUT/NAME/sweep_run.json`` before training starts
+  (``trained_with``: the model, the recipe's contents and the pass-through arguments). A re-run reuses a
+  finished run only if that record equals what this sweep would run; otherwise (another recipe,
+  ``-- --epochs 2`` ...) it stops before training anything, with one error that names the run and the
+  difference: runs of different budgets must not share one table. ``--force`` retrains them, a new
+  ``--output`` keeps both. An interrupted run with other (or unrecorded) settings is started over instead
+  of resumed.
+* A run's ``eval_report.json`` is used only if it describes this evaluation
+  (:func:`titans_timm.evaluate.report_mismatch`: the sha256 of the current weights, the dataset, split and
+  sample count); a report written by hand (``titans-timm-eval --split train``) or of earlier weights is
+  replaced by a new evaluation.
 * Baselines run first, so the change against the baseline is known as each memory model finishes.
 * Evaluation reads the run's own ``args.yaml`` (``titans-timm-eval -c``), so it uses the dataset, split and
   sample count the run validated on, whatever came from the recipe or the pass-through arguments.
@@ -37,13 +48,14 @@ import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ['SIZES', 'APPROACHES', 'SweepError', 'SweepRun', 'build_parser', 'plan_runs', 'is_finished',
-           'eval_argv', 'write_results', 'main', 'cli']
+           'trained_with', 'settings_difference', 'eval_argv', 'write_results', 'main', 'cli']
 
 SIZES = ('tiny', 'small', 'base')
 APPROACHES = ('mal', 'mac', 'mag')
@@ -145,6 +157,59 @@ def eval_argv(run_dir: str, split: Optional[str] = None) -> List[str]:
     return argv
 
 
+def trained_with(config: str, run: SweepRun, passthrough: Sequence[str]) -> dict:
+    """What decides a run's weights, as recorded in ``sweep_run.json``: model, recipe contents, pass-through args.
+
+    The recipe's contents, not its path: an edited recipe is another recipe, a moved one is the same.
+    """
+    recipe = json.loads(json.dumps(_read_yaml(config), default=str))  # JSON-comparable, as it is stored
+    return dict(model=run['model'], recipe=recipe, passthrough=list(passthrough))
+
+
+def _recorded_training(record: dict) -> dict:
+    """``trained_with`` of a ``sweep_run.json``; records of older sweeps hold only the command."""
+    if isinstance(record.get('trained_with'), dict):
+        return record['trained_with']
+    cmd = list(record.get('command') or [])
+    if '--experiment' not in cmd:
+        return {}
+    passthrough = cmd[cmd.index('--experiment') + 2:]
+    if passthrough[-2:-1] == ['--resume']:  # added by the sweep when it resumed the run
+        passthrough = passthrough[:-2]
+    model = cmd[cmd.index('--model') + 1] if '--model' in cmd else None
+    return dict(model=model, passthrough=passthrough)  # the recipe's contents were not recorded
+
+
+def _differences(recorded: dict, wanted: dict) -> List[str]:
+    diffs = []
+    if recorded.get('model') != wanted['model']:
+        diffs.append(f"model {recorded.get('model')} -> {wanted['model']}")
+    if 'recipe' in recorded and recorded['recipe'] != wanted['recipe']:
+        old, new = recorded['recipe'] or {}, wanted['recipe']
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                diffs.append(f'recipe {key}: {old.get(key, "(unset)")} -> {new.get(key, "(unset)")}')
+    if list(recorded.get('passthrough') or []) != wanted['passthrough']:
+        diffs.append(f"arguments after --: '{' '.join(recorded.get('passthrough') or []) or '(none)'}' -> "
+                     f"'{' '.join(wanted['passthrough']) or '(none)'}'")
+    return diffs
+
+
+def settings_difference(run_dir: str, wanted: dict) -> Optional[str]:
+    """How the run in ``run_dir`` was trained differently from ``wanted`` (:func:`trained_with`); ``None`` if not."""
+    path = os.path.join(run_dir, SWEEP_RECORD)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return f'it has no readable {SWEEP_RECORD}, so how it was trained is unknown'
+    recorded = _recorded_training(record) if isinstance(record, dict) else {}
+    if not recorded:
+        return f'its {SWEEP_RECORD} does not record how it was trained'
+    diffs = _differences(recorded, wanted)
+    return '; '.join(diffs) if diffs else None
+
+
 def _train_command(config: str, run: SweepRun, output: str, passthrough: Sequence[str]) -> List[str]:
     # Our flags come after the recipe (command line beats YAML) and before the pass-through ones, so a user
     # can still override e.g. --epochs; --model/--output/--experiment are owned by the sweep.
@@ -169,8 +234,11 @@ def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], 
         if os.path.isfile(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
     cmd = _train_command(config, run, output, passthrough)
-    if resume:
-        cmd += ['--resume', run_dir]
+    # a resumed run continues its folder; any other run trains from scratch, where the trainer would refuse the
+    # files an earlier attempt left (a checkpoint pair, summary.csv) without --force
+    cmd += ['--resume', run_dir] if resume else ['--force']
+    # Recorded before training, so an interrupted run is resumed only with the same settings too.
+    _write_record(run_dir, dict(run, trained_with=trained_with(config, run, passthrough), command=cmd))
     log_path = os.path.join(run_dir, 'train.log')
     start = time.perf_counter()
     if verbose:
@@ -182,12 +250,33 @@ def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], 
     return dict(returncode=rc, train_time_s=elapsed, command=cmd, log=None if verbose else log_path)
 
 
-def _evaluate(run_dir: str, split: Optional[str]) -> dict:
+def _write_record(run_dir: str, record: dict):
+    path = os.path.join(run_dir, SWEEP_RECORD)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def _evaluate(run_dir: str, split: Optional[str], prefix: str = '') -> dict:
+    """The run's eval report: the one in ``run_dir`` if it describes this evaluation, else a new one."""
     from titans_timm import evaluate
-    return evaluate.run(evaluate.parse_args(eval_argv(run_dir, split)))
+    args = evaluate.parse_args(eval_argv(run_dir, split))
+    report_path = os.path.join(run_dir, EVAL_REPORT)
+    if os.path.isfile(report_path):
+        try:
+            with open(report_path) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            report, why = None, 'it is not readable JSON'
+        else:
+            why = evaluate.report_mismatch(report, args)
+        if why is None:
+            return report
+        print(f'{prefix}: evaluating again: the existing {EVAL_REPORT} does not fit ({why})', flush=True)
+    return evaluate.run(args)
 
 
-def _result_row(run: SweepRun, run_dir: str, status: str) -> Dict[str, object]:
+def _result_row(run: SweepRun, run_dir: str, status: str, report: Optional[dict] = None) -> Dict[str, object]:
     row = {k: None for k in RESULT_COLUMNS}
     row.update(name=run['name'], model=run['model'], size=run['size'], approach=run['approach'] or 'baseline',
                memory_type=run['memory_type'] or '-', status=status, run_dir=run_dir)
@@ -195,10 +284,7 @@ def _result_row(run: SweepRun, run_dir: str, status: str) -> Dict[str, object]:
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             row['train_time_s'] = json.load(f).get('train_time_s')
-    report_path = os.path.join(run_dir, EVAL_REPORT)
-    if os.path.isfile(report_path):
-        with open(report_path) as f:
-            report = json.load(f)
+    if report is not None:
         row.update(params=report.get('param_count'), top1=report.get('top1'), top5=report.get('top5'),
                    loss=report.get('loss'), img_per_sec=report.get('img_per_sec'))
     return row
@@ -294,6 +380,16 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
     runs = plan_runs(sizes, approaches, memory_types, baseline=not args.no_baseline)
     total = len(runs)
     output = args.output
+    # Runs this sweep would reuse (finished: an error) or continue (interrupted: started over) but that were
+    # trained with other settings.
+    stale, restart = {}, {}
+    for run in runs:
+        run_dir = os.path.join(output, run['name'])
+        finished = is_finished(run_dir)
+        if not args.force and (finished or os.path.isfile(os.path.join(run_dir, TRAIN_STATE))):
+            why = settings_difference(run_dir, trained_with(args.config, run, passthrough))
+            if why:
+                (stale if finished else restart)[run['name']] = why
 
     if args.dry_run:
         print(f'plan: {total} runs, recipe {args.config}, output {output}')
@@ -301,13 +397,22 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
             run_dir = os.path.join(output, run['name'])
             if args.force or not (is_finished(run_dir) or os.path.isfile(os.path.join(run_dir, TRAIN_STATE))):
                 state = 'train + eval'
+            elif run['name'] in stale:
+                state = f'trained with other settings ({stale[run["name"]]}): needs --force or a new --output'
             elif is_finished(run_dir):
                 state = 'finished, skip'
+            elif run['name'] in restart:
+                state = f'interrupted with other settings ({restart[run["name"]]}): train again + eval'
             else:
                 state = 'resume + eval'
             print(f'[{i}/{total}] {run["name"]} ({run["model"]}): {state}')
-            print('    ' + ' '.join(_train_command(args.config, run, output, passthrough)[1:]))
+            print('    ' + shlex.join(_train_command(args.config, run, output, passthrough)))
         return dict(plan=runs, rows=[], files={}, failed=[])
+    if stale:
+        name, why = next(iter(stale.items()))
+        more = f' (and {len(stale) - 1} more run(s))' if len(stale) > 1 else ''
+        raise SweepError(f'{os.path.join(output, name)}{more} was trained with other settings than this sweep '
+                         f'would use ({why}); pass --force to retrain, or a new --output to keep both')
 
     os.makedirs(output, exist_ok=True)
     rows, failed = [], []
@@ -319,6 +424,10 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
             print(f'{prefix}: finished earlier, skipping', flush=True)
         else:
             resume = not args.force and os.path.isfile(os.path.join(run_dir, TRAIN_STATE))
+            if resume and run['name'] in restart:
+                print(f'{prefix}: the interrupted run had other settings ({restart[run["name"]]}); starting it '
+                      f'over', flush=True)
+                resume = False
             print(f'{prefix}: ' + ('resuming the interrupted run' if resume else 'training'), flush=True)
             result = _train(args.config, run, output, passthrough, args.verbose, resume=resume)
             if result['returncode'] != 0 or not is_finished(run_dir):
@@ -330,21 +439,19 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
                     print(_tail(result['log']), end='', flush=True)
                 rows.append(_result_row(run, run_dir, 'failed'))
                 continue
-            record = dict(run, wall_time_s=result['train_time_s'], command=result['command'],
-                          finished_at=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-            with open(os.path.join(run_dir, SWEEP_RECORD), 'w') as f:
-                json.dump(record, f, indent=2)  # provenance only: how the sweep ran it
+            _write_record(run_dir, dict(run, trained_with=trained_with(args.config, run, passthrough),
+                                        wall_time_s=result['train_time_s'], command=result['command'],
+                                        finished_at=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
             status = 'done'
-        if not os.path.isfile(os.path.join(run_dir, EVAL_REPORT)):
-            from titans_timm.evaluate import EvalError
-            try:
-                _evaluate(run_dir, args.eval_split)
-            except (EvalError, SystemExit) as e:  # SystemExit: argparse rejected the run's args
-                failed.append(run['name'])
-                print(f'{prefix}: evaluation failed: {e}', flush=True)
-                rows.append(_result_row(run, run_dir, 'eval failed'))
-                continue
-        row = _result_row(run, run_dir, status)
+        from titans_timm.evaluate import EvalError
+        try:
+            report = _evaluate(run_dir, args.eval_split, prefix)
+        except (EvalError, SystemExit) as e:  # SystemExit: argparse rejected the run's args
+            failed.append(run['name'])
+            print(f'{prefix}: evaluation failed: {e}', flush=True)
+            rows.append(_result_row(run, run_dir, 'eval failed'))
+            continue
+        row = _result_row(run, run_dir, status, report)
         rows.append(row)
         print(f'{prefix}: top-1 {_fmt(row["top1"], ".2f")}%  top-5 {_fmt(row["top5"], ".2f")}%  '
               f'train {_fmt(row["train_time_s"], ".0f")} s  {_fmt(row["img_per_sec"], ".1f")} img/s', flush=True)
