@@ -104,12 +104,15 @@ def test_resume_mid_epoch_gives_identical_final_weights(backbone, tmp_path):
     assert not (tmp_path / 'cut' / 'model.safetensors').exists()
     state = torch.load(tmp_path / 'cut' / 'train_state.pth', weights_only=True)
     assert (state['epoch'], state['step_in_epoch']) == (0, 2)
+    first_time = state['train_time_s']
     second = main(['--resume', str(tmp_path / 'cut'), '--stop-after-steps', '4'])
     assert second['interrupted']
     state = torch.load(tmp_path / 'cut' / 'train_state.pth', weights_only=True)
     assert (state['epoch'], state['step_in_epoch']) == (1, 2)
     done = main(['--resume', str(tmp_path / 'cut')])
     assert not done['interrupted']
+    # the run's training time adds up over its three invocations
+    assert 0 < first_time < state['train_time_s'] < done['train_time_s']
     a, b = _load(tmp_path / 'ref' / 'model.safetensors'), _load(tmp_path / 'cut' / 'model.safetensors')
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]

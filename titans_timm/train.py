@@ -791,6 +791,9 @@ class Trainer:
         # Whether last.safetensors + train_state.pth in output_dir form one complete checkpoint (to keep as
         # the previous pair while the next one is written); a new run has none yet.
         self.last_pair_complete = False
+        # training time of earlier invocations of a resumed run (results.json reports the run's total)
+        self.time_before = 0.0
+        self.fit_started = None
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -829,11 +832,16 @@ class Trainer:
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             epoch_loss=[float(self.epoch_loss.sum), int(self.epoch_loss.count)],
             best_metric=self.best_metric, best_epoch=self.best_epoch, step0_metrics=self.step0_metrics,
+            train_time_s=self._train_time(),
         )
         _torch_save_atomic(state, last[1])
         self.last_pair_complete = True
         for p in prev:
             p.unlink(missing_ok=True)
+
+    def _train_time(self) -> float:
+        """Seconds this run has spent in fit(), over every invocation (a resumed run adds to the saved total)."""
+        return self.time_before + (time.time() - self.fit_started if self.fit_started is not None else 0.0)
 
     def _save_weights(self, path: Path, extra: Dict[str, Any], model: Optional[nn.Module] = None) -> None:
         ckpt.save_model(
@@ -877,6 +885,7 @@ class Trainer:
         self.epoch_loss.sum, self.epoch_loss.count = state.get('epoch_loss', [0.0, 0])
         self.epoch_loss.avg = self.epoch_loss.sum / max(self.epoch_loss.count, 1)
         self.best_metric, self.best_epoch = state.get('best_metric'), state.get('best_epoch')
+        self.time_before = float(state.get('train_time_s', 0.0))
         self.step0_metrics = state.get('step0_metrics')
         if self.is_primary:
             _logger.info(f'resumed from {directory}: epoch {self.start_epoch} step {self.start_step} '
@@ -1020,7 +1029,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Run (or continue) the schedule; returns the summary dict."""
         args = self.args
-        t_start = time.time()
+        self.fit_started = time.time()
         if self.start_epoch == 0 and self.start_step == 0 and self.loader_eval is not None:
             self.step0_metrics = self.evaluate(self.model, desc='step 0 eval')
             if self.is_primary:
@@ -1083,7 +1092,7 @@ class Trainer:
             epochs=self.num_epochs, num_updates=self.num_updates,
             step0_top1=(self.step0_metrics or {}).get('top1'), step0=self.step0_metrics,
             best_top1=self.best_metric if args.eval_metric == 'top1' else None, best_epoch=self.best_epoch,
-            final=last_eval, final_top1=(last_eval or {}).get('top1'), train_time_s=round(time.time() - t_start, 2),
+            final=last_eval, final_top1=(last_eval or {}).get('top1'), train_time_s=round(self._train_time(), 2),
             checkpoint=None,
         )
         if self.is_primary and not interrupted:
