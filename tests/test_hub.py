@@ -117,6 +117,7 @@ def test_dry_run_folder_loads_back_identical(run_dir, tmp_path, architecture, mo
     cfg = config['pretrained_cfg']
     assert cfg['label_names'] == LABELS and cfg['num_classes'] == 10
     assert cfg['input_size'] == [3, 32, 32] and cfg['mean'] == [0.286] * 3 and cfg['std'] == [0.353] * 3
+    assert 'tag' not in cfg   # the backbone's tag names other weights
     args = config['model_args']
     assert args['depth'] == 2 and args['num_classes'] == 10
     if architecture != 'vit_tiny_patch16_224':

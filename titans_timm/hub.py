@@ -776,11 +776,19 @@ def export_folder(
         model_config['label_names'] = label_names
         model_config['pretrained_cfg']['label_names'] = label_names
     folder.mkdir(parents=True, exist_ok=True)
+    # timm copies the model's pretrained cfg into config.json; the backbone's tag (augreg_in21k_ft_in1k, say)
+    # names weights these are not, so the export leaves it out
+    model_cfg = getattr(model, 'pretrained_cfg', None)
+    if isinstance(model_cfg, dict) and 'tag' in model_cfg:
+        model.pretrained_cfg = {k: v for k, v in model_cfg.items() if k != 'tag'}
     try:
         save_for_hf(model, str(folder), model_config=model_config, model_args=args,
                     safe_serialization=True, data_config=_data_config(pretrained_cfg))
     except (ValueError, TypeError) as e:
         raise HubError(f'timm could not export the model ({e}); check the checkpoint metadata') from None
+    finally:
+        if model_cfg is not None:
+            model.pretrained_cfg = model_cfg
     _add_safetensors_format(folder / 'model.safetensors')
     (folder / 'README.md').write_text(card, encoding='utf-8')
     if verify:
