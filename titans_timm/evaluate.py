@@ -712,21 +712,10 @@ def _check_device(name: Optional[str]) -> str:
     """The device to run on; an unknown or unavailable one is an :class:`EvalError` before any work."""
     if name is None:
         return 'cuda' if torch.cuda.is_available() else 'cpu'
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise EvalError(f'--device {name!r} is not a torch device; use cpu, cuda or cuda:N') from None
-    if device.type == 'cpu':
-        return name
-    backend = torch.backends.mps if device.type == 'mps' else getattr(torch, device.type, None)
-    is_available = getattr(backend, 'is_available', None)
-    if is_available is None or not is_available():
-        raise EvalError(f'--device {name}: no {device.type} device is available here (torch {torch.__version__}); '
-                        f'use --device cpu or leave --device out')
-    count = getattr(backend, 'device_count', None)
-    if device.index is not None and count is not None and device.index >= count():
-        raise EvalError(f'--device {name}: only {count()} {device.type} device(s) here; use {device.type}:0 to '
-                        f'{device.type}:{count() - 1}')
+    from titans_timm.train import device_problem
+    problem = device_problem(name)
+    if problem:
+        raise EvalError(problem)
     return name
 
 

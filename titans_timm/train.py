@@ -1173,16 +1173,32 @@ def _shared_experiment_dir(args, data_config) -> Optional[Path]:
     return path
 
 
+def device_problem(name: str) -> Optional[str]:
+    """Why ``--device name`` cannot run here (not a torch device, none of its kind, an index out of range), or
+    None. The trainer and the evaluator check it before any work."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f'--device {name!r} is not a torch device; use cpu, cuda or cuda:N'
+    if device.type == 'cpu':
+        return None
+    backend = torch.backends.mps if device.type == 'mps' else getattr(torch, device.type, None)
+    is_available = getattr(backend, 'is_available', None)
+    if is_available is None or not is_available():
+        return f'--device {name}: no {device.type} device is available here; pass --device cpu'
+    count = getattr(backend, 'device_count', None)
+    if device.index is not None and count is not None and device.index >= count():
+        return f'--device {name}: only {count()} {device.type} device(s) here; use {device.type}:0 to {device.type}:{count() - 1}'
+    return None
+
+
 def _check_args(args) -> None:
     """Checks that need no data, model or process group; every failure is a :class:`TrainInputError`."""
     from titans_timm.data import BUILTIN_DATASETS
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise TrainInputError(f'--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
+    problem = device_problem(args.device)
+    if problem:
         where = f' (from {Path(args.resume) / "args.yaml"})' if args.resume else ''
-        raise TrainInputError(f'--device {args.device}{where}: CUDA is not available here; pass --device cpu')
+        raise TrainInputError(problem.replace(f'--device {args.device}', f'--device {args.device}{where}', 1))
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise TrainInputError(f'data directory not found: {args.data_dir}; check --data-dir')
     if args.data_dir and args.dataset.strip().lower().replace('_', '-') in BUILTIN_DATASETS:
