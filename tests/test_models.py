@@ -330,6 +330,19 @@ def test_no_weight_decay_covers_persistent_tokens():
     assert id(model.blocks[1].memory_persistent) not in decayed
 
 
+def test_split_parameters_of_a_timm_distillation_wrapper():
+    """timm's train.py --kd-distill-type feature hands the optimizer a wrapper (student.*, projection.*): its
+    student's head and memory keep their roles, and the new projection trains from phase 1 like the head."""
+    from timm.task.distillation import FeatureDistillationTrainableModule
+    student = timm.create_model('vit_tiny_mag_mlp', **SMALL_KW)
+    wrapper = FeatureDistillationTrainableModule(student, torch.nn.Linear(192, 384))
+    groups = split_parameters(wrapper)
+    names = {role: {n for n, _ in params} for role, params in groups.items()}
+    assert names['head'] == {'student.head.weight', 'student.head.bias', 'projection.weight', 'projection.bias'}
+    assert names['memory'] == {'student.' + n for n, _ in split_parameters(student)['memory']} != set()
+    assert sum(map(len, groups.values())) == len(list(wrapper.parameters()))
+
+
 def test_split_parameters_plain_timm_vit():
     vit = timm.create_model('vit_tiny_patch16_224', **SMALL_KW)
     groups = split_parameters(vit)

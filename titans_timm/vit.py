@@ -597,7 +597,9 @@ def split_parameters(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter
 
     Every parameter lands in exactly one group: ``memory`` holds those added by the memory integration (name
     contains ``memory``), ``head`` the classifier (``pretrained_cfg['classifier']``, default ``head``), and
-    ``backbone`` everything else. For a plain timm ViT the memory group is empty.
+    ``backbone`` everything else. For a plain timm ViT the memory group is empty. A timm distillation wrapper
+    (a module with a ``student``, e.g. timm's ``FeatureDistillationTrainableModule``) is split as its student,
+    and its own new layers (the feature projection) count as head: they train from the first phase.
 
     Args:
         model: A ``TitansVisionTransformer`` or any timm model.
@@ -605,6 +607,13 @@ def split_parameters(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter
     Returns:
         ``dict(backbone=[(name, param), ...], memory=[...], head=[...])``.
     """
+    student = getattr(model, 'student', None)
+    if isinstance(student, nn.Module) and not hasattr(model, 'pretrained_cfg'):
+        role_of = {id(p): role for role, params in split_parameters(student).items() for _, p in params}
+        groups = {'backbone': [], 'memory': [], 'head': []}
+        for name, param in model.named_parameters():
+            groups[role_of.get(id(param), 'head')].append((name, param))
+        return groups
     classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head') or ()
     if isinstance(classifier, str):
         classifier = (classifier,)
