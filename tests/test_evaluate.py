@@ -295,3 +295,16 @@ def test_cli_bad_device_or_output_fails_before_evaluating(mag_checkpoint, tmp_pa
     code, err = _run_cli(['--checkpoint', mag_checkpoint, '--workers', '0', *extra], capsys)
     assert code == 2 and err.startswith('error: ') and '\n' not in err
     assert ('--device' in err) if 'device' in case or 'cuda' in case else ('cannot write to --output' in err)
+
+
+def test_data_dir_without_dataset_is_an_image_folder_as_in_training(tmp_path):
+    """`--data-dir DIR` (or a recipe with only data_dir) reads DIR as an image folder, as titans-timm-train does."""
+    for name in ('circle', 'square'):
+        (tmp_path / 'shapes' / 'validation' / name).mkdir(parents=True)
+        Image.new('RGB', (8, 8)).save(tmp_path / 'shapes' / 'validation' / name / '0.png')
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text(f'data_dir: {tmp_path / "shapes"}\n')
+    for argv in (['--data-dir', str(tmp_path / 'shapes')], ['-c', str(recipe)]):
+        dataset = ev._create_eval_dataset(ev.parse_args(argv))
+        assert ev._label_names(dataset) == ['circle', 'square']
+    assert ev._dataset_name(ev.parse_args([])) == 'fashion-mnist-mini'

@@ -287,6 +287,11 @@ def test_data_dir_without_dataset_is_an_image_folder(tmp_path):
     meta = ckpt.read_metadata(Path(out['output_dir']) / 'model.safetensors')
     assert meta['label_names'] == ['circle', 'square'] and meta['model_args']['num_classes'] == 2
     assert yaml.safe_load((Path(out['output_dir']) / 'args.yaml').read_text())['dataset'] == ''
+    # the public parser + run() read DIR the same way (run resolves what only parse_args did)
+    args = train.build_parser().parse_args([str(root), '--pretrained-path', str(Path(out['output_dir']) / 'model.safetensors'),
+                                            '--model', 'vit_tiny_patch16_224', '--img-size', '32', '--eval-only',
+                                            '--no-progress'])
+    assert train.run(args)['final_top1'] == out['final_top1']
 
 
 def test_runs_without_evaluation_and_finished_runs_are_left_alone(backbone, tmp_path, capsys, caplog):
@@ -300,6 +305,9 @@ def test_runs_without_evaluation_and_finished_runs_are_left_alone(backbone, tmp_
     before = _files(run)
     again = main(['--resume', str(run)])
     assert 'already finished' in caplog.text and not again['interrupted']
+    resumed, _ = train._model_from_run(parse_args(['--resume', str(run), '--grad-checkpointing']),
+                                       run / 'last.safetensors')
+    assert resumed.grad_checkpointing   # a resumed run keeps the flag (and the memories' checkpointable write)
     assert _files(run) == before
     capsys.readouterr()
     _bad_input(capsys, args, 'already holds a run')

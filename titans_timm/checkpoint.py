@@ -144,9 +144,14 @@ def _fsync_dir(directory: Path) -> None:
 
 def _new_file_mode() -> int:
     """The mode ``open(path, 'w')`` would give a new file: 0o666 less the process umask."""
-    # os.umask can only be read by setting it; set it straight back (reading /proc needs Linux >= 4.7).
-    umask = os.umask(0o022)
-    os.umask(umask)
+    try:  # Linux >= 4.7 shows the umask without changing it
+        with open('/proc/self/status') as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, StopIteration, ValueError, IndexError):
+        # elsewhere it can only be read by setting it: set it straight back (a thread creating a file in
+        # between would get 0o022)
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

@@ -269,7 +269,7 @@ def _create_eval_dataset(args: argparse.Namespace):
     """The dataset named by the training flags (``--num-samples``: the same class-balanced subset training
     takes), without a transform yet."""
     from titans_timm import data as tdata
-    name = args.dataset if args.dataset is not None else tdata.BUILTIN_DATASET
+    name = _dataset_name(args)
     if args.num_samples is not None and args.num_samples < 1:
         raise EvalError(f'--num-samples must be at least 1, got {args.num_samples}')
     try:
@@ -756,12 +756,10 @@ def report_mismatch(report: dict, args: argparse.Namespace) -> Optional[str]:
             return 'it does not record which weights it evaluated (no checkpoint_sha256)'
         if not os.path.isfile(args.checkpoint):
             return f'{args.checkpoint} does not exist'
-        if recorded != file_sha256(args.checkpoint):
-            return f'it evaluated other weights than the current {os.path.basename(args.checkpoint)}'
     elif report.get('source') != args.model:
         return f"it evaluated {report.get('source')!r}, not {args.model!r}"
     wanted = dict(
-        dataset=args.dataset if args.dataset is not None else _builtin_name(), data_dir=args.data_dir,
+        dataset=_dataset_name(args), data_dir=args.data_dir,
         split=args.split, num_samples_requested=args.num_samples, input_key=args.input_key or None,
         target_key=args.target_key or None)
     if 'num_samples_requested' not in report:
@@ -769,6 +767,9 @@ def report_mismatch(report: dict, args: argparse.Namespace) -> Optional[str]:
     for key, value in wanted.items():
         if report.get(key) != value:
             return f'its {key} is {report.get(key)!r}, not {value!r}'
+    # last: the only check that reads the whole checkpoint
+    if args.checkpoint and report['checkpoint_sha256'] != file_sha256(args.checkpoint):
+        return f'it evaluated other weights than the current {os.path.basename(args.checkpoint)}'
     return None
 
 
@@ -801,7 +802,7 @@ def run(args: argparse.Namespace) -> dict:
         source=info['source'],
         checkpoint_sha256=file_sha256(args.checkpoint) if args.checkpoint else None,
         model_args=info['model_args'],
-        dataset=args.dataset if args.dataset is not None else _builtin_name(),
+        dataset=_dataset_name(args),
         data_dir=args.data_dir,
         split=args.split,
         num_samples_requested=args.num_samples,
@@ -838,9 +839,13 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def _builtin_name() -> str:
+def _dataset_name(args: argparse.Namespace) -> str:
+    """``--dataset``; without it, as titans-timm-train reads it: a data directory is an image folder (''),
+    no directory the built-in set."""
     from titans_timm.data import BUILTIN_DATASET
-    return BUILTIN_DATASET
+    if args.dataset is not None:
+        return args.dataset
+    return '' if args.data_dir else BUILTIN_DATASET
 
 
 def _write_surprise_maps(model, loader, n, blocks, data_config, label_names, device, output) -> str:

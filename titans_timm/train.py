@@ -56,6 +56,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -327,16 +328,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         _check_keys(parser, cfg, known.config)
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
-    if args.data and not args.data_dir:
-        args.data_dir = args.data
-    if args.dataset is None:
-        # As in timm's train.py, a data directory given without a dataset name is an image folder; with
-        # neither, the built-in set trains (so `titans-timm-train` alone runs offline).
-        from titans_timm.data import BUILTIN_DATASET
-        args.dataset = '' if args.data_dir else BUILTIN_DATASET
+    _resolve_dataset(args)
     if known.resume:
         _check_resume_args(args, saved_cfg, Path(known.resume))
     return args
+
+
+def _resolve_dataset(args) -> None:
+    """As in timm's train.py, a data directory given without a dataset name is an image folder; with neither,
+    the built-in set trains (so `titans-timm-train` alone runs offline). Idempotent: ``run`` applies it too, for
+    arguments from ``build_parser()`` directly."""
+    if getattr(args, 'data', None) and not args.data_dir:
+        args.data_dir = args.data
+    if args.dataset is None:
+        from titans_timm.data import BUILTIN_DATASET
+        args.dataset = '' if args.data_dir else BUILTIN_DATASET
 
 
 def _check_resume_args(args, saved_cfg: Dict[str, Any], run_dir: Path) -> None:
@@ -349,8 +355,8 @@ def _check_resume_args(args, saved_cfg: Dict[str, Any], run_dir: Path) -> None:
         if key in saved_cfg and getattr(args, key) != saved_cfg[key]:
             flag = '--' + key.replace('_', '-')
             raise TrainInputError(
-                f'{flag} {getattr(args, key)} differs from {saved_cfg[key]} of the run in {run_dir} '
-                f'(its args.yaml); a resumed run keeps its optimizer and LR schedule: drop {flag} to continue it, '
+                f'{flag} {getattr(args, key)} (from the command line or -c) differs from {saved_cfg[key]} of the '
+                f'run in {run_dir} (its args.yaml); a resumed run keeps its optimizer and LR schedule: drop {flag} to continue it, '
                 f'or start a new run from its weights with --pretrained-path {run_dir / "last.safetensors"}')
 
 
@@ -485,6 +491,8 @@ def _model_from_run(args, weights: Path):
         model, meta = ckpt.load_model(weights)
     except ckpt.CheckpointError as e:
         raise TrainInputError(f'--resume: {e}') from None
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model.train(), dict(meta['model_args'])
 
 
@@ -612,11 +620,10 @@ def _keep_copy(src: Path, dst: Path) -> None:
     """Atomically make ``dst`` a copy of ``src`` (a hard link where the filesystem has them)."""
     tmp = dst.with_name(f'.{dst.name}.{uuid.uuid4().hex[:8]}.tmp')
     try:
-        os.link(src, tmp)
-    except OSError:
-        ckpt.atomic_write_bytes(dst, src.read_bytes())
-        return
-    try:
+        try:
+            os.link(src, tmp)
+        except OSError:   # no hard links here: a streamed copy (train_state.pth can be GBs)
+            shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -1148,7 +1155,9 @@ def _experiment_dir(args, data_config) -> Path:
         path = Path(args.output) / args.experiment
         path.mkdir(parents=True, exist_ok=True)
         if args.force:
-            for name in RUN_FILES + ('eval_report.json',):   # the report described the old weights
+            # the old weights' eval report and plots go too
+            for name in RUN_FILES + ('eval_report.json', 'confusion_matrix.png', 'per_class_accuracy.png',
+                                     'surprise_maps.png'):
                 (path / name).unlink(missing_ok=True)
         return path
     base = '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(data_config['input_size'][-1])])
@@ -1259,6 +1268,7 @@ def run(args) -> Dict[str, Any]:
     """Train (or evaluate) as ``args`` says; raises :class:`TrainInputError` for bad input before any work."""
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    _resolve_dataset(args)
     _check_args(args)  # what is cheap to validate, before touching processes or data
 
     device = init_distributed_device(args)
