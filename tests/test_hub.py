@@ -474,6 +474,11 @@ def test_dry_run_into_the_checkpoint_folder_is_refused(run_dir, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith('error: --dry-run') and 'would overwrite' in err and err.count('\n') == 1
     assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == ['model.safetensors']
+    # a folder above the checkpoint's is refused for what it is: a folder with other files in it
+    above = run_dir / 'above'
+    inner = make_run(above / 'run', 'vit_tiny_mag_simple', with_report=False)
+    assert hub.main([str(inner), 'titans-org/x', '--dry-run', str(above)]) == 2
+    assert 'already holds other files (run)' in capsys.readouterr().err
 
 
 def test_upload_sends_exactly_the_dry_run_folder(mac_run, mac_export):

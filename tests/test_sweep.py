@@ -154,6 +154,10 @@ def test_settings_difference_reads_old_and_new_records(recipe, tmp_path):
         "arguments after --: '(none)' -> '--epochs 2'"
     (tmp_path / 'none').mkdir()
     assert 'no readable sweep_run.json' in sweep.settings_difference(str(tmp_path / 'none'), wanted)
+    # the same settings written another way, or with flags that only change how a run is watched
+    _record(tmp_path / 'spelled', trained_with=dict(wanted, passthrough=['--workers', '0', '--epochs=2',
+                                                                         '--no-progress']))
+    assert sweep.settings_difference(str(tmp_path / 'spelled'), wanted) is None
 
 
 def test_interrupted_run_with_other_settings_starts_over(recipe, tmp_path, capsys):
@@ -164,10 +168,17 @@ def test_interrupted_run_with_other_settings_starts_over(recipe, tmp_path, capsy
     argv = ['-c', recipe, '--approaches', 'mag', '--memory-types', 'simple', '--no-baseline',
             '--output', str(tmp_path / 'sweep'), '--dry-run']
     sweep.main(argv)
-    assert 'vit_tiny_mag_simple): resume + eval' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'vit_tiny_mag_simple): resume + eval' in printed
+    assert f"--resume {run_dir}" in printed   # the printed command is the one the sweep runs
     sweep.main(argv + ['--', '--epochs', '2'])  # resuming would mix two budgets in one run
-    assert "interrupted with other settings (arguments after --: '(none)' -> '--epochs 2'): train again" in \
-        capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "interrupted with other settings (arguments after --: '(none)' -> '--epochs 2'): train again" in printed
+    assert printed.rstrip().endswith('--epochs 2 --force')
+    # left by a sweep that wrote its record only at the end: resumed, as that sweep would have
+    (run_dir / 'sweep_run.json').unlink()
+    sweep.main(argv + ['--', '--epochs', '2'])
+    assert 'vit_tiny_mag_simple): resume + eval' in capsys.readouterr().out
 
 
 def test_failed_run_is_reported_and_the_sweep_goes_on(recipe, tmp_path, capsys):

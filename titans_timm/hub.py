@@ -84,18 +84,12 @@ from titans_timm.checkpoint import CheckpointError, load_model
 __all__ = [
     'HubError', 'push', 'export_folder', 'render_card', 'card_fields', 'load_card_template', 'read_eval_report',
     'read_recipe', 'parse_architecture', 'backbone_hub_id', 'dataset_hub_id', 'resolved_memory_args',
-    'populate_cache', 'main', 'BACKBONE_HUB_IDS', 'DEFAULT_CARD_TEMPLATE',
+    'populate_cache', 'main', 'DEFAULT_CARD_TEMPLATE',
 ]
 
 PathLike = Union[str, os.PathLike]
 
 DEFAULT_CARD_TEMPLATE = 'model_card.md'
-# The timm hub checkpoints the titans-timm backbones start from (DESIGN.md section 3).
-BACKBONE_HUB_IDS = {
-    'tiny': 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k',
-    'small': 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k',
-    'base': 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k',
-}
 # Hub ids of datasets that titans-timm recipes name by a short name.
 _DATASET_HUB_IDS = {
     'fashion-mnist-mini': 'zalando-datasets/fashion_mnist',
@@ -953,7 +947,7 @@ def push(
     """
     if not re.fullmatch(r'[\w.-]+/[\w.-]+', str(repo_id)):
         raise HubError(f"repo id must look like ORG/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}")
-    if dry_run_dir and Path(dry_run_dir).resolve() in Path(checkpoint).resolve().parents:
+    if dry_run_dir and Path(dry_run_dir).resolve() == Path(checkpoint).resolve().parent:
         raise HubError(f'--dry-run {dry_run_dir} holds the checkpoint {checkpoint}, which the export would '
                        f'overwrite; pass a new or empty folder to --dry-run')
     try:

@@ -176,8 +176,30 @@ def _recorded_training(record: dict) -> dict:
     passthrough = cmd[cmd.index('--experiment') + 2:]
     if passthrough[-2:-1] == ['--resume']:  # added by the sweep when it resumed the run
         passthrough = passthrough[:-2]
+    elif passthrough[-1:] == ['--force']:    # added by the sweep when it trained the run from scratch
+        passthrough = passthrough[:-1]
     model = cmd[cmd.index('--model') + 1] if '--model' in cmd else None
     return dict(model=model, passthrough=passthrough)  # the recipe's contents were not recorded
+
+
+# Trainer flags that change how a run is watched, not what it learns: ignored when comparing settings.
+_NEUTRAL_FLAGS = ('--workers', '-j', '--no-progress', '--log-interval', '--checkpoint-interval')
+
+
+def _settings_of(passthrough: Sequence[str]) -> Dict[str, List[str]]:
+    """Pass-through arguments as {flag: values}, in a form where ``--epochs=2`` equals ``--epochs 2`` and the
+    order of flags does not matter; flags that do not change the weights (``_NEUTRAL_FLAGS``) left out."""
+    settings, flag = {}, None
+    for token in passthrough:
+        is_flag = token.startswith('-') and not token.lstrip('-').replace('.', '', 1).isdigit()
+        if is_flag:
+            flag, _, value = token.partition('=')
+            settings[flag] = [value] if value else []
+        elif flag is not None:
+            settings[flag].append(token)
+        else:
+            settings.setdefault('', []).append(token)
+    return {k: v for k, v in settings.items() if k not in _NEUTRAL_FLAGS}
 
 
 def _differences(recorded: dict, wanted: dict) -> List[str]:
@@ -189,7 +211,7 @@ def _differences(recorded: dict, wanted: dict) -> List[str]:
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 diffs.append(f'recipe {key}: {old.get(key, "(unset)")} -> {new.get(key, "(unset)")}')
-    if list(recorded.get('passthrough') or []) != wanted['passthrough']:
+    if _settings_of(recorded.get('passthrough') or []) != _settings_of(wanted['passthrough']):
         diffs.append(f"arguments after --: '{' '.join(recorded.get('passthrough') or []) or '(none)'}' -> "
                      f"'{' '.join(wanted['passthrough']) or '(none)'}'")
     return diffs
@@ -210,11 +232,15 @@ def settings_difference(run_dir: str, wanted: dict) -> Optional[str]:
     return '; '.join(diffs) if diffs else None
 
 
-def _train_command(config: str, run: SweepRun, output: str, passthrough: Sequence[str]) -> List[str]:
+def _train_command(config: str, run: SweepRun, output: str, passthrough: Sequence[str],
+                   resume: bool = False) -> List[str]:
     # Our flags come after the recipe (command line beats YAML) and before the pass-through ones, so a user
-    # can still override e.g. --epochs; --model/--output/--experiment are owned by the sweep.
+    # can still override e.g. --epochs; --model/--output/--experiment are owned by the sweep. A resumed run
+    # continues its folder; any other run trains from scratch, where the trainer would refuse the files an
+    # earlier attempt left (a checkpoint pair, summary.csv) without --force.
     return [sys.executable, '-m', 'titans_timm.train', '-c', config, '--model', run['model'],
-            '--output', output, '--experiment', run['name'], *passthrough]
+            '--output', output, '--experiment', run['name'], *passthrough,
+            *(['--resume', os.path.join(output, run['name'])] if resume else ['--force'])]
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -233,10 +259,7 @@ def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], 
     for name in (CHECKPOINT, RUN_SUMMARY, EVAL_REPORT):
         if os.path.isfile(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
-    cmd = _train_command(config, run, output, passthrough)
-    # a resumed run continues its folder; any other run trains from scratch, where the trainer would refuse the
-    # files an earlier attempt left (a checkpoint pair, summary.csv) without --force
-    cmd += ['--resume', run_dir] if resume else ['--force']
+    cmd = _train_command(config, run, output, passthrough, resume=resume)
     # Recorded before training, so an interrupted run is resumed only with the same settings too.
     _write_record(run_dir, dict(run, trained_with=trained_with(config, run, passthrough), command=cmd))
     log_path = os.path.join(run_dir, 'train.log')
@@ -386,7 +409,10 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
     for run in runs:
         run_dir = os.path.join(output, run['name'])
         finished = is_finished(run_dir)
-        if not args.force and (finished or os.path.isfile(os.path.join(run_dir, TRAIN_STATE))):
+        interrupted = not finished and os.path.isfile(os.path.join(run_dir, TRAIN_STATE))
+        if interrupted and not os.path.isfile(os.path.join(run_dir, SWEEP_RECORD)):
+            continue   # left by a sweep that recorded settings only at the end: resumed, as that sweep would
+        if not args.force and (finished or interrupted):
             why = settings_difference(run_dir, trained_with(args.config, run, passthrough))
             if why:
                 (stale if finished else restart)[run['name']] = why
@@ -406,7 +432,8 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
             else:
                 state = 'resume + eval'
             print(f'[{i}/{total}] {run["name"]} ({run["model"]}): {state}')
-            print('    ' + shlex.join(_train_command(args.config, run, output, passthrough)))
+            print('    ' + shlex.join(_train_command(args.config, run, output, passthrough,
+                                                     resume=state == 'resume + eval')))
         return dict(plan=runs, rows=[], files={}, failed=[])
     if stale:
         name, why = next(iter(stale.items()))
