@@ -318,9 +318,11 @@ def test_runs_without_evaluation_and_finished_runs_are_left_alone(backbone, tmp_
     assert _files(run) == before
     # --force starts over there: the old run's files go (its eval report too), the new run's files come
     (run / 'eval_report.json').write_text('{}')
+    (run / '.last.safetensors.0123abcd.tmp').write_bytes(b'half')   # left by a write that was killed
     over = main(args + ['--force', '--model', 'vit_tiny_mag_simple', '--stop-after-steps', '1'])
     assert over['interrupted'] and not (run / 'model.safetensors').exists()
     assert not (run / 'eval_report.json').exists() and (run / 'last.safetensors').is_file()
+    assert not list(run.glob('.*.tmp'))
     assert 'force' not in yaml.safe_load((run / 'args.yaml').read_text())
 
 

@@ -32,7 +32,8 @@ def _fake_timm_train_module():
     module.create_optimizer_v2 = create_optimizer_v2
 
     def train_one_epoch(epoch, model, loader, optimizer, args, lr_scheduler=None, **kwargs):
-        # The same sequence as timm's: forward, backward, (clip), step, zero_grad, step_update.
+        # The same sequence as timm's: train mode, forward, backward, (clip), step, zero_grad, step_update.
+        model.train()
         updates = epoch * len(loader)
         for x, y in loader:
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -87,6 +88,25 @@ def test_patch_builds_role_groups_and_runs_both_phases():
     by_role = {g['role']: g for g in optimizer.param_groups if g['weight_decay']}
     assert by_role['backbone']['lr'] == pytest.approx(0.1 * by_role['head']['lr'], rel=1e-9)
     assert by_role['backbone']['weight_decay'] == 0.05
+
+
+def test_patch_keeps_batchnorm_statistics_frozen_in_phase_1():
+    """A CNN backbone under the patched timm loop: its BatchNorm buffers are backbone tensors too."""
+    module = _fake_timm_train_module()
+    two_phase.patch_timm_train_script(module)
+    torch.manual_seed(0)
+    model = timm.create_model('resnet10t', num_classes=10)
+    optimizer = module.create_optimizer_v2(model, opt='adamw', lr=1e-2, weight_decay=0.05)
+    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=2, warmup_epochs=0,
+                                       step_on_epochs=False, updates_per_epoch=len(loader))
+    args = types.SimpleNamespace(freeze_epochs=1, backbone_lr_scale=0.1, rank=0, clip_grad=None)
+    stats = lambda: {n: b.clone() for n, b in model.named_buffers() if 'running' in n}
+    before = stats()
+    module.train_one_epoch(0, model, loader, optimizer, args, lr_scheduler=scheduler)
+    assert all(torch.equal(before[n], b) for n, b in stats().items()), 'BatchNorm statistics moved in phase 1'
+    module.train_one_epoch(1, model, loader, optimizer, args, lr_scheduler=scheduler)
+    assert not all(torch.equal(before[n], b) for n, b in stats().items()), 'phase 2 must update them'
 
 
 def test_apply_phase_and_reset_state():

@@ -1159,6 +1159,8 @@ def _experiment_dir(args, data_config) -> Path:
             for name in RUN_FILES + ('eval_report.json', 'confusion_matrix.png', 'per_class_accuracy.png',
                                      'surprise_maps.png'):
                 (path / name).unlink(missing_ok=True)
+            for stale in path.glob('.*.tmp'):   # half-written files of an interrupted write
+                stale.unlink(missing_ok=True)
         return path
     base = '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(data_config['input_size'][-1])])
     Path(args.output).mkdir(parents=True, exist_ok=True)

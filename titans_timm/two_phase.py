@@ -39,7 +39,7 @@ from timm.utils import unwrap_model
 __all__ = [
     'ROLES', 'DEFAULT_BACKBONE_LR_SCALE', 'phase_of', 'parameter_roles', 'two_phase_param_groups',
     'apply_phase', 'start_epoch_phase', 'reset_optimizer_state', 'active_parameters', 'describe_lrs',
-    'freeze_backbone_norm_stats',
+    'freeze_backbone_norm_stats', 'backbone_norm_layers',
     'patch_timm_train_script',
 ]
 
@@ -181,21 +181,30 @@ def describe_lrs(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
     return {k: out[k] for k in (*ROLES, 'all') if k in out}
 
 
-def freeze_backbone_norm_stats(model: nn.Module) -> int:
-    """Put the backbone's BatchNorm layers in eval mode (call after ``model.train()`` in phase 1).
+def backbone_norm_layers(model: nn.Module) -> List[nn.Module]:
+    """The backbone's BatchNorm layers that keep running statistics (none in a ViT).
 
     A frozen backbone must not change at all, but BatchNorm's running statistics are buffers that training
     mode updates on every forward, whatever the LR. A norm layer counts as backbone unless one of its
-    parameters is a memory or head parameter. Returns how many layers were switched (none in a ViT).
+    parameters is a memory or head parameter.
     """
     roles = parameter_roles(model)
-    count = 0
-    for module in unwrap_model(model).modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            if all(roles.get(id(p), 'backbone') == 'backbone' for p in module.parameters(recurse=False)):
-                module.eval()
-                count += 1
-    return count
+    return [m for m in unwrap_model(model).modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and all(roles.get(id(p), 'backbone') == 'backbone' for p in m.parameters(recurse=False))]
+
+
+def freeze_backbone_norm_stats(model: nn.Module) -> int:
+    """Put the backbone's BatchNorm layers in eval mode (call after ``model.train()`` in phase 1); returns how
+    many (see :func:`backbone_norm_layers`)."""
+    layers = backbone_norm_layers(model)
+    for layer in layers:
+        layer.eval()
+    return len(layers)
+
+
+def _stay_in_eval(module: nn.Module, inputs) -> None:
+    module.eval()   # forward pre-hook: timm's train_one_epoch calls model.train() where we cannot step in
 
 
 def start_epoch_phase(optimizer, epoch: int, freeze_epochs: int, backbone_lr_scale: float,
@@ -239,7 +248,13 @@ def _patched_train_one_epoch(original, epoch, model, loader, optimizer, args, *r
     if phase == 1 and getattr(args, 'clip_grad', None) is not None:
         _logger.warning('two-phase: timm train.py clips over all parameters, so the frozen backbone\'s '
                         'gradients count towards --clip-grad in phase 1')
-    return original(epoch, model, loader, optimizer, args, *rest, **kwargs)
+    # phase 1: the backbone's BatchNorm statistics stay frozen too (each layer turns itself back to eval)
+    hooks = [m.register_forward_pre_hook(_stay_in_eval) for m in backbone_norm_layers(model)] if phase == 1 else []
+    try:
+        return original(epoch, model, loader, optimizer, args, *rest, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def patch_timm_train_script(main_module=None) -> bool:
