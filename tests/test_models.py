@@ -95,9 +95,10 @@ def test_step0_equals_backbone_then_per_image(name, backbone_ckpts):
     backbone, path = backbone_ckpts[_size(name)]
     model = _from_backbone(name, path).eval()
     x = _images(2)
+    gates = [(n, p) for n, p in model.named_parameters() if 'memory_ls' in n or n.endswith('memory_gate')]
+    assert gates and all(torch.count_nonzero(p) == 0 for _, p in gates), 'memory gates must start at exactly 0'
     with torch.no_grad():
-        diff = (model(x) - backbone(x)).abs().max().item()
-    assert diff <= 1e-4, diff
+        assert torch.equal(model(x), backbone(x))   # exactly the backbone, not merely close
     missing = set(model.state_dict()) - set(load_file(path))
     assert missing and all('memory' in k for k in missing)
     assert set(load_file(path)) <= set(model.state_dict())
