@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,15 +95,20 @@ def timed(fn: Callable[[], None]) -> float:
     return _clock() - t0
 
 
-def peak_step_bytes(fn: Callable[[], None]) -> int:
+def peak_step_bytes(fn: Callable[[], None], model: Optional[torch.nn.Module] = None) -> int:
     """Peak tensor bytes allocated during ``fn`` above the level before it, from torch.profiler memory events
     (on CUDA: the allocator's peak statistics).
 
-    The memory's scratch pool is emptied first: buffers it kept from an earlier step would otherwise not show up
-    as allocations, although the step needs them as much as any tensor."""
+    Two things allocated before the step are dropped first, so the step allocates them where they can be seen:
+    the memory's scratch pool (buffers kept from an earlier step), and ``model``'s gradients. A step frees the
+    previous step's gradients (``zero_grad``); the profiler reports the free of a tensor it saw allocated in an
+    earlier session as a negative, so the count depended on what ran before (the same step gave 21.7 MiB, then
+    0). Gradients are part of what a step needs, so they are counted as allocated in it."""
     from torch.profiler import ProfilerActivity, profile
     from titans_timm.memory import empty_scratch_pool
     empty_scratch_pool()
+    if model is not None:
+        model.zero_grad(set_to_none=True)
     if DEVICE.type == 'cuda':
         _sync()
         torch.cuda.reset_peak_memory_stats(DEVICE)
@@ -170,7 +175,7 @@ def measure_pair(
         row.update(train_img_s=batch_size / med['model'], backbone_train_img_s=batch_size / med['backbone'],
                    train_ratio=med['model'] / med['backbone'])
         # static: parameters + AdamW exp_avg/exp_avg_sq; dynamic: activations and grads of one step
-        mem = {k: 3 * 4 * num_params(m) + peak_step_bytes(fns[k]) for k, m in pair.items()}
+        mem = {k: 3 * 4 * num_params(m) + peak_step_bytes(fns[k], m) for k, m in pair.items()}
         row.update(peak_train_MB=mem['model'] / 2 ** 20, backbone_peak_train_MB=mem['backbone'] / 2 ** 20,
                    memory_ratio=mem['model'] / mem['backbone'])
     return row
