@@ -196,6 +196,35 @@ def test_hub_column_errors(cifar100_like_cache):
         create_dataset('hf:uoft-cs/cifar100', root=str(cifar100_like_cache), split='holdout')
 
 
+def test_hub_slices_reach_presets_and_plain_labels_share_one_index(cifar100_like_cache, tmp_path):
+    """A preset keeps a Hugging Face slice on its mapped split; string labels get one class index from every
+    split, so a class missing from the test split keeps its index there."""
+    assert len(create_dataset('cifar100', root=str(cifar100_like_cache), split='train[:6]')) == 6
+    import datasets
+    import pyarrow.parquet as pq
+    src = datasets.Dataset(pq.read_table(str(DATA_FILES_DIR / 'fashion_mnist_mini_validation.parquet')))
+    src = src.select(range(9)).cast_column('label', datasets.Value('int64'))
+    names = ['apple', 'banana', 'cherry']
+    words = src.map(lambda row: {'word': names[row['label'] % 3]}).remove_columns('label')
+    cache = tmp_path / 'words_cache'
+    test = words.filter(lambda row: row['word'] != 'apple')
+    (tmp_path / 'words_build').mkdir()
+    _populate_datasets_cache(cache, 'someone/words', {'train': words, 'test': test}, tmp_path / 'words_build')
+    train = create_dataset('hf:someone/words', root=str(cache), split='train', label_column='word')
+    val = create_dataset('hf:someone/words', root=str(cache), split='validation', label_column='word')
+    assert train.label_names == val.label_names == names
+    assert {names[t] for t in val.targets} == {'banana', 'cherry'}
+    assert [names[t] for t in val.targets] == test['word']
+
+
+def test_builtin_refuses_slices_and_reads_test_as_its_validation_split():
+    with pytest.raises(DataError, match=r"slices are for Hugging Face datasets.*num_samples"):
+        create_dataset(BUILTIN_DATASET, split='train[:10%]')
+    assert len(create_dataset(BUILTIN_DATASET, split='test')) == len(create_dataset(BUILTIN_DATASET, split='validation'))
+    with pytest.raises(DataError, match='num_samples must be a positive integer'):
+        create_dataset(BUILTIN_DATASET, num_samples=True)
+
+
 def test_unreachable_hub_dataset(tmp_path):
     with pytest.raises(DataError, match=r"could not load Hugging Face dataset 'uoft-cs/cifar10'.*network"):
         create_dataset('cifar10', root=str(tmp_path))
@@ -232,8 +261,8 @@ def test_missing_data_directory(tmp_path):
 
 
 def test_missing_split(folder, tmp_path):
-    with pytest.raises(DataError, match=r"split 'test' not found in built-in dataset .*train, validation"):
-        create_dataset(BUILTIN_DATASET, split='test')
+    with pytest.raises(DataError, match=r"split 'holdout' not found in built-in dataset .*train, validation"):
+        create_dataset(BUILTIN_DATASET, split='holdout')
     shutil.rmtree(folder / 'val')
     with pytest.raises(DataError, match=r"split 'validation' not found under .*found: train"):
         create_dataset(str(folder), split='validation')

@@ -245,8 +245,18 @@ def _load_parquet(path: Path):
                         f'titans-timm or rebuild it with python tools/make_builtin_dataset.py') from None
 
 
+def _no_slice(split: str, what: str) -> None:
+    if '[' in split:
+        raise DataError(f"split '{split}': slices are for Hugging Face datasets; {what} takes a plain split name "
+                        f"(for a subset use num_samples, in the trainer --train-num-samples / --val-num-samples)")
+
+
 def _builtin(name: str, split: str, **columns) -> LabeledImageDataset:
+    _no_slice(split, f"the built-in '{name}'")
     files = BUILTIN_DATASETS[name]
+    if split.lower() == 'test' and 'test' not in files:
+        _logger.info(f"{name}: using split 'validation' for 'test' (it is drawn from the original test split)")
+        split = 'validation'
     for candidate in _split_candidates(split):
         canonical = _canonical_split(candidate)
         if canonical in files:
@@ -280,11 +290,15 @@ def _pick_column(ds, wanted: Optional[str], defaults: Sequence[str], feature_typ
 
 
 def _from_hf_dataset(ds, *, source: str, split: str, image_column: Optional[str] = None,
-                     label_column: Optional[str] = None) -> LabeledImageDataset:
+                     label_column: Optional[str] = None, other_splits: Sequence = ()) -> LabeledImageDataset:
+    """``other_splits``: the dataset's other splits. Plain integer or string labels get their class index from
+    every split, so a class missing from one split keeps its index (and the class count) in the others."""
     import datasets
     image_column = _pick_column(ds, image_column, _IMAGE_COLUMNS, 'Image', 'image', source)
     label_column = _pick_column(ds, label_column, _LABEL_COLUMNS, 'ClassLabel', 'label', source)
     feature = ds.features[label_column]
+    # the same column of the other splits, where they have it with the same type (unlabelled test splits skipped)
+    others = [d for d in other_splits if d.features.get(label_column) == feature]
     class_to_idx = None
     if isinstance(feature, datasets.ClassLabel):
         label_names = list(feature.names)
@@ -293,9 +307,10 @@ def _from_hf_dataset(ds, *, source: str, split: str, image_column: Optional[str]
         if min(values) < 0:
             raise DataError(f"label column '{label_column}' of {source} has negative labels (unlabelled "
                             f"rows?); pick a labelled split")
-        label_names = [str(i) for i in range(max(values) + 1)]
+        top = max([max(values)] + [max(d.unique(label_column), default=-1) for d in others])
+        label_names = [str(i) for i in range(top + 1)]
     elif isinstance(feature, datasets.Value) and feature.dtype in ('string', 'large_string'):
-        label_names = sorted(ds.unique(label_column))
+        label_names = sorted(set(ds.unique(label_column)).union(*(d.unique(label_column) for d in others)))
         class_to_idx = {n: i for i, n in enumerate(label_names)}
     else:
         raise DataError(f"label column '{label_column}' of {source} holds {feature}, not class labels; "
@@ -323,17 +338,19 @@ def _hub(repo: str, split: str, root: Optional[str], source: str, **columns) -> 
                 f"a copy already in the cache loads offline with HF_DATASETS_OFFLINE=1 (cache dir = root); "
                 f"offline you can use the built-in '{BUILTIN_DATASET}' or an image folder") from None
 
+    splits = _load()
     if '[' in split:  # a slice like 'train[:10%]' goes to datasets as is
         ds = _load(split=split)
         if ds is None:
             raise DataError(f"split '{split}' not found in Hugging Face dataset '{repo}'")
-        return _from_hf_dataset(ds, source=source, split=split, **columns)
-    splits = _load()
+        return _from_hf_dataset(ds, source=source, split=split, other_splits=list((splits or {}).values()),
+                                **columns)
     for candidate in _split_candidates(split):
         if candidate in splits:
             if candidate != split:
                 _logger.info(f"{source}: using split '{candidate}' for '{split}'")
-            return _from_hf_dataset(splits[candidate], source=source, split=candidate, **columns)
+            return _from_hf_dataset(splits[candidate], source=source, split=candidate,
+                                    other_splits=[d for n, d in splits.items() if n != candidate], **columns)
     raise DataError(f"split '{split}' not found in Hugging Face dataset '{repo}'; available: "
                     f"{', '.join(splits)}")
 
@@ -349,6 +366,7 @@ def _class_dirs(directory: Path) -> List[str]:
 
 
 def _folder(root: Path, split: str, source: str) -> LabeledImageDataset:
+    _no_slice(split, 'an image folder')
     if not root.exists():
         raise DataError(f'data directory not found: {root}; pass the folder holding train/ and val/ '
                         f'(timm: --data-dir)')
@@ -382,8 +400,8 @@ def _folder(root: Path, split: str, source: str) -> LabeledImageDataset:
 
 def _preset(name: str, root: Optional[str], split: str, **columns) -> LabeledImageDataset:
     preset = DATASET_PRESETS[name]
-    canonical = _canonical_split(split)
-    mapped = preset['splits'].get(canonical, split)
+    plain, bracket, rest = split.partition('[')   # a Hugging Face slice stays on the mapped split
+    mapped = preset['splits'].get(_canonical_split(plain), plain) + bracket + rest
     if preset['source'] == 'folder':
         if root is None:
             raise DataError(f"dataset '{name}' is an image folder: pass root=DIR (timm: --data-dir DIR) "
@@ -418,7 +436,7 @@ def create_dataset(
         root: image folder root; for Hugging Face ids the ``datasets`` cache dir.
         split: ``'train'`` or an evaluation split; timm's synonyms (``val``, ``valid``, ``validation``,
             ...) are tried in turn, then ``'test'`` for evaluation. Hugging Face slices
-            (``'train[:10%]'``) pass through.
+            (``'train[:10%]'``) pass through (also for presets); the built-in set and folders refuse them.
         is_training: accepted for signature parity with ``timm.data.create_dataset``; map-style
             datasets do not use it (shuffling is the loader's job).
         transform: transform applied to each PIL image (also settable later as ``ds.transform``).
@@ -439,7 +457,8 @@ def create_dataset(
                         f'{_accepted_forms()}')
     if not isinstance(split, str) or not split:
         raise DataError(f"split must be a non-empty string such as 'train' or 'validation', got {split!r}")
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
+                                    or num_samples < 1):
         raise DataError(f'num_samples must be a positive integer, got {num_samples!r}')
     columns = dict(image_column=image_column, label_column=label_column)
     key = name.strip()
