@@ -12,12 +12,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+failed=0
 step() { local name=$1 limit=$2; shift 2; echo "== $name"; local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; echo "== $name: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"; }
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || failed=1
+  echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/summary.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/summary.txt"
 step test_cuda 240 python3 -m pytest -p no:cacheprovider tests/test_cuda.py --durations 6
-step main_job 200 bash -c "for r in backbone titans finetune; do python3 -m titans_timm.train -c train_timm_hparams/fashion_mnist_\$r.yaml --device cuda --no-progress || exit 1; done"
+step main_job 200 bash -c "for r in backbone titans finetune; do python3 -m titans_timm.train -c train_timm_hparams/fashion_mnist_\$r.yaml --device cuda --no-progress --force || exit 1; done"
 step memory_speed 90 python3 benchmarks/memory_speed.py --device cuda --warmup 5 --rounds 20
 step memory_speed_amp_whole_image 60 python3 benchmarks/memory_speed.py --device cuda --warmup 5 --rounds 20 --amp --chunk-size none
 step model_speed 200 python3 benchmarks/model_speed.py --device cuda --amp -b 64 --sizes tiny,small,base --warmup 3 --repeats 10 --csv "$OUT/model_speed.csv"
+exit $failed
