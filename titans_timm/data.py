@@ -338,13 +338,15 @@ def _hub(repo: str, split: str, root: Optional[str], source: str, **columns) -> 
                 f"a copy already in the cache loads offline with HF_DATASETS_OFFLINE=1 (cache dir = root); "
                 f"offline you can use the built-in '{BUILTIN_DATASET}' or an image folder") from None
 
-    splits = _load()
     if '[' in split:  # a slice like 'train[:10%]' goes to datasets as is
         ds = _load(split=split)
         if ds is None:
             raise DataError(f"split '{split}' not found in Hugging Face dataset '{repo}'")
-        return _from_hf_dataset(ds, source=source, split=split, other_splits=list((splits or {}).values()),
+        # the class index of plain labels from the whole split it slices (not every split: no extra downloads)
+        whole = _load(split=split.partition('[')[0])
+        return _from_hf_dataset(ds, source=source, split=split, other_splits=[whole] if whole is not None else [],
                                 **columns)
+    splits = _load()
     for candidate in _split_candidates(split):
         if candidate in splits:
             if candidate != split:
