@@ -124,6 +124,14 @@ def test_image_folder(folder):
         assert img.mode == 'RGB' and img.size == (20, 16)
 
 
+def test_class_with_images_only_in_subfolders_is_an_error(folder):
+    """timm reads <class>/<image>; a class whose images sit one folder deeper would silently have none."""
+    shutil.rmtree(folder / 'val' / 'cat')
+    _write_images(folder / 'val' / 'cat' / 'batch1', 2)
+    with pytest.raises(DataError, match=r"class folder\(s\) cat hold images only in subfolders"):
+        create_dataset(str(folder), split='validation')
+
+
 def test_bare_class_folder_is_one_split(folder):
     ds = create_dataset('', root=str(folder / 'val'), split='validation')
     assert ds.label_names == ['cat', 'emu'] and len(ds) == 3

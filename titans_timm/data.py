@@ -32,6 +32,7 @@ otherwise shift every label after it), and the label names travel with the datas
 import io
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -396,6 +397,14 @@ def _folder(root: Path, split: str, source: str) -> LabeledImageDataset:
     except RuntimeError as e:  # timm: 'Found 0 images in subfolders of ...'
         raise DataError(f"no images in {split_dir}/<class>/ (supported: "
                         f"{', '.join(get_img_extensions())})") from e
+    # timm reads <class>/<image> only: a class whose images all sit one folder deeper would silently vanish
+    counts = Counter(reader.targets)
+    exts = set(get_img_extensions())
+    nested = [c for i, c in enumerate(classes) if not counts[i] and (split_dir / c).is_dir()
+              and any(p.suffix.lower() in exts for p in (split_dir / c).glob('*/**/*'))]
+    if nested:
+        raise DataError(f"{split_dir}: class folder(s) {', '.join(nested[:5])} hold images only in subfolders, "
+                        f"which are not read; put each image directly in {split_dir}/<class>/")
     return LabeledImageDataset(reader, classes, source=source,
                                split=split_dir.name if split_dir != root else split)
 
