@@ -608,7 +608,9 @@ class _DualWrite(torch.autograd.Function):
 
 
 class _MemoryBase(nn.Module):
-    """Shared parts: input norm, head layout, per-head memory MLP M0 and the output projection."""
+    """Shared parts: input norm, head layout, per-head memory MLP M0 and the output projection.
+
+    Built through :func:`create_memory`, which checks every option (``_check_options``)."""
 
     # the create_memory options this type takes, as stored on the instance (see ``options``)
     option_names = ('heads', 'head_dim', 'depth', 'expansion')
@@ -632,8 +634,6 @@ class _MemoryBase(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if depth < 1:
-            raise ValueError(f'memory depth must be >= 1, got {depth}')
         self.dim = dim
         self.heads = heads or max(1, dim // head_dim)
         self.head_dim = head_dim
@@ -699,10 +699,6 @@ class _NeuralMemory(_MemoryBase):
             dtype=None,
     ):
         super().__init__(dim, heads=heads, head_dim=head_dim, depth=depth, expansion=expansion, device=device, dtype=dtype)
-        if read_mode not in READ_MODES:
-            raise ValueError(f'read_mode must be one of {READ_MODES}, got {read_mode!r}')
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f'chunk_size must be >= 1 or None (whole image), got {chunk_size}')
         self.chunk_size = chunk_size
         self.read_mode = read_mode
         self.momentum = momentum

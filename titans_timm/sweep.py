@@ -31,8 +31,8 @@ Choices (the issue is silent on them):
   finished run only if that record equals what this sweep would run; otherwise (another recipe,
   ``-- --epochs 2`` ...) it stops before training anything, with one error that names the run and the
   difference: runs of different budgets must not share one table. ``--force`` retrains them, a new
-  ``--output`` keeps both. An interrupted run with other (or unrecorded) settings is started over instead
-  of resumed.
+  ``--output`` keeps both. An interrupted run with other settings is started over instead of resumed (one
+  without a record, left by an older sweep, is resumed as that sweep would).
 * A run's ``eval_report.json`` is used only if it describes this evaluation
   (:func:`titans_timm.evaluate.report_mismatch`: the sha256 of the current weights, the dataset, split and
   sample count); a report written by hand (``titans-timm-eval --split train``) or of earlier weights is
@@ -274,10 +274,8 @@ def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], 
 
 
 def _write_record(run_dir: str, record: dict):
-    path = os.path.join(run_dir, SWEEP_RECORD)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + '.tmp', path)
+    from titans_timm.checkpoint import atomic_write_bytes
+    atomic_write_bytes(os.path.join(run_dir, SWEEP_RECORD), json.dumps(record, indent=2).encode())
 
 
 def _evaluate(run_dir: str, split: Optional[str], prefix: str = '') -> dict:
