@@ -22,7 +22,9 @@ per-class accuracy, the confusion matrix and throughput, and writes ``OUTPUT/eva
 predictions for one true class) and ``per_class_accuracy.png``. ``--surprise-maps N`` adds
 ``surprise_maps.png``: for the first N images, the memory's per-patch surprise (the inner associative
 loss of Titans' neural memory, eq. 12) at each memory block, as heatmaps over the image
-(:func:`surprise_maps` and :func:`plot_surprise_maps` in Python).
+(:func:`surprise_maps` and :func:`plot_surprise_maps` in Python), 16 images per page: beyond 16 the pages
+are ``surprise_maps_002.png``, ``surprise_maps_003.png``, ... (:func:`surprise_page_name`; the report's
+``files.surprise_maps_pages`` lists them all); above 256 images the CLI warns.
 
 Choices (the issue is silent on them):
 
@@ -40,9 +42,14 @@ Choices (the issue is silent on them):
 * The dataset's label names are the class names; a checkpoint trained on other classes (a different
   count or different names) is refused with one clear error instead of reporting nonsense.
 * Classes with no sample in the evaluated split have accuracy ``null`` in the report.
+* The report and the printed summary come first, the pictures after: a slow or failing plot never costs
+  the numbers. Output that cannot be written (disk full, read-only file system) is one ``error:`` line; an
+  earlier ``eval_report.json`` stays whole (written atomically), and the report of this run stays when only
+  a plot fails.
 * Plots: the confusion matrix shows class names up to 60 classes and every n-th class index beyond
   (figure size grows with the class count, capped at 21 x 20 inches); values are printed in the cells
-  up to 15 classes. Surprise heatmaps share one colour scale per block column.
+  up to 15 classes. Surprise heatmaps share one colour scale per block column on each page (each page is
+  its own forward pass, so memory is bounded whatever N is).
 * ``mlp`` memories are never written at test time, so they have no surprise; asking for their maps is
   an error rather than a picture of zeros.
 """
@@ -52,7 +59,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -61,7 +68,8 @@ import torch.nn.functional as F
 __all__ = [
     'EvalError', 'build_parser', 'file_sha256', 'report_mismatch', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
     'plot_confusion_matrix', 'plot_per_class_accuracy', 'surprise_maps', 'plot_surprise_maps',
-    'confusion_figsize', 'per_class_figsize', 'surprise_figsize', 'PLOT_DPI', 'parse_args', 'run', 'main',
+    'confusion_figsize', 'per_class_figsize', 'surprise_figsize', 'surprise_page_name', 'PLOT_DPI',
+    'SURPRISE_ROWS_PER_PAGE', 'SURPRISE_MAPS_WARN_ABOVE', 'parse_args', 'run', 'main',
     'cli',
 ]
 
@@ -69,6 +77,10 @@ REPORT_NAME = 'eval_report.json'
 CONFUSION_NAME = 'confusion_matrix.png'
 PER_CLASS_NAME = 'per_class_accuracy.png'
 SURPRISE_NAME = 'surprise_maps.png'
+# Images per surprise-map page (a 16-row page is ~3,600 px tall at PLOT_DPI), and the --surprise-maps count above
+# which the CLI warns: 16 pages already take minutes to draw and more than anyone reads.
+SURPRISE_ROWS_PER_PAGE = 16
+SURPRISE_MAPS_WARN_ABOVE = 256
 PLOT_DPI = 100
 
 
@@ -127,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--visualize', action='store_true', default=False,
                      help='write confusion_matrix.png (row-normalised) and per_class_accuracy.png')
     run.add_argument('--surprise-maps', type=int, default=0, metavar='N',
-                     help='write surprise_maps.png for the first N images (memory models only)')
+                     help=f'write surprise maps of the first N images (memory models only), '
+                          f'{SURPRISE_ROWS_PER_PAGE} images per page: surprise_maps.png, surprise_maps_002.png, '
+                          f'...; above {SURPRISE_MAPS_WARN_ABOVE} a warning, since every page is a forward pass '
+                          f'and seconds of drawing and hundreds of pages are more than anyone reads')
     run.add_argument('--surprise-blocks', default=None, metavar='I,J',
                      help='block indices for the surprise maps (default: every memory block)')
     run.add_argument('--no-progress', action='store_true', default=False, help='no progress bar')
@@ -773,12 +788,23 @@ def report_mismatch(report: dict, args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Evaluate with parsed arguments (see :func:`build_parser`) and return the report dict."""
+def run(args: argparse.Namespace, on_report: Optional[Callable[[dict], None]] = None) -> dict:
+    """Evaluate with parsed arguments (see :func:`build_parser`) and return the report dict.
+
+    ``eval_report.json`` is written as soon as the numbers are known, and ``on_report(report)`` (the CLI's
+    summary) is called then, before any picture is drawn: slow or failing plots never cost the evaluation.
+    The report is written again with its ``files`` once the pictures are there.
+    """
     if args.batch_size < 1:
         raise EvalError(f'-b/--batch-size must be at least 1, got {args.batch_size}')
     if args.surprise_maps < 0:
         raise EvalError(f'--surprise-maps takes a number of images, got {args.surprise_maps}')
+    if args.surprise_maps > SURPRISE_MAPS_WARN_ABOVE:
+        pages = math.ceil(args.surprise_maps / SURPRISE_ROWS_PER_PAGE)
+        print(f'warning: --surprise-maps {args.surprise_maps} is above {SURPRISE_MAPS_WARN_ABOVE}: up to {pages} '
+              f'pages of {SURPRISE_ROWS_PER_PAGE} images ({SURPRISE_NAME} to {surprise_page_name(pages)}), each a '
+              f'forward pass and seconds of drawing; {SURPRISE_MAPS_WARN_ABOVE} or fewer make a set one can read',
+              file=sys.stderr)
     blocks = _parse_blocks(args.surprise_blocks)
     device = _check_device(args.device)
     output = args.output or _default_output(args)
@@ -820,23 +846,44 @@ def run(args: argparse.Namespace) -> dict:
         **metrics,
     )
     files = {}
-    if args.visualize:
-        title = f'{info["architecture"]} on {report["dataset"]} ({args.split})'
-        files['confusion_matrix'] = plot_confusion_matrix(
-            metrics['confusion_matrix'], label_names, os.path.join(output, CONFUSION_NAME), title=title)
-        files['per_class_accuracy'] = plot_per_class_accuracy(
-            metrics['per_class'], os.path.join(output, PER_CLASS_NAME), overall=metrics['top1'], title=title)
-    if args.surprise_maps:
-        files['surprise_maps'] = _write_surprise_maps(model, loader, args.surprise_maps, blocks, data_config,
-                                                      label_names, device, output)
     report['files'] = files
     report_path = os.path.join(output, REPORT_NAME)
-    tmp = report_path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, report_path)  # atomic: a sweep never reads half a report
+    _write_report(report, report_path)
     report['report_path'] = report_path
+    if on_report is not None:
+        on_report(report)
+    if not (args.visualize or args.surprise_maps):
+        return report
+    try:
+        if args.visualize:
+            title = f'{info["architecture"]} on {report["dataset"]} ({args.split})'
+            files['confusion_matrix'] = plot_confusion_matrix(
+                metrics['confusion_matrix'], label_names, os.path.join(output, CONFUSION_NAME), title=title)
+            files['per_class_accuracy'] = plot_per_class_accuracy(
+                metrics['per_class'], os.path.join(output, PER_CLASS_NAME), overall=metrics['top1'], title=title)
+        if args.surprise_maps:
+            pages = _write_surprise_maps(model, loader, args.surprise_maps, blocks, data_config, label_names,
+                                         device, output, progress=not args.no_progress)
+            if pages:
+                files['surprise_maps'] = pages[0]  # the first page, under the name it always had
+                files['surprise_maps_pages'] = pages
+    except OSError as e:
+        raise EvalError(f'cannot write the plots to {output} ({e.strerror or type(e).__name__}); {report_path} '
+                        f'is written; make room there or pass another --output') from None
+    _write_report(report, report_path)  # now with the files
     return report
+
+
+def _write_report(report: dict, path: str):
+    """Write ``report`` as JSON to ``path`` atomically: a sweep never reads half a report, and a failed write
+    (disk full, read-only file system) leaves an earlier report as it was."""
+    from titans_timm.checkpoint import atomic_write_bytes
+    data = json.dumps({k: v for k, v in report.items() if k != 'report_path'}, indent=2).encode()
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise EvalError(f'cannot write {path} ({e.strerror or type(e).__name__}); make room there or pass '
+                        f'another --output') from None
 
 
 def _dataset_name(args: argparse.Namespace) -> str:
@@ -848,29 +895,63 @@ def _dataset_name(args: argparse.Namespace) -> str:
     return '' if args.data_dir else BUILTIN_DATASET
 
 
-def _write_surprise_maps(model, loader, n, blocks, data_config, label_names, device, output) -> str:
-    images, targets = [], []
+def surprise_page_name(page: int) -> str:
+    """File name of page ``page`` (1-based) of the surprise maps: ``surprise_maps.png``, then
+    ``surprise_maps_002.png``, ``surprise_maps_003.png``, ..."""
+    return SURPRISE_NAME if page == 1 else f'{os.path.splitext(SURPRISE_NAME)[0]}_{page:03d}.png'
+
+
+def _pages(loader, n: int, rows: int):
+    """The first ``n`` ``(images, targets)`` of ``loader`` regrouped in pages of ``rows`` (the last may be shorter)."""
+    images, targets, seen = None, None, 0
     for x, y in loader:
-        images.append(x)
-        targets.append(y)
-        if sum(len(t) for t in images) >= n:
-            break
-    images = torch.cat(images)[:n].to(device)
-    targets = torch.cat(targets)[:n]
-    maps, logits = surprise_maps(model, images, blocks=blocks, return_logits=True)
-    pred = logits.float().argmax(1).cpu()
-    titles = [f'{label_names[int(t)]} -> {label_names[int(p)]}' for t, p in zip(targets, pred)]
-    return plot_surprise_maps(images, maps, os.path.join(output, SURPRISE_NAME),
-                              mean=data_config['mean'], std=data_config['std'], row_titles=titles)
+        x, y = x[:n - seen], y[:n - seen]
+        seen += len(x)
+        images = x if images is None else torch.cat([images, x])  # [r, C, H, W], r < rows + batch
+        targets = y if targets is None else torch.cat([targets, y])
+        while len(images) >= rows or (seen >= n and len(images)):
+            yield images[:rows], targets[:rows]
+            images, targets = images[rows:], targets[rows:]
+        if seen >= n:
+            return
+    if images is not None and len(images):  # the split has fewer than n images
+        yield images, targets
+
+
+def _write_surprise_maps(model, loader, n, blocks, data_config, label_names, device, output,
+                         progress: bool = True) -> List[str]:
+    """Surprise maps of the first ``n`` images, one forward and one PNG per page of ``SURPRISE_ROWS_PER_PAGE``
+    images; returns the page paths in order."""
+    from tqdm import tqdm
+    n = min(n, len(loader.dataset)) if hasattr(loader, 'dataset') else n
+    paths = []
+    with tqdm(total=n, desc='surprise maps', unit='img', disable=not progress, leave=False) as bar:
+        for images, targets in _pages(loader, n, SURPRISE_ROWS_PER_PAGE):
+            images = images.to(device)
+            maps, logits = surprise_maps(model, images, blocks=blocks, return_logits=True)
+            pred = logits.float().argmax(1).cpu()
+            titles = [f'{label_names[int(t)]} -> {label_names[int(p)]}' for t, p in zip(targets, pred)]
+            paths.append(plot_surprise_maps(images, maps, os.path.join(output, surprise_page_name(len(paths) + 1)),
+                                            mean=data_config['mean'], std=data_config['std'], row_titles=titles))
+            bar.update(len(images))
+    return paths
 
 
 def _print_summary(report: dict):
     print(f'{report["model"]} on {report["dataset"]} ({report["split"]}, {report["num_samples"]} images): '
           f'top-1 {report["top1"]:.2f}%  top-{report["topk"]} {report["top5"]:.2f}%  loss {report["loss"]:.4f}  '
           f'{report["img_per_sec"] or 0:.1f} img/s')
-    print(f'report: {report["report_path"]}')
-    for kind, path in report['files'].items():
-        print(f'{kind}: {path}')
+    print(f'report: {report["report_path"]}', flush=True)
+
+
+def _print_files(report: dict):
+    files = report['files']
+    for kind, path in files.items():
+        if isinstance(path, str):
+            print(f'{kind}: {path}')
+    pages = files.get('surprise_maps_pages') or []
+    if len(pages) > 1:
+        print(f'surprise maps: {len(pages)} pages, {pages[0]} to {os.path.basename(pages[-1])}')
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -884,11 +965,11 @@ def main(argv: Optional[Sequence[str]] = None):
     as_cli = argv is None
     try:
         args = parse_args(sys.argv[1:] if as_cli else list(argv))
-        report = run(args)
+        report = run(args, on_report=_print_summary)  # the numbers are printed before any plot is drawn
     except EvalError as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
-    _print_summary(report)
+    _print_files(report)
     return 0 if as_cli else report
 
 

@@ -56,6 +56,9 @@ Choices made here (and why):
 - The card template ships with the code: ``hub_cards/`` is read from the installed package
   (``titans_timm/hub_cards/``, where a wheel puts it) or from the source tree next to the package
   (editable installs and checkouts); ``--card-template PATH`` uses any other template.
+- ``--dry-run DIR`` must be new or empty: the export never overwrites a file there (a README.md of the user's,
+  an earlier export that may have been edited since); a disk that fills or turns read-only mid-export leaves no
+  partial files. All three files get the mode of a new file (0o666 less the umask).
 - Every failure (bad checkpoint, bad report, no token, endpoint down, offline mode) raises
   :class:`HubError` with one message that says what to do; the CLI prints it as ``error: ...``.
 """
@@ -79,7 +82,7 @@ import yaml
 from timm.models import save_for_hf
 from timm.models._input import get_model_args, get_model_input_config
 
-from titans_timm.checkpoint import CheckpointError, load_model
+from titans_timm.checkpoint import CheckpointError, _new_file_mode, atomic_write_bytes, load_model
 
 __all__ = [
     'HubError', 'push', 'export_folder', 'render_card', 'card_fields', 'load_card_template', 'read_eval_report',
@@ -687,10 +690,14 @@ def _data_config(pretrained_cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _add_safetensors_format(path: Path) -> None:
-    """Rewrite ``path`` with the ``{'format': 'pt'}`` metadata that transformers and huggingface_hub write."""
+    """Rewrite ``path`` with the ``{'format': 'pt'}`` metadata that transformers and huggingface_hub write.
+
+    Written with :func:`titans_timm.checkpoint.atomic_write_bytes`, so the weights get the mode of every other
+    new file (0o666 less the umask); safetensors' own ``save_file`` leaves them 0o600.
+    """
     import safetensors.torch
     tensors = safetensors.torch.load_file(str(path))
-    safetensors.torch.save_file(tensors, str(path), metadata={'format': 'pt'})
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata={'format': 'pt'}))
 
 
 def _verify_folder(model: nn.Module, folder: Path) -> None:
@@ -715,6 +722,34 @@ def _verify_folder(model: nn.Module, folder: Path) -> None:
                        f'a model argument is probably missing from config.json model_args')
 
 
+def _check_new_folder(folder: Path) -> None:
+    """``folder`` is new or empty, else a :class:`HubError` naming what it holds: the export overwrites nothing."""
+    if folder.exists() and not folder.is_dir():
+        raise HubError(f'{folder} exists and is not a folder; pass a new or empty folder to --dry-run')
+    if folder.is_dir():
+        # It must end up holding exactly what would be uploaded, and none of the user's files may be overwritten.
+        held = sorted(p.name for p in folder.iterdir())
+        if held:
+            more = f' and {len(held) - 5} more' if len(held) > 5 else ''
+            raise HubError(f"{folder} already holds other files ({', '.join(held[:5])}{more}); the export never "
+                           f'overwrites files: pass a new or empty folder to --dry-run, or move them out first')
+
+
+def _remove_partial_export(folder: Path, created: bool) -> None:
+    """After a failed write: remove the export files written into ``folder`` (it was new or empty), and the
+    folder itself if the export created it."""
+    for name in _EXPORT_FILES:
+        try:
+            (folder / name).unlink()
+        except OSError:
+            pass
+    if created:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 def export_folder(
         model: nn.Module,
         folder: PathLike,
@@ -737,23 +772,22 @@ def export_folder(
     Uses timm's ``save_for_hf`` (safetensors only) so ``timm.create_model('hf-hub:...')`` and
     ``'local-dir:...'`` rebuild the model; ``pretrained_cfg`` (mean/std/input_size/crop from the
     checkpoint) becomes the exported preprocessing. With ``verify`` the folder is loaded back and must
-    give bit-identical logits. A folder holding other files is refused (an earlier export is replaced).
+    give bit-identical logits.
+
+    The folder must be new or empty: the export never overwrites a file (a README.md of the user's, an earlier
+    export that may have been edited since), so it refuses a folder holding anything. Every file it writes gets
+    the mode of a new file (0o666 less the umask). A write that fails (disk full, read-only file system) removes
+    the export files written so far and raises :class:`HubError`.
 
     Returns:
         The folder path.
 
     Raises:
-        HubError: the model cannot be exported, the card cannot be rendered, or verification fails.
+        HubError: the folder is not new or empty, the model cannot be exported, the card cannot be rendered, a
+            file cannot be written, or verification fails.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise HubError(f'{folder} exists and is not a folder; pass a new or empty folder to --dry-run')
-    if folder.is_dir():
-        # The folder must end up holding exactly what would be uploaded (an earlier export may be replaced).
-        others = sorted(p.name for p in folder.iterdir() if p.name not in _EXPORT_FILES)
-        if others:
-            raise HubError(f"{folder} already holds other files ({', '.join(others[:5])}); pass a new or empty "
-                           f'folder to --dry-run, so it holds exactly what would be uploaded')
+    _check_new_folder(folder)
     pretrained_cfg = dict(pretrained_cfg or {})
     label_names = [str(n) for n in label_names] if label_names else None
     if label_names and len(label_names) != model.num_classes:
@@ -769,22 +803,29 @@ def export_folder(
         # Top level is where timm reads them; pretrained_cfg is where loaded models expose them.
         model_config['label_names'] = label_names
         model_config['pretrained_cfg']['label_names'] = label_names
-    folder.mkdir(parents=True, exist_ok=True)
+    created = not folder.exists()
     # timm copies the model's pretrained cfg into config.json; the backbone's tag (augreg_in21k_ft_in1k, say)
     # names weights these are not, so the export leaves it out
     model_cfg = getattr(model, 'pretrained_cfg', None)
     if isinstance(model_cfg, dict) and 'tag' in model_cfg:
         model.pretrained_cfg = {k: v for k, v in model_cfg.items() if k != 'tag'}
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         save_for_hf(model, str(folder), model_config=model_config, model_args=args,
                     safe_serialization=True, data_config=_data_config(pretrained_cfg))
+        _add_safetensors_format(folder / 'model.safetensors')
+        atomic_write_bytes(folder / 'README.md', card.encode('utf-8'))
+        os.chmod(folder / 'config.json', _new_file_mode())  # as the other two, whatever timm's writer does
     except (ValueError, TypeError) as e:
         raise HubError(f'timm could not export the model ({e}); check the checkpoint metadata') from None
+    except OSError as e:
+        _remove_partial_export(folder, created)
+        raise HubError(f'cannot write the export to {folder} ({e.strerror or type(e).__name__}); nothing was '
+                       f'kept there: make room or pass --dry-run a folder on a writable disk (uploads export '
+                       f'to TMPDIR first)') from None
     finally:
         if model_cfg is not None:
             model.pretrained_cfg = model_cfg
-    _add_safetensors_format(folder / 'model.safetensors')
-    (folder / 'README.md').write_text(card, encoding='utf-8')
     if verify:
         _verify_folder(model, folder)
     return folder
@@ -927,8 +968,8 @@ def push(
         recipe: training recipe (path or dict); default: ``args.yaml`` next to the checkpoint, if any.
         token: Hub token with write access; default ``HF_TOKEN`` / the ``hf auth login`` token.
         private: create the repository private.
-        dry_run_dir: write the exact folder that would be uploaded here, and upload nothing (not the folder
-            holding the checkpoint: the export would overwrite it).
+        dry_run_dir: write the exact folder that would be uploaded here, and upload nothing. It must be a new or
+            empty folder: the export never overwrites a file (a user's README.md, an earlier export).
         license, base_model, datasets: card front matter (defaults: apache-2.0, the backbone's
             timm hub id, the Hub ids of the datasets named in the report and recipe).
         card_template: a different ``string.Template`` card; default ``hub_cards/model_card.md``.
@@ -950,6 +991,8 @@ def push(
     if dry_run_dir and Path(dry_run_dir).resolve() == Path(checkpoint).resolve().parent:
         raise HubError(f'--dry-run {dry_run_dir} holds the checkpoint {checkpoint}, which the export would '
                        f'overwrite; pass a new or empty folder to --dry-run')
+    if dry_run_dir:
+        _check_new_folder(Path(dry_run_dir))  # before the model is loaded: a user's file there is never replaced
     try:
         model, meta = load_model(checkpoint, **model_overrides)
     except CheckpointError as e:
@@ -973,7 +1016,12 @@ def push(
     if dry_run_dir:
         folder = export_folder(model, dry_run_dir, **options)
         return dict(repo_id=repo_id, folder=str(folder), files=sorted(p.name for p in folder.iterdir()))
-    with tempfile.TemporaryDirectory(prefix='titans_timm_push_') as tmp:
+    try:
+        staging = tempfile.TemporaryDirectory(prefix='titans_timm_push_')
+    except OSError as e:
+        raise HubError(f'cannot create a temporary folder for the export ({e.strerror or type(e).__name__}); set '
+                       f'TMPDIR to a writable folder with room, or use --dry-run DIR') from None
+    with staging as tmp:
         folder = export_folder(model, tmp, **options)
         files = sorted(p.name for p in folder.iterdir())
         result = _upload(folder, repo_id, token=token, private=private, endpoint=endpoint, revision=revision,
@@ -1044,7 +1092,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('checkpoint', help='checkpoint written by training, e.g. output/EXP/model.safetensors')
     parser.add_argument('repo_id', help='Hub repository ORG/NAME (created if missing)')
     parser.add_argument('--dry-run', metavar='DIR', default=None,
-                        help='write the exact folder that would be uploaded to DIR; upload nothing')
+                        help='write the exact folder that would be uploaded to DIR (a new or empty folder: nothing '
+                             'in it is ever overwritten); upload nothing')
     parser.add_argument('--eval-report', metavar='JSON', default=None,
                         help='report of titans-timm-eval for the results table; it must not record another '
                              'checkpoint (default: eval_report.json next to the checkpoint, if its sha256 is this '
