@@ -68,10 +68,14 @@ def test_two_by_two_sweep_then_rerun_skips(recipe, tmp_path, capsys):
 
     with open(out / 'results.csv') as f:
         table = list(csv.DictReader(f))
-    assert [t['name'] for t in table] == NAMES and all(float(t['top1']) == r['top1'] for t, r in zip(table, rows))
+    # one seed: each variant's mean is its one run, with no interval
+    assert [t['name'] for t in table] == NAMES and all(float(t['top1_mean']) == r['top1'] for t, r in zip(table, rows))
+    assert all(t['seeds'] == '1' and t['top1_ci_low'] == '' and float(t['test_se']) > 0 for t in table)
+    with open(out / 'runs.csv') as f:
+        assert [float(t['top1']) for t in csv.DictReader(f)] == [r['top1'] for r in rows]
     md = (out / 'results.md').read_text().splitlines()
-    assert md[0].startswith('| model | params (M) | top-1 (%) | top-5 (%) | train time (s) | img/s |')
-    assert len(md) == 2 + len(NAMES)
+    assert md[0].startswith('| model | seeds | top-1 (%) mean | sd | 95% CI | vs baseline (paired) |')
+    assert len(md) == 2 + len(NAMES) + 2  # header, rows, blank line, note
     with Image.open(out / 'results.png') as im:
         assert im.size[0] > 100 and im.size[1] > 100
 
@@ -190,20 +194,126 @@ def test_failed_run_is_reported_and_the_sweep_goes_on(recipe, tmp_path, capsys):
     assert result['failed'] == ['vit_tiny_mal_mlp']
     assert '[1/1] vit_tiny_mal_mlp: training failed (exit status 2)' in printed and 'error:' in printed
     assert not sweep.is_finished(str(out / 'vit_tiny_mal_mlp'))
-    assert '| vit_tiny_mal_mlp (failed) | - |' in (out / 'results.md').read_text()
+    assert '| vit_tiny_mal_mlp (failed) | 0 | - |' in (out / 'results.md').read_text()
 
 
 def test_results_delta_against_baseline(tmp_path):
     rows = []
     for name, approach, top1 in (('vit_tiny_baseline', 'baseline', 80.0), ('vit_tiny_mag_simple', 'mag', 82.5)):
-        rows.append(dict({k: None for k in sweep.RESULT_COLUMNS}, name=name, model=name, size='tiny',
+        rows.append(dict({k: None for k in sweep.RESULT_COLUMNS}, name=name, variant=name, model=name, size='tiny',
                          approach=approach, memory_type='-', status='done', params=5_500_000, top1=top1,
-                         top5=99.0, train_time_s=12.0, img_per_sec=100.0))
+                         top5=99.0, num_samples=1000, train_time_s=12.0, img_per_sec=100.0))
     sweep._add_deltas(rows)
+    assert rows[1]['delta_top1'] == 2.5
     files = sweep.write_results(rows, str(tmp_path))
     md = open(files['md']).read()
-    assert '| vit_tiny_baseline | 5.50 | 80.00 | 99.00 | 12 | 100.0 | (baseline) |' in md
-    assert '| vit_tiny_mag_simple | 5.50 | 82.50 | 99.00 | 12 | 100.0 | +2.50 |' in md
+    assert '| vit_tiny_baseline | 1 | 80.00 | - | - | (baseline) |  | 5.50 | 12 | 100.0 |' in md
+    assert '| vit_tiny_mag_simple | 1 | 82.50 | - | - | +2.50 | - | 5.50 | 12 | 100.0 |' in md
+    assert 'test-set standard error: about' in md
+
+
+def _row(name, approach, seed, top1):
+    return dict({k: None for k in sweep.RESULT_COLUMNS}, name=f'{name}-seed{seed}', variant=name, seed=seed,
+                model=name, size='tiny', approach=approach, memory_type='simple', status='done', params=10,
+                top1=top1, num_samples=5000, train_time_s=1.0, img_per_sec=1.0)
+
+
+def test_summary_with_seeds_by_hand(tmp_path):
+    """Three seeds: mean, sd and t-interval per variant, the paired difference to the baseline by seed.
+    By hand: baseline 80, 81, 82 -> mean 81, sd 1, half-width t(0.975, 2) / sqrt(3) = 4.302653 / 1.732051 =
+    2.484138. Memory 82, 82, 85 -> differences 2, 1, 3: mean 2, sd 1, interval [-0.484, 4.484] (contains 0);
+    memory 83, 84, 85 (differences 3, 3, 3, sd 0): [3, 3], excludes 0."""
+    rows = [_row('vit_tiny_baseline', 'baseline', s, t) for s, t in ((0, 80.0), (1, 81.0), (2, 82.0))]
+    rows += [_row('vit_tiny_mag_simple', 'mag', s, t) for s, t in ((0, 82.0), (1, 82.0), (2, 85.0))]
+    rows += [_row('vit_tiny_mal_simple', 'mal', s, t) for s, t in ((0, 83.0), (1, 84.0), (2, 85.0))]
+    summary = {r['name']: r for r in sweep.summarize(rows)}
+    base, mag, mal = summary['vit_tiny_baseline'], summary['vit_tiny_mag_simple'], summary['vit_tiny_mal_simple']
+    assert (base['seeds'], base['top1_mean'], base['top1_sd']) == (3, 81.0, 1.0)
+    assert base['top1_ci_low'] == pytest.approx(81.0 - 2.484138, abs=1e-5)
+    assert base['top1_ci_high'] == pytest.approx(81.0 + 2.484138, abs=1e-5)
+    assert base['delta_mean'] is None
+    assert (mag['delta_mean'], mag['delta_sd'], mag['pairs']) == (2.0, 1.0, 3)
+    assert mag['delta_ci_low'] == pytest.approx(2.0 - 2.484138, abs=1e-5) and mag['delta_excludes_zero'] is False
+    assert (mal['delta_ci_low'], mal['delta_ci_high'], mal['delta_excludes_zero']) == (3.0, 3.0, True)
+    # test-set noise of one run at 81% on 5,000 images: 100 * sqrt(0.81 * 0.19 / 5000)
+    assert base['test_se'] == pytest.approx(sum(100 * ((t / 100) * (1 - t / 100) / 5000) ** 0.5
+                                                for t in (80, 81, 82)) / 3)
+    files = sweep.write_results(rows, str(tmp_path))
+    md = open(files['md']).read()
+    assert '| vit_tiny_mal_simple | 3 | 84.00 | 1.00 | [81.52, 86.48] | +3.00 | **[+3.00, +3.00]** |' in md
+    assert '| vit_tiny_mag_simple | 3 | 83.00 | 1.73 |' in md and '| +2.00 | [-0.48, +4.48] |' in md
+    with open(files['csv']) as f:
+        table = {t['name']: t for t in csv.DictReader(f)}
+    assert table['vit_tiny_mal_simple']['delta_excludes_zero'] == 'True'
+    with open(files['runs_csv']) as f:
+        assert len(list(csv.DictReader(f))) == 9
+
+
+def test_summary_pairs_only_seeds_both_finished():
+    rows = [_row('vit_tiny_baseline', 'baseline', 0, 80.0), _row('vit_tiny_baseline', 'baseline', 1, 90.0),
+            _row('vit_tiny_mag_simple', 'mag', 0, 81.0), _row('vit_tiny_mag_simple', 'mag', 2, 99.0)]
+    rows[1]['top1'] = None
+    rows[1]['status'] = 'failed'
+    summary = {r['name']: r for r in sweep.summarize(rows)}
+    assert summary['vit_tiny_baseline']['status'] == '1 of 2 failed'
+    assert summary['vit_tiny_mag_simple']['pairs'] == 1 and summary['vit_tiny_mag_simple']['delta_mean'] == 1.0
+
+
+def test_seeds_plan_names_and_commands(recipe, tmp_path, capsys):
+    out = tmp_path / 'sweep'
+    result = sweep.main(['-c', recipe, '--approaches', 'mag', '--memory-types', 'simple', '--seeds', '3',
+                         '--output', str(out), '--dry-run'])
+    plan = result['plan']
+    # seed by seed (the recipe's seed 0, then 1, 2), the baseline first: an interrupted sweep has whole pairs
+    assert [r['name'] for r in plan] == [f'{v}-seed{s}' for s in (0, 1, 2)
+                                         for v in ('vit_tiny_baseline', 'vit_tiny_mag_simple')]
+    assert [r['seed'] for r in plan] == [0, 0, 1, 1, 2, 2]
+    printed = capsys.readouterr().out
+    assert 'seeds 0, 1, 2' in printed and printed.count('--seed 1 ') == 2
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        sweep.main(['-c', recipe, '--seeds', '2', '--output', str(out), '--', '--seed', '5'])
+    assert '--seed' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(['-c', recipe, '--seeds', '0', '--output', str(out)])
+
+
+def test_shipped_tag_gives_memory_models_and_baseline_one_backbone(tmp_path):
+    from titans_timm.vit import FMNIST5_WEIGHTS
+    runs = sweep.plan_runs(['tiny'], ['mac'], ['mlp'], seeds=[0, 1], tag='fmnist5')
+    assert [r['model'] for r in runs] == ['vit_tiny_patch16_224', 'vit_tiny_mac_mlp.fmnist5'] * 2
+    assert runs[0]['args'] == ['--seed', '0', '--pretrained-path', str(FMNIST5_WEIGHTS)]
+    with pytest.raises(sweep.SweepError, match="tag 'fmnist5' has no weights for size small"):
+        sweep.plan_runs(['small'], ['mac'], ['mlp'], tag='fmnist5')
+
+
+def test_sweep_with_seeds_trains_pairs_resumes_and_forces(recipe, tmp_path, capsys):
+    out = tmp_path / 'sweep'
+    argv = ['-c', recipe, '--approaches', 'mag', '--memory-types', 'mlp', '--seeds', '2', '--output', str(out)]
+    result = sweep.main(argv)
+    assert result['failed'] == []
+    names = ['vit_tiny_baseline-seed0', 'vit_tiny_mag_mlp-seed0', 'vit_tiny_baseline-seed1', 'vit_tiny_mag_mlp-seed1']
+    assert [r['name'] for r in result['rows']] == names
+    for r in result['rows']:
+        with open(out / r['name'] / 'args.yaml') as f:
+            assert yaml.safe_load(f)['seed'] == r['seed']
+    # the two seeds differ (data order, head init), the same seed gives both models the same data order
+    assert result['rows'][0]['top1'] is not None
+    printed = capsys.readouterr().out
+    assert '| vit_tiny_mag_mlp | 2 |' in printed  # the table with intervals is printed at the end
+    with open(out / 'results.csv') as f:
+        table = {t['name']: t for t in csv.DictReader(f)}
+    assert table['vit_tiny_mag_mlp']['pairs'] == '2' and table['vit_tiny_mag_mlp']['top1_ci_low'] != ''
+    # an interrupted seed resumes; the others are skipped
+    os.remove(out / 'vit_tiny_mag_mlp-seed1' / 'results.json')
+    again = sweep.main(argv + ['--dry-run'])
+    assert again['plan'][3]['name'] == 'vit_tiny_mag_mlp-seed1'
+    printed = capsys.readouterr().out
+    assert '[4/4] vit_tiny_mag_mlp-seed1 (vit_tiny_mag_mlp): resume + eval' in printed
+    assert printed.count('finished, skip') == 3
+    # --force retrains everything
+    forced = sweep.main(argv + ['--dry-run', '--force'])
+    assert capsys.readouterr().out.count('train + eval') == len(forced['plan'])
 
 
 @pytest.mark.parametrize('argv, message', [

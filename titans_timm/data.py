@@ -15,6 +15,10 @@ Accepted ``name`` forms:
 - ``'fashion-mnist-mini'`` (:data:`BUILTIN_DATASET`): a real, balanced Fashion-MNIST subset shipped
   inside the package (``titans_timm/data_files/``; 4,000 train / 1,000 validation 28x28 images,
   10 classes, MIT licence). Works offline, needs no ``root``.
+- ``'fashion-mnist-transfer'`` (:data:`TRANSFER_DATASET`): the transfer task of the shipped backbone, the
+  five Fashion-MNIST classes it was not pretrained on (T-shirt/top, Trouser, Pullover, Dress, Coat):
+  5,000 train and 1,000 validation images (disjoint, from the training set; choose settings on
+  validation) and all 5,000 test images of those classes (report on ``test``).
 - a preset name from :data:`DATASET_PRESETS` (``cifar10``, ``cifar100``, ``tiny-imagenet``,
   ``ants-bees``, ``imagenet``): the right source, image/label columns and split names filled in.
 - ``'hf:ORG/NAME'`` or timm's ``'hfds/ORG/NAME'``: a Hugging Face ``datasets`` id (downloads need
@@ -42,7 +46,7 @@ from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.data.readers.img_extensions import get_img_extensions
 
 __all__ = [
-    'DataError', 'BUILTIN_DATASET', 'BUILTIN_DATASETS', 'DATASET_PRESETS', 'DATA_FILES_DIR',
+    'DataError', 'BUILTIN_DATASET', 'TRANSFER_DATASET', 'BUILTIN_DATASETS', 'DATASET_PRESETS', 'DATA_FILES_DIR',
     'create_dataset', 'dataset_num_classes', 'LabeledImageDataset', 'known_datasets',
 ]
 
@@ -50,11 +54,19 @@ _logger = logging.getLogger(__name__)
 
 DATA_FILES_DIR = Path(__file__).resolve().parent / 'data_files'
 BUILTIN_DATASET = 'fashion-mnist-mini'
+TRANSFER_DATASET = 'fashion-mnist-transfer'
 # Built-in datasets: parquet files (written by tools/make_builtin_dataset.py) per canonical split.
 BUILTIN_DATASETS: Dict[str, Dict[str, str]] = {
     BUILTIN_DATASET: {
         'train': 'fashion_mnist_mini_train.parquet',
         'validation': 'fashion_mnist_mini_validation.parquet',
+    },
+    # The transfer task for the shipped backbone (tag ``fmnist5``, pretrained on the other five classes):
+    # train and validation are disjoint draws from the 60k training set, test is all 5,000 test images.
+    TRANSFER_DATASET: {
+        'train': 'fashion_mnist_transfer_train.parquet',
+        'validation': 'fashion_mnist_transfer_validation.parquet',
+        'test': 'fashion_mnist_transfer_test.parquet',
     },
 }
 

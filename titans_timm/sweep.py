@@ -45,6 +45,7 @@ Choices (the issue is silent on them):
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -54,8 +55,11 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from titans_timm import stats
+
 __all__ = ['SIZES', 'APPROACHES', 'SweepError', 'SweepRun', 'build_parser', 'plan_runs', 'is_finished',
-           'trained_with', 'settings_difference', 'eval_argv', 'write_results', 'main', 'cli']
+           'trained_with', 'settings_difference', 'eval_argv', 'summarize', 'results_markdown', 'write_results',
+           'main', 'cli', 'RESULT_COLUMNS', 'SUMMARY_COLUMNS']
 
 SIZES = ('tiny', 'small', 'base')
 APPROACHES = ('mal', 'mac', 'mag')
@@ -64,8 +68,13 @@ SWEEP_RECORD = 'sweep_run.json'
 TRAIN_STATE = 'train_state.pth'  # written by training at each epoch end and on Ctrl-C
 CHECKPOINT = 'model.safetensors'
 EVAL_REPORT = 'eval_report.json'
-RESULT_COLUMNS = ('name', 'model', 'size', 'approach', 'memory_type', 'status', 'params', 'top1', 'top5',
-                  'loss', 'train_time_s', 'img_per_sec', 'delta_top1', 'run_dir')
+RESULT_COLUMNS = ('name', 'variant', 'seed', 'model', 'size', 'approach', 'memory_type', 'status', 'params', 'top1',
+                  'top5', 'loss', 'num_samples', 'train_time_s', 'img_per_sec', 'delta_top1', 'run_dir')
+# results.csv: one row per variant, over its seeds
+SUMMARY_COLUMNS = ('name', 'size', 'approach', 'memory_type', 'status', 'seeds', 'params', 'top1_mean', 'top1_sd',
+                   'top1_ci_low', 'top1_ci_high', 'test_se', 'delta_mean', 'delta_sd', 'delta_ci_low',
+                   'delta_ci_high', 'delta_excludes_zero', 'pairs', 'train_time_s', 'img_per_sec')
+CONFIDENCE = 0.95
 
 
 class SweepError(Exception):
@@ -73,7 +82,9 @@ class SweepError(Exception):
 
 
 class SweepRun(dict):
-    """One planned run: ``name``, ``model`` (timm name), ``size``, ``approach``, ``memory_type`` (``None`` for a baseline)."""
+    """One planned run: ``name`` (its folder), ``variant`` (the table row it counts towards), ``model`` (timm name),
+    ``size``, ``approach``, ``memory_type`` (``None`` for a baseline), ``seed`` (``None``: the recipe's) and
+    ``args`` (trainer arguments the sweep adds for this run: ``--seed``, a baseline's ``--pretrained-path``)."""
 
     @property
     def is_baseline(self) -> bool:
@@ -114,23 +125,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--force', action='store_true', default=False, help='retrain finished runs too')
     parser.add_argument('--eval-split', default=None,
                         help="split to evaluate (default: the recipe's validation split)")
+    parser.add_argument('--seeds', type=int, default=1, metavar='N',
+                        help="train every variant and the baseline with N seeds (the recipe's seed, +1, ...; "
+                             "default 1: the recipe's seed) and report means, 95%% t-intervals and the paired "
+                             "difference to the baseline")
     parser.add_argument('--verbose', action='store_true', default=False,
                         help='stream training output instead of writing OUTPUT/NAME/train.log')
     return parser
 
 
+def _tagged_backbone(size: str, tag: str, approaches: Sequence[str], memory_types: Sequence[str]):
+    """(baseline model name, baseline trainer args) for the recipe's pretrained ``tag`` at ``size``.
+
+    A tag whose weights are a file (the shipped ``fmnist5``) gives the plain backbone those weights through
+    ``--pretrained-path``; a Hub tag is a tag of timm's own ViT too."""
+    import timm
+    import titans_timm  # noqa: F401  (registers the models and their tags)
+    name = f'vit_{size}_{approaches[0]}_{memory_types[0]}.{tag}'
+    cfg = timm.models.get_pretrained_cfg(name) if name in timm.list_pretrained(name) else None
+    if cfg is None:
+        known = sorted({n.split('.', 1)[1] for n in timm.list_pretrained(f'vit_{size}_*_*') if '.' in n})
+        raise SweepError(f"the recipe's pretrained tag '{tag}' has no weights for size {size}; "
+                         f"tags for {size}: {', '.join(known) or 'none'}")
+    if cfg.file:
+        return f'vit_{size}_patch16_224', ['--pretrained-path', str(cfg.file)]
+    return f'vit_{size}_patch16_224.{tag}', []
+
+
 def plan_runs(sizes: Sequence[str], approaches: Sequence[str], memory_types: Sequence[str],
-              baseline: bool = True) -> List[SweepRun]:
-    """The runs of a sweep in execution order: per size, the baseline first, then approach x memory type."""
+              baseline: bool = True, seeds: Optional[Sequence[int]] = None, tag: str = '') -> List[SweepRun]:
+    """The runs of a sweep in execution order: per size and seed, the baseline first, then approach x memory type.
+
+    ``seeds``: ``None`` runs each variant once with the recipe's seed, in ``OUTPUT/<variant>``; a list runs it
+    once per seed, in ``OUTPUT/<variant>-seed<S>``. ``tag``: the recipe's pretrained tag (``fmnist5``), given to
+    every memory model, and to the baseline as the same backbone weights."""
     runs = []
     for size in sizes:
-        if baseline:
-            runs.append(SweepRun(name=f'vit_{size}_baseline', model=f'vit_{size}_patch16_224', size=size,
-                                 approach=None, memory_type=None))
-        for approach in approaches:
-            for memory_type in memory_types:
-                name = f'vit_{size}_{approach}_{memory_type}'
-                runs.append(SweepRun(name=name, model=name, size=size, approach=approach, memory_type=memory_type))
+        base_model, base_args = (_tagged_backbone(size, tag, approaches, memory_types) if tag
+                                 else (f'vit_{size}_patch16_224', []))
+        for seed in (seeds if seeds is not None else [None]):
+            suffix, seed_args = ('', []) if seed is None else (f'-seed{seed}', ['--seed', str(seed)])
+            if baseline:
+                variant = f'vit_{size}_baseline'
+                runs.append(SweepRun(name=variant + suffix, variant=variant, model=base_model, size=size,
+                                     approach=None, memory_type=None, seed=seed, args=seed_args + base_args))
+            for approach in approaches:
+                for memory_type in memory_types:
+                    variant = f'vit_{size}_{approach}_{memory_type}'
+                    runs.append(SweepRun(name=variant + suffix, variant=variant,
+                                         model=f'{variant}.{tag}' if tag else variant, size=size, approach=approach,
+                                         memory_type=memory_type, seed=seed, args=list(seed_args)))
     return runs
 
 
@@ -163,7 +207,7 @@ def trained_with(config: str, run: SweepRun, passthrough: Sequence[str]) -> dict
     The recipe's contents, not its path: an edited recipe is another recipe, a moved one is the same.
     """
     recipe = json.loads(json.dumps(_read_yaml(config), default=str))  # JSON-comparable, as it is stored
-    return dict(model=run['model'], recipe=recipe, passthrough=list(passthrough))
+    return dict(model=run['model'], recipe=recipe, passthrough=list(run.get('args') or []) + list(passthrough))
 
 
 def _recorded_training(record: dict) -> dict:
@@ -239,7 +283,7 @@ def _train_command(config: str, run: SweepRun, output: str, passthrough: Sequenc
     # continues its folder; any other run trains from scratch, where the trainer would refuse the files an
     # earlier attempt left (a checkpoint pair, summary.csv) without --force.
     return [sys.executable, '-m', 'titans_timm.train', '-c', config, '--model', run['model'],
-            '--output', output, '--experiment', run['name'], *passthrough,
+            '--output', output, '--experiment', run['name'], *(run.get('args') or []), *passthrough,
             *(['--resume', os.path.join(output, run['name'])] if resume else ['--force'])]
 
 
@@ -299,81 +343,171 @@ def _evaluate(run_dir: str, split: Optional[str], prefix: str = '') -> dict:
 
 def _result_row(run: SweepRun, run_dir: str, status: str, report: Optional[dict] = None) -> Dict[str, object]:
     row = {k: None for k in RESULT_COLUMNS}
-    row.update(name=run['name'], model=run['model'], size=run['size'], approach=run['approach'] or 'baseline',
-               memory_type=run['memory_type'] or '-', status=status, run_dir=run_dir)
+    row.update(name=run['name'], variant=run.get('variant', run['name']), seed=run.get('seed'), model=run['model'],
+               size=run['size'], approach=run['approach'] or 'baseline', memory_type=run['memory_type'] or '-',
+               status=status, run_dir=run_dir)
     summary_path = os.path.join(run_dir, RUN_SUMMARY)
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             row['train_time_s'] = json.load(f).get('train_time_s')
     if report is not None:
         row.update(params=report.get('param_count'), top1=report.get('top1'), top5=report.get('top5'),
-                   loss=report.get('loss'), img_per_sec=report.get('img_per_sec'))
+                   loss=report.get('loss'), num_samples=report.get('num_samples'),
+                   img_per_sec=report.get('img_per_sec'))
     return row
 
 
 def _add_deltas(rows: List[dict]):
-    base = {r['size']: r['top1'] for r in rows if r['approach'] == 'baseline' and r['top1'] is not None}
+    """Each memory run's top-1 minus the baseline run of the same size and seed."""
+    base = {(r['size'], r.get('seed')): r['top1'] for r in rows if r['approach'] == 'baseline' and r['top1'] is not None}
     for r in rows:
-        if r['approach'] != 'baseline' and r['top1'] is not None and r['size'] in base:
-            r['delta_top1'] = r['top1'] - base[r['size']]
+        key = (r['size'], r.get('seed'))
+        if r['approach'] != 'baseline' and r['top1'] is not None and key in base:
+            r['delta_top1'] = r['top1'] - base[key]
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: List[dict], confidence: float = CONFIDENCE) -> List[Dict[str, object]]:
+    """One row per variant (:data:`SUMMARY_COLUMNS`): top-1 mean, sd and t-interval over its seeds, the test
+    set's standard error, and the paired difference to the baseline of its size over the seeds both finished."""
+    groups: Dict[str, List[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get('variant') or r['name'], []).append(r)
+    baselines = {}
+    for name, runs in groups.items():
+        if runs[0]['approach'] == 'baseline':
+            baselines[runs[0]['size']] = {r.get('seed'): r['top1'] for r in runs if r['top1'] is not None}
+    out = []
+    for name, runs in groups.items():
+        first, done = runs[0], [r for r in runs if r['top1'] is not None]
+        failed = len(runs) - len(done)
+        row = {k: None for k in SUMMARY_COLUMNS}
+        row.update(name=name, size=first['size'], approach=first['approach'], memory_type=first['memory_type'],
+                   seeds=len(done), pairs=None,
+                   status='done' if not failed else 'failed' if not done else f'{failed} of {len(runs)} failed',
+                   params=first.get('params') if first.get('params') is not None else _mean(
+                       [r['params'] for r in done if r.get('params') is not None]),
+                   train_time_s=_mean([r['train_time_s'] for r in done if r.get('train_time_s') is not None]),
+                   img_per_sec=_mean([r['img_per_sec'] for r in done if r.get('img_per_sec') is not None]))
+        if done:
+            ci = stats.t_interval([r['top1'] for r in done], confidence)
+            row.update(top1_mean=ci['mean'], top1_sd=ci['sd'], top1_ci_low=ci['low'], top1_ci_high=ci['high'])
+            ses = [stats.binomial_se(r['top1'], r['num_samples']) for r in done if r.get('num_samples')]
+            row['test_se'] = _mean(ses)
+        base = baselines.get(first['size'], {})
+        pairs = [(r['top1'], base[r.get('seed')]) for r in done if r.get('seed') in base]
+        if first['approach'] != 'baseline' and pairs:
+            diff = stats.paired_difference([p[0] for p in pairs], [p[1] for p in pairs], confidence)
+            row.update(delta_mean=diff['mean'], delta_sd=diff['sd'], delta_ci_low=diff['low'],
+                       delta_ci_high=diff['high'], delta_excludes_zero=diff['excludes_zero'], pairs=len(pairs))
+        out.append(row)
+    return out
 
 
 def _fmt(value, spec: str, missing: str = '-') -> str:
     return missing if value is None else format(value, spec)
 
 
-def write_results(rows: List[dict], output: str) -> Dict[str, str]:
-    """Write ``results.csv``, ``results.md`` and ``results.png`` (top-1 bars) for the sweep rows."""
-    os.makedirs(output, exist_ok=True)
-    csv_path = os.path.join(output, 'results.csv')
-    with open(csv_path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ('' if r[k] is None else r[k]) for k in RESULT_COLUMNS})
+def _interval(low, high, spec: str) -> str:
+    return '-' if low is None else f'[{format(low, spec)}, {format(high, spec)}]'
 
-    md_path = os.path.join(output, 'results.md')
-    lines = ['| model | params (M) | top-1 (%) | top-5 (%) | train time (s) | img/s | top-1 vs baseline |',
-             '|---|---:|---:|---:|---:|---:|---:|']
+
+def results_markdown(summary: List[dict], confidence: float = CONFIDENCE) -> str:
+    """The results table as Markdown, with a note on what the intervals mean."""
+    pct = f'{100 * confidence:.0f}%'
+    lines = [f'| model | seeds | top-1 (%) mean | sd | {pct} CI | vs baseline (paired) | {pct} CI of difference | '
+             f'params (M) | train time (s) | img/s |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for r in summary:
+        name = r['name'] if r['status'] == 'done' else f'{r["name"]} ({r["status"]})'
+        if r['approach'] == 'baseline':
+            delta, delta_ci = '(baseline)', ''
+        else:
+            delta = _fmt(r['delta_mean'], '+.2f')
+            delta_ci = _interval(r['delta_ci_low'], r['delta_ci_high'], '+.2f')
+            if r['delta_excludes_zero']:
+                delta_ci = f'**{delta_ci}**'
+        lines.append(f'| {name} | {r["seeds"]} | {_fmt(r["top1_mean"], ".2f")} | {_fmt(r["top1_sd"], ".2f")} | '
+                     f'{_interval(r["top1_ci_low"], r["top1_ci_high"], ".2f")} | {delta} | {delta_ci} | '
+                     f'{_fmt(None if r["params"] is None else r["params"] / 1e6, ".2f")} | '
+                     f'{_fmt(r["train_time_s"], ".0f")} | {_fmt(r["img_per_sec"], ".1f")} |')
+    runs = sum(r['seeds'] or 0 for r in summary)
+    se = [r['test_se'] for r in summary if r['test_se'] is not None]
+    lines += ['', f'{len(summary)} variants, {runs} finished runs. Intervals: two-sided {pct} Student-t over seeds '
+                  f'(n - 1 degrees of freedom); the difference to the baseline is paired by seed (same data order '
+                  f'and head init); **bold**: its interval excludes zero.' +
+              (f' One run\'s test-set standard error: about {_mean(se):.2f} points.' if se else '')]
+    return '\n'.join(lines) + '\n'
+
+
+def _write_text(path: str, text: str) -> None:
+    from titans_timm.checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, text.encode())
+
+
+def _csv_text(rows: List[dict], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n')
+    writer.writeheader()
     for r in rows:
-        name = r['name'] if r['status'] in ('done', 'skipped') else f'{r["name"]} ({r["status"]})'
-        delta = '(baseline)' if r['approach'] == 'baseline' else _fmt(r['delta_top1'], '+.2f')
-        lines.append(f'| {name} | {_fmt(None if r["params"] is None else r["params"] / 1e6, ".2f")} | '
-                     f'{_fmt(r["top1"], ".2f")} | {_fmt(r["top5"], ".2f")} | {_fmt(r["train_time_s"], ".0f")} | '
-                     f'{_fmt(r["img_per_sec"], ".1f")} | {delta} |')
-    with open(md_path, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-
-    png_path = os.path.join(output, 'results.png')
-    _plot_results(rows, png_path)
-    return dict(csv=csv_path, md=md_path, png=png_path)
+        writer.writerow({k: ('' if r.get(k) is None else r[k]) for k in columns})
+    return buf.getvalue()
 
 
-def _plot_results(rows: List[dict], path: str):
+def write_results(rows: List[dict], output: str) -> Dict[str, str]:
+    """Write ``runs.csv`` (one row per run), ``results.csv`` and ``results.md`` (one row per variant, with
+    intervals: :func:`summarize`) and ``results.png`` (mean top-1 per variant with its interval)."""
+    os.makedirs(output, exist_ok=True)
+    summary = summarize(rows)
+    files = dict(runs_csv=os.path.join(output, 'runs.csv'), csv=os.path.join(output, 'results.csv'),
+                 md=os.path.join(output, 'results.md'), png=os.path.join(output, 'results.png'))
+    _write_text(files['runs_csv'], _csv_text(rows, RESULT_COLUMNS))
+    _write_text(files['csv'], _csv_text(summary, SUMMARY_COLUMNS))
+    _write_text(files['md'], results_markdown(summary))
+    _plot_results(summary, files['png'])
+    return files
+
+
+def _plot_results(summary: List[dict], path: str):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     colors = dict(baseline='tab:gray', mal='tab:blue', mac='tab:orange', mag='tab:green')
-    n = len(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.55 * n), 4.5), dpi=100, layout='constrained')
-    top1 = [r['top1'] if r['top1'] is not None else 0.0 for r in rows]
-    ax.bar(range(n), top1, color=[colors.get(r['approach'], 'tab:purple') for r in rows])
-    for i, r in enumerate(rows):
-        label = 'failed' if r['top1'] is None else f'{r["top1"]:.1f}'
-        ax.text(i, top1[i], label, ha='center', va='bottom', fontsize=7)
-    for size in dict.fromkeys(r['size'] for r in rows):
-        base = [r['top1'] for r in rows if r['size'] == size and r['approach'] == 'baseline' and r['top1'] is not None]
-        idx = [i for i, r in enumerate(rows) if r['size'] == size]
+    n = len(summary)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.6 * n), 4.8), dpi=100, layout='constrained')
+    means = [r['top1_mean'] if r['top1_mean'] is not None else 0.0 for r in summary]
+    err = [[m - r['top1_ci_low'] if r['top1_ci_low'] is not None else 0.0 for m, r in zip(means, summary)],
+           [r['top1_ci_high'] - m if r['top1_ci_high'] is not None else 0.0 for m, r in zip(means, summary)]]
+    ax.bar(range(n), means, color=[colors.get(r['approach'], 'tab:purple') for r in summary],
+           yerr=err, capsize=3, error_kw=dict(linewidth=1))
+    for i, r in enumerate(summary):
+        if r['top1_mean'] is None:
+            label = 'failed'
+        else:
+            label = f'{r["top1_mean"]:.1f}'
+            if r['delta_mean'] is not None:
+                label += f'\n{r["delta_mean"]:+.1f}' + ('*' if r['delta_excludes_zero'] else '')
+        ax.text(i, means[i] + err[1][i], label, ha='center', va='bottom', fontsize=7)
+    for size in dict.fromkeys(r['size'] for r in summary):
+        base = [r['top1_mean'] for r in summary
+                if r['size'] == size and r['approach'] == 'baseline' and r['top1_mean'] is not None]
+        idx = [i for i, r in enumerate(summary) if r['size'] == size]
         if base and idx:
             ax.hlines(base[0], min(idx) - 0.4, max(idx) + 0.4, colors='black', linestyles='dashed', linewidth=1)
-    ax.set_xticks(range(n), [r['name'].replace('vit_', '') for r in rows], rotation=60, ha='right', fontsize=8)
+    ax.set_xticks(range(n), [r['name'].replace('vit_', '') for r in summary], rotation=60, ha='right', fontsize=8)
     ax.set_ylabel('top-1 (%)')
-    done = [r['top1'] for r in rows if r['top1'] is not None]
+    lows = [lo for lo, r in zip((m - e for m, e in zip(means, err[0])), summary) if r['top1_mean'] is not None]
     # Zoom to the range the runs span (the numbers are printed on the bars): runs a point apart stay visible.
-    ax.set_ylim(max(0.0, 10.0 * math.floor((min(done) - 5.0) / 10.0)) if done else 0.0, 100.0)
-    ax.set_title('Sweep: top-1 per model (dashed: baseline of that size)')
+    ax.set_ylim(max(0.0, 10.0 * math.floor((min(lows) - 5.0) / 10.0)) if lows else 0.0, 100.0)
+    seeds = sorted({r['seeds'] for r in summary if r['seeds']})
+    ax.set_title(f'Top-1 per variant, mean over {"/".join(map(str, seeds)) or 0} seed(s), '
+                 f'{100 * CONFIDENCE:.0f}% t-interval\n(dashed: baseline; second number: paired difference, '
+                 f'* = interval excludes 0)', fontsize=9)
     handles = [matplotlib.patches.Patch(color=c, label=k) for k, c in colors.items()
-               if any(r['approach'] == k for r in rows)]
+               if any(r['approach'] == k for r in summary)]
     ax.legend(handles=handles, fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -394,11 +528,21 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
     sizes = _split_list(args.model_sizes, SIZES, '--model-sizes')
     approaches = _split_list(args.approaches, APPROACHES, '--approaches')
     memory_types = _split_list(args.memory_types, _memory_types(), '--memory-types')
-    owned = [a for a in passthrough if a.split('=')[0] in ('--model', '--output', '--experiment', '-c', '--config')]
+    if args.seeds < 1:
+        raise SweepError(f'--seeds must be at least 1, got {args.seeds}')
+    owned_flags = ('--model', '--output', '--experiment', '-c', '--config') + (('--seed',) if args.seeds > 1 else ())
+    owned = [a for a in passthrough if a.split('=')[0] in owned_flags]
     if owned:
         raise SweepError(f'{", ".join(owned)} after -- would override what the sweep sets per run; use the '
                          f'sweep\'s own flags (-c, --output, --model-sizes/--approaches/--memory-types)')
-    runs = plan_runs(sizes, approaches, memory_types, baseline=not args.no_baseline)
+    recipe = _read_yaml(args.config)
+    recipe_model = str(recipe.get('model') or '')
+    tag = recipe_model.split('.', 1)[1] if '.' in recipe_model else ''
+    seeds = None
+    if args.seeds > 1:
+        base_seed = int(recipe.get('seed', 42))
+        seeds = [base_seed + i for i in range(args.seeds)]
+    runs = plan_runs(sizes, approaches, memory_types, baseline=not args.no_baseline, seeds=seeds, tag=tag)
     total = len(runs)
     output = args.output
     # Runs this sweep would reuse (finished: an error) or continue (interrupted: started over) but that were
@@ -416,7 +560,8 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
                 (stale if finished else restart)[run['name']] = why
 
     if args.dry_run:
-        print(f'plan: {total} runs, recipe {args.config}, output {output}')
+        print(f'plan: {total} runs, recipe {args.config}, output {output}' +
+              (f', seeds {", ".join(map(str, seeds))}' if seeds else ''))
         for i, run in enumerate(runs, 1):
             run_dir = os.path.join(output, run['name'])
             if args.force or not (is_finished(run_dir) or os.path.isfile(os.path.join(run_dir, TRAIN_STATE))):
@@ -485,7 +630,8 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
 
     _add_deltas(rows)
     files = write_results(rows, output)
-    print(f'results: {files["md"]}, {files["csv"]}, {files["png"]}')
+    print(results_markdown(summarize(rows)), end='')
+    print(f'results: {files["md"]}, {files["csv"]}, {files["png"]} (per run: {files["runs_csv"]})')
     if failed:
         print(f'{len(failed)} of {total} runs failed: {", ".join(failed)}')
     return dict(plan=runs, rows=rows, files=files, failed=failed)
