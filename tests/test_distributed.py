@@ -80,7 +80,7 @@ def test_torchrun_two_cpu_processes(backbone, tmp_path):
 
 def test_accelerate_launch_two_cpu_processes(backbone, tmp_path):
     accelerate = shutil.which('accelerate', path=os.path.dirname(sys.executable)) or shutil.which('accelerate')
-    assert accelerate, 'accelerate is a dependency of titans-timm; its launcher must be installed'
+    assert accelerate, "accelerate comes with titans-timm's dev and accelerate extras; its launcher must be installed"
     # `--cpu` would start one process (multi-CPU in accelerate means mpirun); --multi_gpu runs torch's
     # elastic launcher, which sets the same env:// variables torchrun does, and our gloo path takes over on CPU.
     _run([accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
