@@ -26,8 +26,12 @@ Choices made here (and why):
   that says what is wrong and what to do, so CLIs can print it as a single ``error:`` line.
 - :func:`load_model` returns the model in eval mode (like ``from_pretrained`` elsewhere); call
   ``.train()`` to fine-tune.
+- ``save_model(..., checksum=True)`` also stores ``"tensors_sha256"`` (:func:`tensors_sha256`) in the metadata,
+  and every read of such a file checks it: zeroed or overwritten tensor bytes under an intact header are an
+  error naming the file, not silently different weights. The trainer's resumable checkpoint carries one.
 """
 import argparse
+import hashlib
 import json
 import os
 import pickle
@@ -45,11 +49,14 @@ from timm.models import clean_state_dict
 
 __all__ = [
     'CheckpointError', 'METADATA_KEY', 'FORMAT_VERSION', 'save_model', 'load_model', 'read_metadata', 'atomic_write_bytes',
-    'read_state_dict', 'load_state_dict_file', 'check_state_dict', 'pretrained_cfg_subset',
+    'read_state_dict', 'load_state_dict_file', 'check_state_dict', 'pretrained_cfg_subset', 'tensors_sha256',
+    'CHECKSUM_KEY',
 ]
 
 METADATA_KEY = 'titans_timm'
 FORMAT_VERSION = 1
+# The metadata entry holding :func:`tensors_sha256` of the file's tensors (only files saved with checksum=True).
+CHECKSUM_KEY = 'tensors_sha256'
 # The pretrained_cfg entries an evaluator needs to rebuild the eval transform and head.
 PRETRAINED_CFG_KEYS = ('mean', 'std', 'input_size', 'interpolation', 'crop_pct', 'num_classes')
 # How many mismatched key names an error message lists before summarising the rest.
@@ -128,6 +135,20 @@ def _state_dict_for_saving(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
+def tensors_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
+    """sha256 (hex) over every tensor's name, dtype, shape and bytes, in name order.
+
+    It depends on the tensors only, not on how a file lays them out, so the digest of the tensors saved equals
+    the digest of the tensors read back unless their bytes changed on the way.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f'{name}\0{t.dtype}\0{tuple(t.shape)}\0'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, whatever the dtype (bfloat16 included)
+    return h.hexdigest()
+
+
 def _fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not possible on every OS/filesystem, hence best effort.
     try:
@@ -189,6 +210,7 @@ def save_model(
         model_args: Dict[str, Any],
         label_names: Optional[Sequence[str]] = None,
         extra_metadata: Optional[Dict[str, Any]] = None,
+        checksum: bool = False,
 ) -> Path:
     """Save ``model``'s weights and the recipe to rebuild it as one safetensors file, atomically.
 
@@ -201,6 +223,8 @@ def save_model(
         extra_metadata: more JSON-serialisable entries (e.g. ``epoch``, ``top1``, ``dataset``).
             A ``'pretrained_cfg'`` dict in it updates the recorded pretrained_cfg (e.g. the
             normalisation the model was actually trained with).
+        checksum: also store :func:`tensors_sha256` of the weights (``CHECKSUM_KEY``), which every read of the
+            file then verifies.
 
     Returns:
         The path written.
@@ -232,10 +256,11 @@ def save_model(
     )
     for k, v in extra.items():
         meta.setdefault(k, v)  # the core keys above are not overridable, loaders rely on them
-    data = safetensors.torch.save(
-        _state_dict_for_saving(model),
-        metadata={'format': 'pt', METADATA_KEY: json.dumps(meta)},
-    )
+    tensors = _state_dict_for_saving(model)
+    meta.pop(CHECKSUM_KEY, None)  # one copied from another file's metadata would not describe these tensors
+    if checksum:
+        meta[CHECKSUM_KEY] = tensors_sha256(tensors)
+    data = safetensors.torch.save(tensors, metadata={'format': 'pt', METADATA_KEY: json.dumps(meta)})
     atomic_write_bytes(path, data)
     return Path(path)
 
@@ -326,12 +351,13 @@ def read_state_dict(path: PathLike, *, use_ema: bool = False) -> Dict[str, torch
     """
     path = _check_file(path)
     if path.suffix == '.safetensors' or _looks_like_safetensors(path):
-        _safetensors_header_metadata(path)  # clear error for a corrupt header
+        header = _safetensors_header_metadata(path)  # clear error for a corrupt header
         try:
             state = safetensors.torch.load_file(str(path), device='cpu')
         except Exception as e:
             raise CheckpointError(f'{path} is not a valid safetensors file ({e}); it may be truncated or '
                                   f'corrupt: re-save or re-download it') from None
+        _verify_checksum(path, header, state)
     else:
         try:
             # argparse.Namespace is a plain attribute container; timm train.py stores its args in one.
@@ -353,6 +379,18 @@ def read_state_dict(path: PathLike, *, use_ema: bool = False) -> Dict[str, torch
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f'{path} does not contain a state dict (a mapping of names to tensors)')
     return clean_state_dict(state)
+
+
+def _verify_checksum(path: Path, header: Dict[str, str], state: Dict[str, torch.Tensor]) -> None:
+    """Check the tensors read from ``path`` against the checksum its metadata stores, if it stores one."""
+    try:
+        expected = json.loads(header.get(METADATA_KEY) or '{}').get(CHECKSUM_KEY)
+    except (json.JSONDecodeError, AttributeError):
+        return  # read_metadata reports bad metadata JSON
+    if expected is not None and tensors_sha256(state) != expected:
+        raise CheckpointError(f'{path} is corrupt: its tensor bytes do not match the checksum stored in its header '
+                              f'({CHECKSUM_KEY}), so its weights were overwritten or zeroed after it was written; '
+                              f'use an intact copy')
 
 
 def _unsafe_globals(path: Path) -> str:

@@ -29,12 +29,20 @@ Choices (what a timm user would expect, plus what exact resume needs):
   Ctrl-C aborts at once. ``--resume DIR`` reads ``DIR/args.yaml`` as defaults, so
   ``titans-timm-train --resume DIR`` alone continues a run. The checkpoint pair is crash-safe: while a new
   pair is written the previous one stays as ``last.prev.safetensors`` + ``train_state.prev.pth``, and
-  ``--resume`` takes the newest pair whose two files match. A resumed run keeps its optimizer and LR
+  ``--resume`` takes the newest pair whose two files match and whose weights match the checksum stored in
+  them (zeroed or overwritten bytes fall back to the previous pair, which is only removed once the new pair
+  reads back intact). A resumed run keeps its optimizer and LR
   schedule, so a different ``--epochs``/``--lr``/``--sched``/... is refused, not ignored; resuming a
   finished run changes nothing.
 - ``DIR`` / ``--data-dir DIR`` without ``--dataset`` is an image folder (as in timm); with neither, the
   built-in Fashion-MNIST subset trains. A new run refuses a folder that already holds a run's files
   (:data:`RUN_FILES`); the default timestamped name gets a ``-1``, ``-2`` suffix when taken.
+- One trainer owns a run folder at a time: it holds an ``flock`` on ``DIR/.train.lock`` (:data:`LOCK_FILE`)
+  while it runs (the kernel drops it when the process dies, so a killed run never leaves the folder stuck), and
+  a second trainer on the same folder stops with one ``error:`` line before writing anything there. The owner
+  removes temp files that killed writes left behind, so a finished or resumed run leaves none.
+- A write that fails (disk full, read-only folder, a file where a folder should be) is one ``error:`` line,
+  exit status 2; every write is atomic, so the files already there, the last checkpoint included, are intact.
 - ``--img-size`` also sets the model's ``img_size`` (ViTs need it; models without one, e.g. ResNets, are
   built without it) unless ``--model-kwargs`` does. In phase 1 the backbone's BatchNorm layers run in eval
   mode, so their running statistics stay frozen too.
@@ -43,13 +51,14 @@ Choices (what a timm user would expect, plus what exact resume needs):
   and its normalisation is used, so a memory model built from a backbone checkpoint starts exactly
   as accurate as that backbone (evaluated and logged at step 0).
 - Gradient clipping sees only the parameters that move in the current phase.
-- Threads: torch uses one thread per core. On a machine shared with other jobs, ``OMP_NUM_THREADS=1``
-  is often several times faster (oversubscribed OpenMP threads spin); under torchrun set it to
-  cores / processes.
+- Threads: torch uses one thread per core (the log says how many at start). On a machine shared with other
+  jobs, ``OMP_NUM_THREADS=1`` is often several times faster (oversubscribed OpenMP threads spin); under
+  torchrun set it to cores / processes.
 """
 import argparse
 import csv
 import difflib
+import errno
 import io
 import json
 import logging
@@ -61,7 +70,7 @@ import signal
 import sys
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -81,11 +90,16 @@ from timm.utils import (
 )
 from tqdm import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory file locks, run folders are not guarded
+    fcntl = None
+
 import titans_timm  # noqa: F401  (registers the titans-timm model names with timm)
 from titans_timm import checkpoint as ckpt
 from titans_timm import two_phase
 
-__all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError', 'RUN_FILES']
+__all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError', 'RunOutputError', 'RUN_FILES', 'LOCK_FILE']
 
 _logger = logging.getLogger('titans_timm.train')
 
@@ -111,12 +125,20 @@ _RESUME_FIXED_ARGS = (
 # retrain a run from scratch into the same folder (e.g. a sweep with --force) remove these first.
 RUN_FILES = ('last.safetensors', 'train_state.pth', 'last.prev.safetensors', 'train_state.prev.pth',
              'model.safetensors', 'model_ema.safetensors', 'summary.csv', 'results.json')
+# Held (flock) by the trainer that owns the run folder; removed when it lets go (see _RunFolderLock).
+LOCK_FILE = '.train.lock'
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
 class TrainInputError(ValueError):
     """Bad user input found before any training work (printed as one ``error:`` line, exit status 2)."""
+
+
+class RunOutputError(RuntimeError):
+    """A run file could not be written (disk full, read-only, not a folder): one ``error:`` line, exit status 2.
+
+    Writes are atomic, so every file written before, the last checkpoint included, is intact."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +155,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _float_list(n):
     return dict(type=float, nargs=n, metavar='F')
+
+
+class _ParseKwargs(ParseKwargs):
+    """timm's ``k=v`` list action, with a one-line error for an item that has no ``=``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [v for v in values if '=' not in v]
+        if bad:
+            parser.error(f'{option_string} {bad[0]}: expected key=value items, e.g. {option_string} depth=2 '
+                         f'patch_size=8')
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--interpolation', default='', type=str, metavar='NAME')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='k=v model kwargs')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=_ParseKwargs, help='k=v model kwargs')
     g.add_argument('--memory-options', default=None, metavar='JSON',
                    help='memory options as a JSON object, passed to the model as memory_options')
     g.add_argument('--grad-checkpointing', action='store_true', default=False)
@@ -194,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     g.add_argument('--clip-mode', type=str, default='norm', help='norm, value or agc')
     g.add_argument('--layer-decay', type=float, default=None)
-    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=_ParseKwargs)
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='NAME')
@@ -302,6 +335,61 @@ def _check_keys(parser, cfg: Dict[str, Any], source: str) -> None:
                               f'batch_size, freeze_epochs (see titans-timm-train --help)')
 
 
+# Options without an argparse type whose YAML value may be a mapping (the CLI takes it as JSON text).
+_MAPPING_ARGS = ('memory_options',)
+
+
+_KINDS = {int: ('an integer', 'integers'), float: ('a number', 'numbers')}
+
+
+def _yaml_value_problem(action, value) -> Optional[str]:
+    """What kind of value ``action`` needs if ``value`` (from YAML) is not one, else None.
+
+    argparse converts string defaults with the option's type but uses any other default as it is, so a list
+    where a number belongs (or a number where a list belongs) would otherwise fail deep inside training.
+    Strings are left to argparse, which converts them like command-line text.
+    """
+    if value is None:
+        return None if action.default is None else 'a value (not null)'
+    if isinstance(action, ParseKwargs) or action.dest in _MAPPING_ARGS:
+        ok = isinstance(value, dict) or (action.dest in _MAPPING_ARGS and isinstance(value, str))
+        return None if ok else 'a mapping, e.g. {depth: 2}'
+    if action.nargs == 0:  # store_true / store_false
+        return None if isinstance(value, bool) else 'true or false'
+    one, many = _KINDS.get(action.type, ('a string', 'strings'))
+
+    def fits(v):
+        if isinstance(v, (str, list, tuple, dict)) or isinstance(v, bool):
+            return isinstance(v, str)
+        return action.type is not int or isinstance(v, int)
+
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        count = f'{action.nargs} ' if isinstance(action.nargs, int) else ''
+        ok = (isinstance(value, (list, tuple)) and all(fits(v) for v in value)
+              and (not count or len(value) == action.nargs) and (action.nargs != '+' or len(value) > 0))
+        return None if ok else f'a list of {count}{many}'
+    if not fits(value):
+        return one
+    if action.choices is not None and str(value) not in map(str, action.choices):
+        return f'one of {", ".join(map(str, action.choices))}'
+    return None
+
+
+def _check_types(parser, cfg: Dict[str, Any], source: str) -> None:
+    """One line naming a YAML value of the wrong kind (``batch_size: [1, 2]``, ``mean: 0.5``)."""
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in cfg.items():
+        action = actions.get(key)
+        problem = _yaml_value_problem(action, value) if action is not None else None
+        if problem:
+            example = action.default if action.default not in (None, '', [], {}) else None
+            hint = f', e.g. {key}: {json.dumps(example)}' if example is not None else ''
+            raise TrainInputError(f'{key}: {json.dumps(value, default=str)} in {source} must be {problem}{hint}')
+        if action is not None and action.type in (None, str) and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and action.nargs is None:
+            cfg[key] = str(value)  # e.g. `experiment: 2024`, a name, not a number
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse ``argv`` with defaults from ``--resume DIR/args.yaml`` then ``-c recipe.yaml`` (CLI wins).
 
@@ -322,10 +410,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         saved_cfg = _read_yaml(str(saved), 'saved args')
         saved_cfg = {k: v for k, v in saved_cfg.items() if k not in _RUN_ONLY_ARGS}
         _check_keys(parser, saved_cfg, str(saved))
+        _check_types(parser, saved_cfg, str(saved))
         parser.set_defaults(**saved_cfg)
     if known.config:
         cfg = _read_yaml(known.config, 'config file')
         _check_keys(parser, cfg, known.config)
+        _check_types(parser, cfg, known.config)
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     _resolve_dataset(args)
@@ -478,6 +568,48 @@ def _create_model(args, kwargs: Dict[str, Any]) -> nn.Module:
     return model
 
 
+def _zero_head_for_other_classes(args, model: nn.Module, label_names: List[str]) -> None:
+    """A pretrained head trained on other classes (same count, other names) starts at zero instead.
+
+    timm keeps a checkpoint's head whenever the class count matches; for a transfer task with as many classes
+    as the pretraining task that head would map the new classes onto the old ones' features. At zero it is
+    the same for every model built from one backbone, so a memory model and its plain fine-tune start from
+    one function."""
+    if not (args.pretrained or args.pretrained_path):
+        return
+    if args.pretrained_path:
+        pretrained_names = ckpt.read_metadata(args.pretrained_path, required=False).get('label_names')
+    else:
+        pretrained_names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    head = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    if not pretrained_names or not isinstance(head, nn.Linear) or list(pretrained_names) == list(label_names):
+        return
+    if len(pretrained_names) != head.out_features:
+        return  # timm already replaced the head (other class count)
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+    if args.rank == 0:
+        _logger.info(f'the pretrained head classifies other classes ({", ".join(map(str, pretrained_names[:5]))}); '
+                     f'the head for {", ".join(map(str, label_names[:5]))} starts at zero')
+
+
+def _check_input_size(args, model: nn.Module, data_config: Dict[str, Any]) -> None:
+    """The images must have the size a ViT was built for (its patch embedding asserts it on every batch)."""
+    embed = getattr(model, 'patch_embed', None)
+    built = getattr(embed, 'img_size', None)
+    if built is None or not getattr(embed, 'strict_img_size', False):
+        return
+    data = tuple(data_config['input_size'][-2:])
+    if tuple(built) != data:
+        given = (f'--img-size {args.img_size}' if args.img_size is not None else
+                 f'--input-size {" ".join(map(str, args.input_size))}' if args.input_size else 'the data config')
+        raise TrainInputError(f'{given} gives {data[0]}x{data[1]} images, but {args.model} was built for img_size '
+                              f'{built[0]}x{built[1]} (by --model-kwargs, the -c recipe or the checkpoint); give '
+                              f'--img-size {built[0]}, or the same img_size in --model-kwargs')
+
+
 def _model_from_run(args, weights: Path):
     """The model of a run being resumed, rebuilt from its checkpoint weights (exact model args, its weights)."""
     try:
@@ -500,11 +632,40 @@ def _create_dataset(args, split: str, is_training: bool, num_samples: Optional[i
     from titans_timm import data as tdata
     try:
         # num_samples: a fixed, class-balanced subset chosen by the data module (not per epoch).
-        return tdata.create_dataset(
+        dataset = tdata.create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=is_training, num_samples=num_samples,
             image_column=args.input_key or None, label_column=args.target_key or None)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         raise TrainInputError(f'dataset {args.dataset!r} split {split!r}: {str(e).strip().splitlines()[0]}') from None
+    _check_readable(dataset, args, split)
+    return dataset
+
+
+def _check_readable(dataset, args, split: str) -> None:
+    """Read the first sample now, so unreadable images are one error line before any work.
+
+    timm's ImageDataset skips an image it cannot decode (with a warning) and gives up after 10 in a row; a
+    folder of corrupt files would otherwise end in a traceback from inside the data loader.
+    """
+    if not len(dataset):
+        return
+    timm_log = logging.getLogger('timm.data.dataset')
+    skipped = []
+    handler = logging.Handler()
+    handler.emit = lambda record: skipped.append(record.getMessage())
+    timm_log.addHandler(handler)
+    propagate, timm_log.propagate = timm_log.propagate, False  # the skips are summarised below, not printed
+    try:
+        dataset[0]
+    except (RuntimeError, OSError, ValueError) as e:
+        reason = skipped[-1].split('. ', 1)[-1] if skipped else f'{type(e).__name__}: {e}'  # no "Skipped sample"
+        where = f' in {args.data_dir}' if args.data_dir else ''
+        raise TrainInputError(f'dataset {args.dataset!r} split {split!r}: cannot read its images{where} '
+                              f'({str(reason).splitlines()[0][:200]}; the first {max(len(skipped), 1)} tried were all '
+                              f'unreadable); check that the files are intact images') from None
+    finally:
+        timm_log.removeHandler(handler)
+        timm_log.propagate = propagate
 
 
 class _ResumableBatchSampler(torch.utils.data.BatchSampler):
@@ -618,6 +779,8 @@ PREV_PAIR = ('last.prev.safetensors', 'train_state.prev.pth')
 
 def _keep_copy(src: Path, dst: Path) -> None:
     """Atomically make ``dst`` a copy of ``src`` (a hard link where the filesystem has them)."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already linked (a run killed right after linking): rename(tmp, dst) would keep tmp, a no-op
     tmp = dst.with_name(f'.{dst.name}.{uuid.uuid4().hex[:8]}.tmp')
     try:
         try:
@@ -625,9 +788,9 @@ def _keep_copy(src: Path, dst: Path) -> None:
         except OSError:   # no hard links here: a streamed copy (train_state.pth can be GBs)
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-    except BaseException:
+    finally:
+        # gone after a rename, unless that rename was a no-op (tmp and dst links to one file) or failed
         tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read_pair(directory: Path, names):
@@ -651,7 +814,24 @@ def _read_pair(directory: Path, names):
     if not same:
         return (f'{weights_path.name} (update {meta.get("num_updates")}) and {state_path.name} (update '
                 f'{state.get("num_updates")}) are from different steps'), None
+    try:
+        weights = ckpt.read_state_dict(weights_path)  # checks the tensors against the checksum stored with them
+    except ckpt.CheckpointError as e:
+        return str(e), None
+    problem = _non_finite_problem(weights, weights_path)
+    if problem:
+        return problem, None
     return None, state
+
+
+def _non_finite_problem(state_dict: Dict[str, torch.Tensor], source) -> Optional[str]:
+    """Why weights holding NaN or inf cannot be trained from (no learning rate fixes them), or None."""
+    bad = [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if not bad:
+        return None
+    shown = ', '.join(bad[:3]) + (f' (+{len(bad) - 3} more)' if len(bad) > 3 else '')
+    return (f'{source}: {len(bad)} weight tensors hold NaN or inf ({shown}), so the file is damaged or was written '
+            f'after training diverged; the learning rate is not the cause')
 
 
 def _find_resume_pair(directory: Path):
@@ -661,10 +841,114 @@ def _find_resume_pair(directory: Path):
         return directory / LAST_PAIR[0], state, False
     prev_problem, state = _read_pair(directory, PREV_PAIR)
     if prev_problem is None:
-        _logger.warning(f'{directory}: {problem} (a checkpoint write was interrupted); resuming from the '
-                        f'previous checkpoint, {PREV_PAIR[0]} + {PREV_PAIR[1]}')
+        _logger.warning(f'{directory}: {problem} (a checkpoint write was interrupted or the file was damaged); '
+                        f'resuming from the previous checkpoint, {PREV_PAIR[0]} + {PREV_PAIR[1]}')
         return directory / PREV_PAIR[0], state, True
+    if any((directory / n).exists() for n in PREV_PAIR):
+        problem += f'; the previous checkpoint cannot be used either: {prev_problem}'
     raise TrainInputError(f'--resume {directory}: {problem}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder: one owner, no leftovers, one-line write errors
+# ---------------------------------------------------------------------------------------------
+
+class _RunFolderLock:
+    """Exclusive ownership of a run folder for this process: an ``flock`` on ``DIR/LOCK_FILE``.
+
+    The kernel drops the lock when the process ends, however it ends, so a killed run never leaves a folder
+    stuck; a stale lock file is simply locked again. The owner removes the file as it lets go; a trainer that
+    locked the file just as it was removed sees that it no longer names the file and retries.
+    """
+
+    def __init__(self):
+        self.directory = None
+        self._fd = None
+
+    def acquire(self, directory: Path, resume: bool) -> None:
+        """Own ``directory``, or raise :class:`TrainInputError` if another trainer does (nothing written)."""
+        if self.directory is not None or fcntl is None:
+            return
+        path = Path(directory) / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    return  # nobody can write here, so there is nothing to guard; the first write says so
+                raise RunOutputError(_write_error_text(path, e)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                owner = os.pread(fd, 200, 0).decode(errors='replace').strip()
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    _logger.warning(f'cannot lock {directory} ({e.strerror}); it is not guarded against a '
+                                    f'second trainer')
+                    return
+                then = (f'then continue it with --resume {directory}' if resume else
+                        'or pick another --experiment')
+                raise TrainInputError(f'{directory} is in use by another trainer{f" ({owner})" if owner else ""}; '
+                                      f'wait for it to end or stop it (Ctrl-C writes a checkpoint), {then}') from None
+            try:
+                held = os.fstat(fd)
+                now = os.stat(path)
+                if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the previous owner removed the file after we opened it: lock the new one
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f'pid {os.getpid()} on {os.uname().nodename}'.encode())  # POSIX, as fcntl is
+        except OSError:
+            pass  # the owner's name only makes the other trainer's message clearer
+        self.directory, self._fd = Path(directory), fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.directory / LOCK_FILE)  # while still locked, so nobody holds a removed file unawares
+        except OSError:
+            pass
+        os.close(self._fd)
+        self.directory, self._fd = None, None
+
+
+def _remove_orphan_temps(directory: Path) -> None:
+    """Remove the temp files of trainer writes killed mid-way (only the folder's owner may call this)."""
+    for name in RUN_FILES + ('args.yaml',):
+        for tmp in directory.glob(f'.{name}.*.tmp'):   # checkpoint.atomic_write_bytes's and _keep_copy's names
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def _write_error_text(path: Path, e: OSError) -> str:
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC), errno.EFBIG):
+        hint = 'free some space or pass another --output'
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = 'pass an --output folder you can write to'
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        hint = 'a file stands where a folder should be (or the other way round): pass a folder as --output'
+    else:
+        hint = 'check --output'
+    return f'cannot write {path}: {reason}; {hint}'
+
+
+@contextmanager
+def _writing(path: Path, run_dir: Optional[Path] = None):
+    """Turn an OSError of the writes inside into :class:`RunOutputError` naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        text = _write_error_text(path, e)
+        if run_dir is not None and any((run_dir / n).is_file() for n in LAST_PAIR + PREV_PAIR):
+            text += f'; the files already written are intact: continue later with --resume {run_dir}'
+        raise RunOutputError(text) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,11 +1100,15 @@ class Trainer:
         """Write last.safetensors + train_state.pth for resuming at (epoch, step_in_epoch).
 
         Crash-safe as a pair: the previous complete pair stays readable under the PREV_PAIR names until the
-        new pair is complete (see :func:`_find_resume_pair`).
+        new pair is complete and reads back intact (see :func:`_find_resume_pair`).
         """
         rng = self._gather_rng()  # collective: every rank takes part
         if not self.is_primary:
             return
+        with _writing(self.output_dir / LAST_PAIR[0], self.output_dir):
+            self._write_checkpoint_pair(epoch, step_in_epoch, rng)
+
+    def _write_checkpoint_pair(self, epoch: int, step_in_epoch: int, rng) -> None:
         last = [self.output_dir / n for n in LAST_PAIR]
         prev = [self.output_dir / n for n in PREV_PAIR]
         if self.last_pair_complete:
@@ -831,7 +1119,7 @@ class Trainer:
         self.last_pair_complete = False
         position = dict(epoch=epoch, step_in_epoch=step_in_epoch, num_updates=self.num_updates,
                         checkpoint_id=uuid.uuid4().hex)
-        self._save_weights(last[0], position)
+        self._save_weights(last[0], position, checksum=True)
         state = dict(
             format_version=1, model=self.args.model, world_size=self.args.world_size, **position,
             optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
@@ -842,6 +1130,11 @@ class Trainer:
             train_time_s=self._train_time(),
         )
         _torch_save_atomic(state, last[1])
+        problem, _ = _read_pair(self.output_dir, LAST_PAIR)
+        if problem:
+            raise RunOutputError(f'the checkpoint just written in {self.output_dir} does not read back ({problem}); '
+                                 f'the storage may be failing. The previous checkpoint, if any, is kept as '
+                                 f'{PREV_PAIR[0]} + {PREV_PAIR[1]}')
         self.last_pair_complete = True
         for p in prev:
             p.unlink(missing_ok=True)
@@ -850,13 +1143,15 @@ class Trainer:
         """Seconds this run has spent in fit(), over every invocation (a resumed run adds to the saved total)."""
         return self.time_before + (time.time() - self.fit_started if self.fit_started is not None else 0.0)
 
-    def _save_weights(self, path: Path, extra: Dict[str, Any], model: Optional[nn.Module] = None) -> None:
+    def _save_weights(self, path: Path, extra: Dict[str, Any], model: Optional[nn.Module] = None,
+                      checksum: bool = False) -> None:
         ckpt.save_model(
             unwrap_model(model if model is not None else self.model), path, architecture=self.args.model,
             model_args=self.model_kwargs, label_names=self.label_names,
             extra_metadata=dict(extra, dataset=self.args.dataset, pretrained_cfg=dict(
                 mean=list(self.data_config['mean']), std=list(self.data_config['std']),
-                interpolation=self.data_config['interpolation'], crop_pct=self.data_config['crop_pct'])))
+                interpolation=self.data_config['interpolation'], crop_pct=self.data_config['crop_pct'])),
+            checksum=checksum)
 
     def load_checkpoint(self, directory: str, pair=None) -> None:
         """Restore model, optimizer, scheduler, EMA, position and RNG from a run directory.
@@ -1031,7 +1326,8 @@ class Trainer:
         writer = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore')
         writer.writeheader()
         writer.writerows(rows)
-        ckpt.atomic_write_bytes(path, buf.getvalue().encode())
+        with _writing(path, self.output_dir):
+            ckpt.atomic_write_bytes(path, buf.getvalue().encode())
 
     def fit(self) -> Dict[str, Any]:
         """Run (or continue) the schedule; returns the summary dict."""
@@ -1104,13 +1400,16 @@ class Trainer:
         )
         if self.is_primary and not interrupted:
             path = self.output_dir / 'model.safetensors'
-            self._save_weights(path, dict(epoch=self.num_epochs, num_updates=self.num_updates,
-                                          top1=summary['final_top1'], step0_top1=summary['step0_top1']))
+            with _writing(path, self.output_dir):
+                self._save_weights(path, dict(epoch=self.num_epochs, num_updates=self.num_updates,
+                                              top1=summary['final_top1'], step0_top1=summary['step0_top1']))
             summary['checkpoint'] = str(path)
             if self.ema is not None:
-                self._save_weights(self.output_dir / 'model_ema.safetensors', dict(epoch=self.num_epochs),
-                                   model=self.ema.module)
-            ckpt.atomic_write_bytes(self.output_dir / 'results.json', json.dumps(summary, indent=2).encode())
+                with _writing(self.output_dir / 'model_ema.safetensors', self.output_dir):
+                    self._save_weights(self.output_dir / 'model_ema.safetensors', dict(epoch=self.num_epochs),
+                                       model=self.ema.module)
+            with _writing(self.output_dir / 'results.json', self.output_dir):
+                ckpt.atomic_write_bytes(self.output_dir / 'results.json', json.dumps(summary, indent=2).encode())
         if interrupted:
             summary['checkpoint'] = str(self.output_dir / 'last.safetensors') if self.output_dir else None
         return summary
@@ -1153,17 +1452,12 @@ def _experiment_dir(args, data_config) -> Path:
     if args.experiment:
         _check_new_experiment_dir(args)
         path = Path(args.output) / args.experiment
-        path.mkdir(parents=True, exist_ok=True)
-        if args.force:
-            # the old weights' eval report and plots go too
-            for name in RUN_FILES + ('eval_report.json', 'confusion_matrix.png', 'per_class_accuracy.png',
-                                     'surprise_maps.png'):
-                (path / name).unlink(missing_ok=True)
-            for stale in path.glob('.*.tmp'):   # half-written files of an interrupted write
-                stale.unlink(missing_ok=True)
+        with _writing(path):
+            path.mkdir(parents=True, exist_ok=True)
         return path
     base = '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(data_config['input_size'][-1])])
-    Path(args.output).mkdir(parents=True, exist_ok=True)
+    with _writing(Path(args.output)):
+        Path(args.output).mkdir(parents=True, exist_ok=True)
     for i in range(10000):
         path = Path(args.output) / (base if i == 0 else f'{base}-{i}')
         try:
@@ -1171,12 +1465,30 @@ def _experiment_dir(args, data_config) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as e:
+            raise RunOutputError(_write_error_text(path, e)) from None
     raise TrainInputError(f'no free run folder name under {args.output}; pass --experiment NAME')
 
 
-def _shared_experiment_dir(args, data_config) -> Optional[Path]:
-    """Rank 0 creates the run folder; other ranks learn its name (they write only test dumps there)."""
+def _claim_run_folder(lock: _RunFolderLock, path: Path, args) -> None:
+    """Own the run folder ``path`` (or stop: another trainer does), then clear what earlier writers left there."""
+    lock.acquire(path, resume=bool(args.resume))
+    with _writing(path):
+        if args.force and not args.resume:
+            # the old weights' eval report and plots go too
+            for name in RUN_FILES + ('eval_report.json', 'confusion_matrix.png', 'per_class_accuracy.png',
+                                     'surprise_maps.png'):
+                (path / name).unlink(missing_ok=True)
+            for stale in path.glob('.*.tmp'):   # half-written files of an interrupted write
+                stale.unlink(missing_ok=True)
+        _remove_orphan_temps(path)
+
+
+def _shared_experiment_dir(args, data_config, lock: Optional[_RunFolderLock] = None) -> Optional[Path]:
+    """Rank 0 creates and claims the run folder; other ranks learn its name (they write only test dumps there)."""
     path = _experiment_dir(args, data_config) if args.rank == 0 else None
+    if path is not None and lock is not None:
+        _claim_run_folder(lock, path, args)
     if args.distributed:
         names = [str(path) if path is not None else None]
         torch.distributed.broadcast_object_list(names, src=0)
@@ -1210,6 +1522,13 @@ def _check_args(args) -> None:
     if problem:
         where = f' (from {Path(args.resume) / "args.yaml"})' if args.resume else ''
         raise TrainInputError(problem.replace(f'--device {args.device}', f'--device {args.device}{where}', 1))
+    for flag, value in (('--img-size', args.img_size), *(('--input-size', v) for v in args.input_size or ())):
+        if value is not None and value < 1:
+            raise TrainInputError(f'{flag} {value}: must be at least 1 (an image size in pixels)')
+    if args.workers < 0:
+        raise TrainInputError(f'-j/--workers {args.workers}: must be 0 (load in the training process) or more')
+    if not (args.eval_only or args.resume) and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise TrainInputError(f'--output {args.output} is a file, not a folder; pass a folder for the runs')
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise TrainInputError(f'data directory not found: {args.data_dir}; check --data-dir')
     if args.data_dir and args.dataset.strip().lower().replace('_', '-') in BUILTIN_DATASETS:
@@ -1267,13 +1586,34 @@ def _finished_summary(trainer: 'Trainer', run_dir: Path) -> Optional[Dict[str, A
 
 
 def run(args) -> Dict[str, Any]:
-    """Train (or evaluate) as ``args`` says; raises :class:`TrainInputError` for bad input before any work."""
+    """Train (or evaluate) as ``args`` says; raises :class:`TrainInputError` for bad input before any work (a run
+    folder in use by another trainer included) and :class:`RunOutputError` when a run file cannot be written."""
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     _resolve_dataset(args)
     _check_args(args)  # what is cheap to validate, before touching processes or data
 
     device = init_distributed_device(args)
+    if args.rank == 0:
+        threads = torch.get_num_threads()
+        hint = '' if threads == 1 or os.environ.get('OMP_NUM_THREADS') else \
+            ' (set OMP_NUM_THREADS=1 on a machine shared with other jobs)'
+        _logger.info(f'torch threads: {threads}{hint}')
+    lock = _RunFolderLock()
+    try:
+        return _train_or_evaluate(args, device, lock)
+    finally:
+        lock.release()
+
+
+def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
+    """:func:`run` after the argument checks; rank 0 owns the run folder through ``lock`` before it reads or
+    writes there."""
+    existing = Path(args.resume) if args.resume else Path(args.output) / args.experiment if args.experiment else None
+    if args.rank == 0 and not args.eval_only and existing is not None and existing.is_dir():
+        # Early, so a second trainer stops before loading data, and no checkpoint is read while another writes it.
+        lock.acquire(existing, resume=bool(args.resume))
+        _remove_orphan_temps(existing)
     # The same seed on every rank while the model is built, so randomly initialised parameters (and the EMA
     # copy made from them) agree before DDP's broadcast; each rank then reseeds for its own augmentation draws.
     random_seed(args.seed, 0)
@@ -1298,10 +1638,17 @@ def run(args) -> Dict[str, Any]:
     else:
         model_kwargs = _model_kwargs(args, args.num_classes)
         model = _create_model(args, model_kwargs)
+        _zero_head_for_other_classes(args, model, label_names)
+        # (a resumed run's weights were checked with its checkpoint pair)
+        source = f'--pretrained-path {args.pretrained_path}' if args.pretrained_path else f'model {args.model}'
+        problem = _non_finite_problem(model.state_dict(), source)
+        if problem:
+            raise TrainInputError(problem)
     model.to(device)
     if args.rank:
         random_seed(args.seed, args.rank)  # rank 0 keeps its stream: single-process runs are unchanged
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    _check_input_size(args, model, data_config)
     if args.lr is None:
         global_batch = args.batch_size * args.world_size
         scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
@@ -1339,9 +1686,10 @@ def run(args) -> Dict[str, Any]:
             if args.distributed:
                 torch.distributed.destroy_process_group()
             return done
-    output_dir = _shared_experiment_dir(args, data_config)
+    output_dir = _shared_experiment_dir(args, data_config, lock)
     if args.rank == 0:
-        ckpt.atomic_write_bytes(output_dir / 'args.yaml', _args_text(args).encode())
+        with _writing(output_dir / 'args.yaml', output_dir):
+            ckpt.atomic_write_bytes(output_dir / 'args.yaml', _args_text(args).encode())
     trainer.output_dir = output_dir
     summary = trainer.fit()
     if args.rank == 0:
@@ -1360,7 +1708,8 @@ def main(argv: Optional[List[str]] = None):
 
     The summary holds ``output_dir``, ``checkpoint`` (model.safetensors, or last.safetensors if
     stopped), ``best_top1``, ``final_top1``, ``step0_top1`` (accuracy before training), ``interrupted``.
-    Bad input prints one ``error: ...`` line and raises ``SystemExit(2)`` before any training work.
+    Bad input prints one ``error: ...`` line and raises ``SystemExit(2)`` before any training work; so does a
+    write that fails (disk full, read-only ``--output``), leaving the files already written intact.
     Called without ``argv`` (the console script, which hands the return value to ``sys.exit``)
     it returns the exit status instead: 0, or 130 when stopped by Ctrl-C.
     """
@@ -1371,7 +1720,7 @@ def main(argv: Optional[List[str]] = None):
     try:
         args = parse_args(argv)
         summary = run(args)
-    except (TrainInputError, ckpt.CheckpointError) as e:
+    except (TrainInputError, RunOutputError, ckpt.CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
     except FloatingPointError as e:
