@@ -71,7 +71,10 @@ def test_registry_lists_27_models_with_backbone_pretrained_cfgs():
            'base': 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'}
     for name in ALL_NAMES:
         tags = timm.list_pretrained(f'{name}.*')
-        assert len(tags) == 1, tags
+        # the Hub backbone is the default tag; tiny models also carry the shipped backbone (test_pretrained_tag.py)
+        assert len(tags) == (2 if _size(name) == 'tiny' else 1), tags
+        assert timm.get_pretrained_cfg(name).tag == tags[0].split('.', 1)[1]
+        assert tags[1:] == ([f'{name}.fmnist5'] if _size(name) == 'tiny' else [])
         cfg = timm.get_pretrained_cfg(tags[0]).to_dict()
         assert cfg['hf_hub_id'] == hub[_size(name)]
         assert cfg['mean'] == (0.5, 0.5, 0.5) and cfg['std'] == (0.5, 0.5, 0.5)

@@ -71,6 +71,7 @@ Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chu
   within a call so peak memory does not grow. The read stays outside the dual-form node (see ``_DualWrite``).
 * Left: a fused kernel per chunk (one pass over the chunk's hidden-sized tensors) is what the 2x target needs.
 """
+import contextlib
 import functools
 import math
 import threading
@@ -80,9 +81,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm, trunc_normal_
+from timm.layers import LayerNorm, register_notrace_function, register_notrace_module, trunc_normal_
 
-__all__ = ['MEMORY_TYPES', 'READ_MODES', 'create_memory', 'MemoryState',
+__all__ = ['MEMORY_TYPES', 'READ_MODES', 'create_memory', 'MemoryState', 'NotScriptableError',
            'PersistentMemory', 'SimpleNeuralMemory', 'AdvancedNeuralMemory']
 
 MEMORY_TYPES = ('mlp', 'simple', 'advanced')
@@ -90,6 +91,30 @@ READ_MODES = ('after_write', 'causal')
 
 # state of one batch of memories: per-layer weights [B, H, d_in, d_out] and momentum (None when off or not yet set)
 MemoryState = Dict[str, Optional[List[torch.Tensor]]]
+
+# Upper bounds of the size options (``_check_options``). Without them a typo (``depth=100000``, ``heads=100000``)
+# builds for minutes and then cannot run. They sit far above anything useful: the defaults are depth 1-2, an
+# inner width of dim (heads x 64) and a hidden width of 4 x 64, and the vision TTT work (DESIGN.md) found deeper
+# inner models harder to optimise, not better.
+MAX_DEPTH = 16            # memory MLP layers
+MAX_WIDTH_FACTOR = 8      # heads * head_dim and the hidden width: at most 8 x max(dim, 64)
+MAX_M0_FACTOR = 128       # parameters of M0 (all heads and layers): at most 128 x max(dim, 64)^2 (~10 timm Blocks)
+
+
+class NotScriptableError(RuntimeError):
+    """Raised by ``torch.jit.script`` on a Titans memory (or a model holding one): TorchScript cannot compile it.
+
+    The write loops over a data-dependent number of chunks with a custom autograd node and Python-side buffers;
+    ``torch.compile`` (speed) and ``torch.export`` (a deployable graph) handle it and are the supported routes."""
+
+
+def _autocast_off(x: torch.Tensor):
+    """Autocast switched off around the float32 inner loop. A device type autocast does not know (``meta``: the
+    shape-only forward of a model built with ``device='meta'``) has no autocast to switch off."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -607,10 +632,45 @@ class _DualWrite(torch.autograd.Function):
         return (dk, dv, d_gamma, d_r0, None, *d_w0)
 
 
+# FX: every memory call is one leaf node of a traced graph. The write loops over a number of chunks that depends
+# on the token count, builds its coefficients with Python arithmetic on sizes and switches autocast off around the
+# float32 inner loop, none of which symbolic tracing can follow; as a leaf, the graph runs this module's eager code
+# (the fused write included). ``torch.fx.wrap`` makes every tracer (``torch.fx.symbolic_trace`` too) record these
+# calls as single nodes; ``register_notrace_function`` / ``register_notrace_module`` (on the classes below) are
+# timm's own registry, which its FX feature extraction (``features_only=True, feature_cls='fx'``,
+# ``create_feature_extractor``, ``get_graph_node_names``) reads, as for timm's own untraceable layers.
+
+@register_notrace_function
+@torch.fx.wrap
+def memory_forward(memory: nn.Module, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                   return_stats: bool = False):
+    """``memory(x, context, return_stats)``, one FX leaf (see above)."""
+    return memory._forward(x, context, return_stats)
+
+
+@register_notrace_function
+@torch.fx.wrap
+def memory_write(memory: nn.Module, x: torch.Tensor, state: Optional[MemoryState] = None,
+                 context: Optional[torch.Tensor] = None, return_stats: bool = False):
+    """``memory.write(x, state, context, return_stats)``, one FX leaf (see above)."""
+    return memory._write_tokens(x, state, context, return_stats)
+
+
+@register_notrace_function
+@torch.fx.wrap
+def memory_read(memory: nn.Module, x: torch.Tensor, state: Optional[MemoryState] = None) -> torch.Tensor:
+    """``memory.read(x, state)``, one FX leaf (see above)."""
+    return memory._read_tokens(x, state)
+
+
 class _MemoryBase(nn.Module):
     """Shared parts: input norm, head layout, per-head memory MLP M0 and the output projection.
 
-    Built through :func:`create_memory`, which checks every option (``_check_options``)."""
+    Built through :func:`create_memory`, which checks every option (``_check_options``).
+
+    timm manners: ``reset_parameters()`` initialises every parameter in place (what timm's ``init_weights()`` needs
+    after ``to_empty()``, e.g. for a model built with ``device='meta'``); under FX tracing every call is one leaf
+    node (``memory_forward``); ``torch.jit.script`` raises ``NotScriptableError`` at once."""
 
     # the create_memory options this type takes, as stored on the instance (see ``options``)
     option_names = ('heads', 'head_dim', 'depth', 'expansion')
@@ -651,6 +711,36 @@ class _MemoryBase(nn.Module):
         self.proj = nn.Linear(inner, dim, **dd)
         self.inner = inner
 
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
+        """[B, N, D] -> [B, N, D] retrieved values; with ``return_stats`` also ``{'surprise': [B, N]}``.
+
+        ``context`` (``advanced`` with ``qkv_diff_views``): tokens [B, N, D] the keys and values are taken from."""
+        return memory_forward(self, x, context, return_stats)
+
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor], return_stats: bool):
+        raise NotImplementedError
+
+    def _init_views(self) -> None:
+        """Initialise the subclass's projections and gates in place (construction and ``reset_parameters``)."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter in place as construction does (new random values). timm's
+        ``init_weights()`` calls it after ``to_empty()``; a model built on the meta device has no values until then."""
+        self.norm.reset_parameters()
+        with torch.no_grad():
+            for w in self.initial_weights:
+                w.normal_(0., 1. / math.sqrt(w.shape[1]))   # as construction: randn / sqrt(d_in)
+        self.proj.reset_parameters()
+        self._init_views()
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this hook before compiling anything: one clear error instead of a parse failure
+        raise NotScriptableError(
+            f'{type(self).__name__} cannot be compiled with TorchScript (torch.jit.script): the Titans memory writes '
+            f'each image with a data-dependent chunk loop and a custom autograd node. Use torch.compile(model) for '
+            f'speed or torch.export.export(model, (x,)) for a deployable graph.')
+
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         B, N, _ = t.shape
         return t.view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, H, N, dh]
@@ -660,6 +750,7 @@ class _MemoryBase(nn.Module):
         return self.proj(t.transpose(1, 2).reshape(B, N, H * dh))  # [B, N, D]
 
 
+@register_notrace_module
 class PersistentMemory(_MemoryBase):
     """``mlp`` memory: the per-head memory MLP M0 read with queries, never updated (y = M0(q))."""
 
@@ -669,10 +760,13 @@ class PersistentMemory(_MemoryBase):
                  expansion: float = 4.0, device=None, dtype=None, **unused):
         super().__init__(dim, heads=heads, head_dim=head_dim, depth=depth, expansion=expansion, device=device, dtype=dtype)
         self.q = nn.Linear(dim, self.inner, **{'device': device, 'dtype': dtype})
+        self._init_views()
+
+    def _init_views(self) -> None:
         trunc_normal_(self.q.weight, std=.02)
         nn.init.zeros_(self.q.bias)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor], return_stats: bool):
         q = F.normalize(self._split_heads(self.q(self.norm(x))), dim=-1)  # [B, H, N, dh]
         y = _mlp_read(list(self.initial_weights), q)
         out = self._merge_heads(y)
@@ -812,7 +906,7 @@ class _NeuralMemory(_MemoryBase):
         q, k, v, theta, eta, keep = self._views(xn, cn)
         if not self.momentum:
             eta = None
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x):
             q, k = F.normalize(_f32(q), dim=-1), F.normalize(_f32(k), dim=-1)
             v, theta, keep = _f32(v), _f32(theta), _f32(keep)
             eta = _f32(eta) if eta is not None else None
@@ -822,27 +916,31 @@ class _NeuralMemory(_MemoryBase):
               return_stats: bool = False):
         """Write the tokens ``x`` [B, N, D] into the memory (from M0 when ``state`` is None); returns the new state,
         or ``(state, {'surprise': [B, N]})`` with ``return_stats``."""
-        _, k, v, theta, eta, keep = self._prepare(x, context)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            state, stats, _ = self._write(k, v, theta, eta, keep, state or self.initial_state(x.shape[0]))
-        return (state, stats) if return_stats else state
+        return memory_write(self, x, state, context, return_stats)
 
     def read(self, x: torch.Tensor, state: Optional[MemoryState] = None) -> torch.Tensor:
         """Read the memory ``state`` (M0 when None) with queries from ``x`` [B, M, D] without updating it (15)."""
+        return memory_read(self, x, state)
+
+    def _write_tokens(self, x: torch.Tensor, state: Optional[MemoryState], context: Optional[torch.Tensor],
+                      return_stats: bool):
+        _, k, v, theta, eta, keep = self._prepare(x, context)
+        with _autocast_off(x):
+            state, stats, _ = self._write(k, v, theta, eta, keep, state or self.initial_state(x.shape[0]))
+        return (state, stats) if return_stats else state
+
+    def _read_tokens(self, x: torch.Tensor, state: Optional[MemoryState]) -> torch.Tensor:
         q = self._queries(self.norm(x))
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x):
             q = F.normalize(_f32(q), dim=-1)
             weights = (state or self.initial_state(x.shape[0]))['weights']
             y = _mlp_read([_f32(w) for w in weights], q)
         return self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
-        """[B, N, D] -> [B, N, D]: write the image's tokens, then read them (``read_mode``); optionally per-token stats.
-
-        ``context`` (``advanced`` with ``qkv_diff_views``): tokens [B, N, D] the keys and values are taken from.
-        """
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor], return_stats: bool):
+        # write the image's tokens, then read them (``read_mode``)
         q, k, v, theta, eta, keep = self._prepare(x, context)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x):
             causal = self.read_mode == 'causal'
             if causal:
                 _, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q)
@@ -859,6 +957,7 @@ class _NeuralMemory(_MemoryBase):
         return (out, stats) if return_stats else out
 
 
+@register_notrace_module
 class SimpleNeuralMemory(_NeuralMemory):
     """``simple`` memory: learned per-head scalar theta (inner lr), eta (momentum) and alpha (forgetting).
 
@@ -873,13 +972,21 @@ class SimpleNeuralMemory(_NeuralMemory):
         super().__init__(dim, heads, head_dim, depth, expansion, chunk_size, read_mode, momentum, max_lr, device, dtype)
         dd = {'device': device, 'dtype': dtype}
         self.qkv = nn.Linear(dim, 3 * self.inner, **dd)
+        # logits of the per-head gates (values: _init_views)
+        self.theta_logit = nn.Parameter(torch.empty(self.heads, **dd))
+        # without momentum there is no eta: no parameter that would never get a gradient (DDP needs none)
+        self.eta_logit = nn.Parameter(torch.empty(self.heads, **dd)) if momentum else None
+        self.alpha_logit = nn.Parameter(torch.empty(self.heads, **dd))
+        self._init_views()
+
+    def _init_views(self) -> None:
         trunc_normal_(self.qkv.weight, std=.02)
         nn.init.zeros_(self.qkv.bias)
-        # logits of the per-head gates: theta ~ 0.5 * max_lr, eta ~ 0.5, alpha ~ 0.02 at init
-        self.theta_logit = nn.Parameter(torch.zeros(self.heads, **dd))
-        # without momentum there is no eta: no parameter that would never get a gradient (DDP needs none)
-        self.eta_logit = nn.Parameter(torch.zeros(self.heads, **dd)) if momentum else None
-        self.alpha_logit = nn.Parameter(torch.full((self.heads,), -4.0, **dd))
+        # theta ~ 0.5 * max_lr, eta ~ 0.5, alpha ~ 0.02 at init
+        nn.init.zeros_(self.theta_logit)
+        if self.eta_logit is not None:
+            nn.init.zeros_(self.eta_logit)
+        nn.init.constant_(self.alpha_logit, -4.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.eta_logit is None:
@@ -902,6 +1009,7 @@ class SimpleNeuralMemory(_NeuralMemory):
         return theta, eta, keep
 
 
+@register_notrace_module
 class AdvancedNeuralMemory(_NeuralMemory):
     """``advanced`` memory: separate W_Q / W_K / W_V, data-dependent per-token theta and per-chunk eta / alpha.
 
@@ -923,12 +1031,17 @@ class AdvancedNeuralMemory(_NeuralMemory):
         self.k = nn.Linear(dim, self.inner, **dd)
         self.v = nn.Linear(dim, self.inner, **dd)
         self.gates = nn.Linear(dim, 3 * self.heads, **dd)  # per head: theta (per token), eta, alpha (per chunk)
+        self._init_views()
+
+    def _init_views(self) -> None:
         for lin in (self.q, self.k, self.v):
             trunc_normal_(lin.weight, std=.02)
             nn.init.zeros_(lin.bias)
         trunc_normal_(self.gates.weight, std=.02)
-        with torch.no_grad():
-            self.gates.bias.copy_(torch.tensor([0.0, 0.0, -4.0], **dd).repeat_interleave(self.heads))
+        with torch.no_grad():   # gate logits per head: theta 0, eta 0, alpha -4 (theta ~ 0.5 max_lr, alpha ~ 0.02)
+            bias = self.gates.bias.view(3, self.heads)
+            bias[:2].zero_()
+            bias[2].fill_(-4.0)
 
     def _views(self, x, context):
         # one matmul for every projection that reads the same tokens (the parameters stay separate modules)
@@ -982,20 +1095,25 @@ def create_memory(kind: str, dim: int, **options) -> nn.Module:
             ``simple``, 2 for ``mlp`` and ``advanced``),
             ``expansion`` (hidden width / head_dim, 4), ``chunk_size`` (16; None = whole image in one step),
             ``read_mode`` (``'after_write'`` or ``'causal'``), ``momentum`` (True), ``max_lr`` (bound of the inner
-            step, 1.0), ``qkv_diff_views`` (advanced only).
+            step, 1.0), ``qkv_diff_views`` (advanced only). Sizes are bounded: ``depth <= MAX_DEPTH`` (16), the
+            inner width ``heads * head_dim`` and the hidden width at most ``MAX_WIDTH_FACTOR`` (8) x max(dim, 64),
+            M0 at most ``MAX_M0_FACTOR`` (128) x max(dim, 64)^2 parameters; anything else is a ValueError.
 
     ``module(x, return_stats=True)`` also returns ``{'surprise': [B, N]}``, each token's associative loss (12) at
     the weights it was written with (zeros for ``mlp``, which is never written).
     """
     if kind not in _MEMORY_CLASSES:
         raise ValueError(f'unknown memory type {kind!r}; choose one of {MEMORY_TYPES}')
-    _check_options(kind, options)
+    _check_options(kind, options, dim)
     return _MEMORY_CLASSES[kind](dim, **options)
 
 
-def _check_options(kind: str, options: Dict[str, object]) -> None:
+def _check_options(kind: str, options: Dict[str, object], dim: Optional[int] = None) -> None:
     """One clear ValueError for an unknown option or a value of the wrong type or range. ``mlp`` is never written:
-    it checks the write options (a sweep passes the same ones to every type) and ignores them."""
+    it checks the write options (a sweep passes the same ones to every type) and ignores them.
+
+    Sizes are bounded (``MAX_DEPTH``, ``MAX_WIDTH_FACTOR``, ``MAX_M0_FACTOR``; relative to the token width ``dim``
+    when given), so a typo fails at once instead of building for minutes."""
     known = {'heads', 'head_dim', 'depth', 'expansion', 'chunk_size', 'read_mode', 'momentum', 'max_lr',
              'qkv_diff_views', 'device', 'dtype'}
     unknown = set(options) - known
@@ -1006,7 +1124,7 @@ def _check_options(kind: str, options: Dict[str, object]) -> None:
     rules = {
         'heads': (lambda v: v is None or (is_int(v) and v >= 1), 'an int >= 1 or None (dim // head_dim)'),
         'head_dim': (lambda v: is_int(v) and v >= 1, 'an int >= 1'),
-        'depth': (lambda v: is_int(v) and v >= 1, 'an int >= 1'),
+        'depth': (lambda v: is_int(v) and 1 <= v <= MAX_DEPTH, f'an int in [1, {MAX_DEPTH}]'),
         'expansion': (lambda v: is_real(v) and v > 0, 'a number > 0'),
         'chunk_size': (lambda v: v is None or (is_int(v) and v >= 1), 'an int >= 1, or None (the whole image)'),
         'read_mode': (lambda v: v in READ_MODES, f'one of {READ_MODES}'),
@@ -1017,8 +1135,32 @@ def _check_options(kind: str, options: Dict[str, object]) -> None:
     for name, (ok, what) in rules.items():
         if name in options and not ok(options[name]):
             raise ValueError(f'memory option {name} must be {what}, got {options[name]!r}')
+    if dim is not None:
+        _check_sizes(kind, options, dim)
     if options.get('qkv_diff_views') and kind != 'advanced':
         raise ValueError("qkv_diff_views needs memory type 'advanced'")
     if kind != 'mlp' and options.get('read_mode') == 'causal' and options.get('chunk_size', 16) is None:
         raise ValueError("read_mode='causal' needs a chunk_size: with the whole image as one chunk every token "
                          "would read the initial memory and the write would be lost (e.g. chunk_size=16)")
+
+
+def _check_sizes(kind: str, options: Dict[str, object], dim: int) -> None:
+    """The memory's widths and M0's size at the values the module would resolve them to (see ``MAX_*``)."""
+    head_dim = options.get('head_dim', 64)
+    heads = options.get('heads') or max(1, dim // head_dim)
+    depth = options.get('depth', 1 if kind == 'simple' else 2)
+    hidden = int(head_dim * options.get('expansion', 4.0))
+    limit = MAX_WIDTH_FACTOR * max(dim, 64)
+    if heads * head_dim > limit:
+        raise ValueError(f'memory options heads x head_dim = {heads} x {head_dim} = {heads * head_dim} exceed '
+                         f'{limit} ({MAX_WIDTH_FACTOR} x max(dim={dim}, 64)); the default is dim // 64 heads of 64')
+    if hidden > limit or (depth > 1 and hidden < 1):   # one upper bound whatever the depth (unused at depth 1)
+        raise ValueError(f'memory options head_dim x expansion = {head_dim} x {options.get("expansion", 4.0)} give a '
+                         f'hidden width of {hidden}; it must be in [1, {limit}] ({MAX_WIDTH_FACTOR} x max(dim={dim}, 64))')
+    sizes = [head_dim] + [hidden] * (depth - 1) + [head_dim]
+    m0 = heads * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    m0_limit = MAX_M0_FACTOR * max(dim, 64) ** 2
+    if m0 > m0_limit:
+        raise ValueError(f'memory options heads={heads}, head_dim={head_dim}, depth={depth}, hidden width {hidden} '
+                         f'give M0 {m0:,} parameters, more than {m0_limit:,} ({MAX_M0_FACTOR} x max(dim={dim}, 64)^2, '
+                         f'about ten timm Blocks); use fewer or narrower layers')

@@ -56,6 +56,9 @@ peak training memory <= 2x; numbers in the README):
 import json
 import logging
 import math
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
@@ -64,18 +67,21 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, named_apply
 from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from .memory import MEMORY_TYPES, create_memory
+from .memory import MEMORY_TYPES, NotScriptableError, create_memory
 
 __all__ = [
     'APPROACHES', 'TitansVisionTransformer', 'MemoryLayerBlock', 'MemoryGateBlock', 'MemoryContextBlock',
     'PretrainedCheckpointError', 'checkpoint_filter_fn', 'split_parameters', 'memory_modules',
-    'resolve_memory_blocks',
+    'resolve_memory_blocks', 'PretrainedWeightsUnavailable', 'FMNIST5_WEIGHTS', 'FMNIST5_MODEL_ARGS', 'TAG_MODEL_ARGS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -132,6 +138,15 @@ def _zero_layer_scale(dim: int, **dd) -> LayerScale:
     return LayerScale(dim, init_values=0., **dd)
 
 
+@torch.fx.wrap
+def _check_no_attn_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    """MAC blocks take no attention mask. An FX leaf: under symbolic tracing ``attn_mask`` and ``is_causal`` are
+    graph inputs, so the check is recorded and runs when the traced graph runs."""
+    if attn_mask is not None or is_causal:
+        raise ValueError(
+            'MAC models do not support attn_mask / is_causal: the retrieved memory tokens see every token')
+
+
 class MemoryLayerBlock(Block):
     """MAL: a timm ``Block`` followed by a gated memory layer, ``x = x + g * Mem(LN(x))`` with ``g`` zero-init."""
 
@@ -162,6 +177,11 @@ class MemoryLayerBlock(Block):
         self.memory = create_memory(memory_type, dim, **(memory_options or {}), **dd)
         self.memory_ls = _zero_layer_scale(dim, **dd)
         self.memory_drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def reset_memory_params(self) -> None:
+        """Re-initialise the memory (new random values) and zero its LayerScale (exact backbone block again)."""
+        self.memory.reset_parameters()
+        self.memory_ls.reset_parameters()
 
     def forward(
             self,
@@ -219,6 +239,11 @@ class MemoryGateBlock(Block):
         nn.init.zeros_(self.memory_gate.weight)
         nn.init.zeros_(self.memory_gate.bias)
         self.memory_ls.reset_parameters()
+
+    def reset_memory_params(self) -> None:
+        """Re-initialise the memory (new random values) and zero the gate (exact backbone block again)."""
+        self.memory.reset_parameters()
+        self.reset_memory_gate()
 
     def forward(
             self,
@@ -283,9 +308,12 @@ class MemoryContextBlock(Block):
         self.reset_memory_params()
 
     def reset_memory_params(self) -> None:
-        """Initialise persistent tokens (small normal, as timm's position embedding) and zero the gate."""
+        """Initialise persistent tokens (small normal, as timm's position embedding), the retrieved tokens' norm and
+        zero the gate. (The memory itself is the model's: ``TitansVisionTransformer.memory``.)"""
         if self.memory_persistent is not None:
             trunc_normal_(self.memory_persistent, std=.02)
+        if hasattr(self.memory_norm, 'reset_parameters'):
+            self.memory_norm.reset_parameters()
         nn.init.zeros_(self.memory_gate)
 
     def _read_context(self, x: torch.Tensor, memory: nn.Module, state: Any) -> torch.Tensor:
@@ -355,6 +383,11 @@ class TitansVisionTransformer(VisionTransformer):
 
     All of timm's ``VisionTransformer`` arguments are accepted; memory-carrying blocks keep the backbone's
     parameter names (``blocks.{i}.norm1/attn/ls1/mlp...``) and add ``*memory*`` ones.
+
+    Like any timm model it traces with ``torch.fx`` (each memory call is one leaf node, so timm's FX feature
+    extraction works), builds on ``device='meta'`` (``to_empty()`` then ``init_weights()`` materialises it), keeps
+    its dtype (the memory's inner loop runs in float32, its output is cast back) and runs under ``torch.compile``
+    and ``torch.export``; ``torch.jit.script`` raises ``NotScriptableError`` naming those two routes.
     """
 
     def __init__(
@@ -384,6 +417,10 @@ class TitansVisionTransformer(VisionTransformer):
             raise ValueError(f'approach must be one of {APPROACHES}, got {approach!r}')
         if memory_type not in MEMORY_TYPES:
             raise ValueError(f'memory_type must be one of {MEMORY_TYPES}, got {memory_type!r}')
+        if memory_options is not None and not (
+                isinstance(memory_options, dict) and all(isinstance(k, str) for k in memory_options)):
+            raise ValueError(f'memory_options must be a dict of create_memory options (e.g. {{"chunk_size": 16}}), '
+                             f'got {memory_options!r}')
         memory_options = {**DEFAULT_MEMORY_OPTIONS, **(memory_options or {})}
         try:
             json.dumps(memory_options)
@@ -429,13 +466,22 @@ class TitansVisionTransformer(VisionTransformer):
         else:
             self.memory = None
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this hook before compiling anything: one clear error instead of a parse failure
+        raise NotScriptableError(
+            f'{type(self).__name__} ({self.approach}, {self.memory_type} memory) cannot be compiled with TorchScript '
+            f'(torch.jit.script): its Titans memory writes each image with a data-dependent chunk loop and a custom '
+            f'autograd node. Use torch.compile(model) for speed or torch.export.export(model, (x,)) for a '
+            f'deployable graph.')
+
     @torch.jit.ignore
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
-        """timm's ViT init for the backbone; memory modules and gates keep their own init (gates stay zero).
+        """timm's ViT init for the backbone; memory modules and gates get their own init (gates zero).
 
         Args:
             mode: Weight initialization mode ('jax', 'jax_nlhb', 'moco', 'reset' or '').
-            needs_reset: If True, call reset_parameters() on backbone modules that have it.
+            needs_reset: If True (timm's default, e.g. after ``to_empty()``), call reset_parameters() on backbone
+                modules that have it and re-initialise every memory parameter; construction passes False.
         """
         mode = mode or self.weight_init_mode
         if mode not in ('jax', 'jax_nlhb', 'moco', 'reset', ''):
@@ -455,6 +501,15 @@ class TitansVisionTransformer(VisionTransformer):
                 backbone_init(module, name=name)
 
         named_apply(init_backbone_only, self)
+        if needs_reset:
+            # every memory parameter too (new random values from its own init, zero gates): after to_empty()
+            # (e.g. a model built with device='meta') they hold no values either. At construction timm passes
+            # needs_reset=False and the memory keeps the init it built with.
+            for blk in self.blocks:
+                if hasattr(blk, 'reset_memory_params'):
+                    blk.reset_memory_params()
+            if getattr(self, 'memory', None) is not None:   # unset while timm's __init__ runs
+                self.memory.reset_parameters()
         if self.fix_init:
             self.fix_init_weight()
 
@@ -490,6 +545,8 @@ class TitansVisionTransformer(VisionTransformer):
         memory option resolved). Checkpoints and Hub configs store these, so a later change of a default
         (placement interval, chunk size, heads, ...) cannot change what a saved model rebuilds into."""
         args = dict(approach=self.approach, memory_type=self.memory_type, memory_blocks=list(self.memory_blocks))
+        # the architecture a pretrained tag (``.fmnist5``) set: a tag-less rebuild must get it too
+        args.update(getattr(self, 'tag_model_args', None) or {})
         modules = self._named_memory_modules()
         args['memory_options'] = dict(modules[0][1].options) if modules else dict(self.memory_options)
         if self.approach == 'mac':
@@ -512,9 +569,7 @@ class TitansVisionTransformer(VisionTransformer):
     ) -> Tuple[torch.Tensor, Any]:
         ckpt = self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled()
         if isinstance(blk, MemoryContextBlock):
-            if attn_mask is not None or is_causal:
-                raise ValueError(
-                    'MAC models do not support attn_mask / is_causal: the retrieved memory tokens see every token')
+            _check_no_attn_mask(attn_mask, is_causal)
             if ckpt:
                 return checkpoint(blk, x, self.memory, state)
             return blk(x, self.memory, state)
@@ -707,9 +762,82 @@ def checkpoint_filter_fn(
     return state_dict
 
 
-def _create_titans_vit(variant: str, pretrained: bool = False, **kwargs) -> TitansVisionTransformer:
+# Pretrained tags whose weights ship inside the package, with the architecture they were trained at. A tag's
+# architecture arguments apply whether or not pretrained=True (so a checkpoint saved under the tag rebuilds
+# the same model); arguments the caller passes still win.
+FMNIST5_WEIGHTS = Path(__file__).resolve().parent / 'data_files' / 'vit_tiny_p4_28_fmnist5.safetensors'
+FMNIST5_CLASSES = ('Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+FMNIST5_MODEL_ARGS = {'img_size': 28, 'patch_size': 4, 'depth': 4}
+TAG_MODEL_ARGS = {'fmnist5': FMNIST5_MODEL_ARGS}
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """``pretrained=True`` needs weights from the Hugging Face Hub, which is unreachable and holds no cached copy."""
+
+
+def _requested_tag(variant: str, pretrained_cfg: Any) -> str:
+    if isinstance(pretrained_cfg, str):
+        return pretrained_cfg
+    if isinstance(pretrained_cfg, dict):
+        return pretrained_cfg.get('tag') or ''
+    if pretrained_cfg is not None:
+        return getattr(pretrained_cfg, 'tag', '') or ''
+    default = get_pretrained_cfg(variant)  # the architecture's default tag
+    return getattr(default, 'tag', '') or ''
+
+
+def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """Why the Hub cannot be reached (offline mode, or no connection within ``timeout`` s), or ``None``."""
+    if hf_constants.HF_HUB_OFFLINE:
+        return 'HF_HUB_OFFLINE is set'
+    url = urlparse(hf_constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout).close()
+    except OSError as e:
+        return f'{url.hostname} is unreachable ({e.strerror or type(e).__name__})'
+    return None
+
+
+def _check_hub_weights(variant: str, pretrained_cfg: Any, pretrained_cfg_overlay: Optional[Dict[str, Any]],
+                       cache_dir: Optional[str] = None) -> None:
+    """Fail in seconds, with the offline routes, when the weights must come from an unreachable Hub.
+
+    Without this, huggingface_hub retries for about a minute and ends in an error that does not say how to
+    load the weights offline."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    load_from, hub_id = _resolve_pretrained_source(cfg.to_dict())
+    if load_from != 'hf-hub':
+        return
+    repo_id = hub_id.split('@')[0]
+    for filename in ('model.safetensors', 'open_clip_pytorch_model.bin', 'pytorch_model.bin'):
+        if isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str):
+            return  # cached: timm loads it without the network
+    why = _hub_unreachable()
+    if why is None:
+        return
+    raise PretrainedWeightsUnavailable(
+        f"{variant}{'.' + cfg.tag if cfg.tag else ''}: pretrained=True needs {repo_id}/model.safetensors from the "
+        f"Hugging Face Hub, but {why} and it is not in the cache ({cache_dir or hf_constants.HF_HUB_CACHE}). Offline, use "
+        f"pretrained_cfg_overlay=dict(file='PATH/model.safetensors') with a local copy of those weights, "
+        f"'local-dir:DIR' for a folder with config.json + model.safetensors, a cache filled elsewhere with "
+        f"HF_HUB_OFFLINE=1, or the weights that ship with titans-timm: "
+        f"timm.create_model('vit_tiny_{variant.split('_', 2)[-1]}.fmnist5', pretrained=True)")
+
+
+def _create_titans_vit(
+        variant: str,
+        pretrained: bool = False,
+        model_args: Optional[Dict[str, Any]] = None,
+        **kwargs,
+) -> TitansVisionTransformer:
+    """Build ``variant`` from its ``model_args``, the pretrained tag's architecture and the caller's ``kwargs``."""
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
+    tag_args = TAG_MODEL_ARGS.get(_requested_tag(variant, kwargs.get('pretrained_cfg')), {})
+    kwargs = {**(model_args or {}), **tag_args, **kwargs}
+    if pretrained:
+        _check_hub_weights(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'),
+                           kwargs.get('cache_dir'))
+    model = build_model_with_cfg(
         TitansVisionTransformer,
         variant,
         pretrained,
@@ -717,6 +845,9 @@ def _create_titans_vit(variant: str, pretrained: bool = False, **kwargs) -> Tita
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
+    # recorded by resolved_model_args, so checkpoints saved under the tag rebuild the same architecture
+    model.tag_model_args = {k: kwargs[k] for k in tag_args}
+    return model
 
 
 def _cfg(hf_hub_id: str = '', **kwargs) -> Dict[str, Any]:
@@ -744,11 +875,33 @@ _BACKBONE_WEIGHTS = {
     'base': ('augreg2_in21k_ft_in1k', 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'),
 }
 
+# ``fmnist5``: the ViT-Tiny backbone that ships in the package (28 px, 4 px patches, 4 blocks), pretrained by
+# tools/pretrain_backbone.py on five Fashion-MNIST classes; the built-in ``fashion-mnist-transfer`` set holds the
+# other five. Offline, no download. Its head classifies the five pretraining classes.
+_FMNIST5_CFG = dict(
+    file=str(FMNIST5_WEIGHTS),
+    num_classes=len(FMNIST5_CLASSES),
+    label_names=FMNIST5_CLASSES,
+    input_size=(3, 28, 28),
+    crop_pct=1.0,
+    interpolation='bilinear',
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    license='mit',
+    description=('ViT-Tiny (28 px, 4x4 patches, 4 blocks) trained from scratch by tools/pretrain_backbone.py on the '
+                 'Fashion-MNIST classes Sandal, Shirt, Sneaker, Bag, Ankle boot (30,000 training images, Debian '
+                 'package dataset-fashion-mnist); memory parameters start from their own init'),
+    origin_url='https://github.com/zalandoresearch/fashion-mnist',
+)
+
 default_cfgs = generate_default_cfgs({
-    f'vit_{size}_{approach}_{memory}.{tag}': _cfg(hf_hub_id=hub_id)
-    for size, (tag, hub_id) in _BACKBONE_WEIGHTS.items()
-    for approach in APPROACHES
-    for memory in MEMORY_TYPES
+    **{f'vit_{size}_{approach}_{memory}.{tag}': _cfg(hf_hub_id=hub_id)
+       for size, (tag, hub_id) in _BACKBONE_WEIGHTS.items()
+       for approach in APPROACHES
+       for memory in MEMORY_TYPES},
+    **{f'vit_tiny_{approach}_{memory}.fmnist5': _cfg(**_FMNIST5_CFG)
+       for approach in APPROACHES
+       for memory in MEMORY_TYPES},
 })
 
 
@@ -757,7 +910,7 @@ def vit_tiny_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
     """ ViT-Ti/16, MAL: gated memory layer after the block, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='mlp')
-    return _create_titans_vit('vit_tiny_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mal_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -765,7 +918,7 @@ def vit_tiny_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
     """ ViT-Ti/16, MAL: gated memory layer after the block, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='simple')
-    return _create_titans_vit('vit_tiny_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mal_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -773,7 +926,7 @@ def vit_tiny_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
     """ ViT-Ti/16, MAL: gated memory layer after the block, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mal', memory_type='advanced')
-    return _create_titans_vit('vit_tiny_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mal_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -781,7 +934,7 @@ def vit_tiny_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
     """ ViT-Ti/16, MAC: persistent + memory tokens as attention context, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='mlp')
-    return _create_titans_vit('vit_tiny_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mac_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -789,7 +942,7 @@ def vit_tiny_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
     """ ViT-Ti/16, MAC: persistent + memory tokens as attention context, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='simple')
-    return _create_titans_vit('vit_tiny_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mac_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -797,7 +950,7 @@ def vit_tiny_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
     """ ViT-Ti/16, MAC: persistent + memory tokens as attention context, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mac', memory_type='advanced')
-    return _create_titans_vit('vit_tiny_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mac_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -805,7 +958,7 @@ def vit_tiny_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
     """ ViT-Ti/16, MAG: gated memory branch beside attention, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='mlp')
-    return _create_titans_vit('vit_tiny_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mag_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -813,7 +966,7 @@ def vit_tiny_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
     """ ViT-Ti/16, MAG: gated memory branch beside attention, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='simple')
-    return _create_titans_vit('vit_tiny_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mag_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -821,7 +974,7 @@ def vit_tiny_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
     """ ViT-Ti/16, MAG: gated memory branch beside attention, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, approach='mag', memory_type='advanced')
-    return _create_titans_vit('vit_tiny_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_tiny_mag_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -829,7 +982,7 @@ def vit_small_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfo
     """ ViT-S/16, MAL: gated memory layer after the block, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='mlp')
-    return _create_titans_vit('vit_small_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mal_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -837,7 +990,7 @@ def vit_small_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTran
     """ ViT-S/16, MAL: gated memory layer after the block, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='simple')
-    return _create_titans_vit('vit_small_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mal_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -845,7 +998,7 @@ def vit_small_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTr
     """ ViT-S/16, MAL: gated memory layer after the block, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mal', memory_type='advanced')
-    return _create_titans_vit('vit_small_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mal_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -853,7 +1006,7 @@ def vit_small_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfo
     """ ViT-S/16, MAC: persistent + memory tokens as attention context, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='mlp')
-    return _create_titans_vit('vit_small_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mac_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -861,7 +1014,7 @@ def vit_small_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTran
     """ ViT-S/16, MAC: persistent + memory tokens as attention context, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='simple')
-    return _create_titans_vit('vit_small_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mac_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -869,7 +1022,7 @@ def vit_small_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTr
     """ ViT-S/16, MAC: persistent + memory tokens as attention context, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mac', memory_type='advanced')
-    return _create_titans_vit('vit_small_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mac_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -877,7 +1030,7 @@ def vit_small_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfo
     """ ViT-S/16, MAG: gated memory branch beside attention, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='mlp')
-    return _create_titans_vit('vit_small_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mag_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -885,7 +1038,7 @@ def vit_small_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTran
     """ ViT-S/16, MAG: gated memory branch beside attention, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='simple')
-    return _create_titans_vit('vit_small_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mag_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -893,7 +1046,7 @@ def vit_small_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTr
     """ ViT-S/16, MAG: gated memory branch beside attention, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, approach='mag', memory_type='advanced')
-    return _create_titans_vit('vit_small_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_small_mag_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -901,7 +1054,7 @@ def vit_base_mal_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
     """ ViT-B/16, MAL: gated memory layer after the block, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='mlp')
-    return _create_titans_vit('vit_base_mal_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mal_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -909,7 +1062,7 @@ def vit_base_mal_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
     """ ViT-B/16, MAL: gated memory layer after the block, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='simple')
-    return _create_titans_vit('vit_base_mal_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mal_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -917,7 +1070,7 @@ def vit_base_mal_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
     """ ViT-B/16, MAL: gated memory layer after the block, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mal', memory_type='advanced')
-    return _create_titans_vit('vit_base_mal_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mal_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -925,7 +1078,7 @@ def vit_base_mac_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
     """ ViT-B/16, MAC: persistent + memory tokens as attention context, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='mlp')
-    return _create_titans_vit('vit_base_mac_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mac_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -933,7 +1086,7 @@ def vit_base_mac_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
     """ ViT-B/16, MAC: persistent + memory tokens as attention context, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='simple')
-    return _create_titans_vit('vit_base_mac_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mac_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -941,7 +1094,7 @@ def vit_base_mac_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
     """ ViT-B/16, MAC: persistent + memory tokens as attention context, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mac', memory_type='advanced')
-    return _create_titans_vit('vit_base_mac_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mac_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -949,7 +1102,7 @@ def vit_base_mag_mlp(pretrained: bool = False, **kwargs) -> TitansVisionTransfor
     """ ViT-B/16, MAG: gated memory branch beside attention, persistent MLP memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='mlp')
-    return _create_titans_vit('vit_base_mag_mlp', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mag_mlp', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -957,7 +1110,7 @@ def vit_base_mag_simple(pretrained: bool = False, **kwargs) -> TitansVisionTrans
     """ ViT-B/16, MAG: gated memory branch beside attention, simple Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='simple')
-    return _create_titans_vit('vit_base_mag_simple', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mag_simple', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -965,4 +1118,4 @@ def vit_base_mag_advanced(pretrained: bool = False, **kwargs) -> TitansVisionTra
     """ ViT-B/16, MAG: gated memory branch beside attention, advanced Titans memory.
     """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, approach='mag', memory_type='advanced')
-    return _create_titans_vit('vit_base_mag_advanced', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_titans_vit('vit_base_mag_advanced', pretrained=pretrained, model_args=model_args, **kwargs)
