@@ -95,6 +95,9 @@ def main(argv=None):
     parser.add_argument('--vs-titans-pytorch', action='store_true', help='also time titans_pytorch.NeuralMemory')
     parser.add_argument('--device', default='cpu', help="torch device, e.g. 'cuda'")
     parser.add_argument('--amp', action='store_true', help='run every module under bf16 autocast')
+    parser.add_argument('--markdown', default=None, metavar='PATH',
+                        help='write the table with the command and the machine to this Markdown file '
+                             '(e.g. docs/benchmark_memory_speed.md)')
     parser.add_argument('--cuda-graphs', action='store_true',
                         help='capture each module (Block too) with torch.cuda.make_graphed_callables: removes the '
                              'per-op launch cost the chunk loop pays on a GPU; checked against eager first')
@@ -150,17 +153,22 @@ def main(argv=None):
             rows.append(row)
 
     where = (torch.cuda.get_device_name(device) if device.type == 'cuda' else f'threads {torch.get_num_threads()}')
-    print(f'\nforward+backward, N={args.tokens}, batch {args.batch_size}, chunk {args.chunk_size}, '
-          f'expansion {args.expansion:g}, {where}, {args.clock} clock'
-          + (', bf16 autocast' if AMP else '') + (', CUDA graphs' if args.cuda_graphs else ''))
+    setting = (f'forward+backward, N={args.tokens}, batch {args.batch_size}, chunk {args.chunk_size}, '
+               f'expansion {args.expansion:g}, {where}, {args.clock} clock'
+               + (', bf16 autocast' if AMP else '') + (', CUDA graphs' if args.cuda_graphs else ''))
+    print('\n' + setting)
     header = '| D / heads | memory | depth | ms | Block ms | x Block |' + (' titans_pytorch / ours |' if args.vs_titans_pytorch else '')
-    print(header)
-    print('|' + '---|' * (header.count('|') - 1))
+    lines = [header, '|' + '---|' * (header.count('|') - 1)]
     for r in rows:
         line = f"| {r['D']} / {r['heads']} | {r['memory']} | {r['depth']} | {r['ms']:.1f} | {r['block_ms']:.1f} | {r['x_block']:.2f} |"
         if args.vs_titans_pytorch:
             line += f" {r['faster_than_titans_pytorch']:.1f}x |" if 'faster_than_titans_pytorch' in r else ' - |'
-        print(line)
+        lines.append(line)
+    print('\n'.join(lines))
+    if args.markdown:
+        from _report import write_markdown
+        write_markdown(args.markdown, 'Memory speed: one memory module against one timm Block', '\n'.join(lines),
+                       note=setting + '.')
     return rows
 
 

@@ -226,6 +226,9 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--no-infer', action='store_true', help='skip the inference timing')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
     parser.add_argument('--csv', default=None, help='write the rows to this CSV file')
+    parser.add_argument('--markdown', default=None, metavar='PATH',
+                        help='write the table with the command and the machine to this Markdown file '
+                             '(e.g. docs/benchmark_model_speed.md)')
     parser.add_argument('--device', default='cpu', help="torch device, e.g. 'cuda'")
     parser.add_argument('--amp', action='store_true', help='bf16 autocast around every forward (model and backbone)')
     args = parser.parse_args(argv)
@@ -287,6 +290,11 @@ def main(argv=None) -> List[Dict]:
             writer.writeheader()
             writer.writerows(rows)
         print(f'wrote {args.csv}')
+    if args.markdown:
+        from _report import write_markdown
+        write_markdown(args.markdown, 'Model speed: each memory model against its plain backbone', format_table(rows),
+                       note=f'batch {args.batch_size}, {args.img_size} px, {where}, {args.clock} clock, {args.stat} '
+                            f'of {args.repeats} alternating rounds; ratios = model / plain backbone.')
     return rows
 
 
