@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                     f'classes {", ".join(CLASS_NAMES[c] for c in PRETRAIN_CLASSES)}; '
                     f'{counts["train"]} training images, {counts["validation"]} test images as validation'),
         'command': 'python tools/pretrain_backbone.py' + ''.join(f' {a}' for a in (argv or sys.argv[1:])),
-        'train_argv': ' '.join(train_argv),
+        'train_argv': ' '.join(train_argv).replace(f'{REPO}/', ''),  # paths relative to the repository
         'recipe_sha256': hashlib.sha256(RECIPE.read_bytes()).hexdigest(),
         'seed': yaml.safe_load((run_dir / 'args.yaml').read_text()).get('seed'),
         'validation_top1': round(summary['final_top1'], 2),
