@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from titans_timm import MEMORY_TYPES, create_memory
-from titans_timm.memory import chunk_coefficients, memory_mlp_forward, memory_mlp_grads
+from titans_timm.memory import TitansMemory, chunk_coefficients, memory_mlp_forward, memory_mlp_grads
+from titans_timm.memory_functional import chunked_write, token_by_token_write
 
 UPDATED = ('simple', 'advanced')
 
@@ -23,30 +24,11 @@ def _memory(kind, dim=64, dtype=torch.float32, **opts):
 
 
 def _reference(mem, x, chunk, causal=False):
-    """Token-by-token Titans update (10, 13) written with autograd; in a chunk every gradient is taken at the
-    chunk-start weights (16-18)."""
+    """The memory's views of ``x`` through the token-by-token Titans update (``token_by_token_write``: autograd
+    gradients, one token at a time; in a chunk every gradient at the chunk-start weights), then its output
+    projection."""
     q, k, v, theta, eta, keep = mem._prepare(x, None)
-    B, H, N, _ = k.shape
-    weights = [w.unsqueeze(0).expand(B, *w.shape).clone() for w in mem.initial_weights]
-    mom = [torch.zeros_like(w) for w in weights]
-    reads = []
-    for start in range(0, N, chunk):
-        w0 = [w.detach().requires_grad_(True) for w in weights]
-        if causal:
-            reads.append(memory_mlp_forward(w0, q[:, :, start:start + chunk])[0].detach())
-        for t in range(start, min(start + chunk, N)):
-            pred = memory_mlp_forward(w0, k[:, :, t:t + 1])[0]
-            loss = (pred - v[:, :, t:t + 1]).pow(2).sum()  # sum over B, H: each (B, H) gets its own gradient
-            grads = torch.autograd.grad(loss, w0)
-            # normalised step: theta_t / (||k_t||^2 + ||a_t||^2), activations at the chunk-start weights
-            norm = sum(h.pow(2).sum(-1) for h in memory_mlp_forward(w0, k[:, :, t:t + 1])[1]).detach()
-            th = theta[:, :, t, None, None] / norm[..., None]
-            et = eta[:, :, t, None, None] if eta is not None else 0.0
-            kp = keep[:, :, t, None, None]
-            mom = [et * s - th * g for s, g in zip(mom, grads)]        # (10)
-            weights = [kp * w + s for w, s in zip(weights, mom)]      # (13)
-    y = torch.cat(reads, dim=2) if causal else memory_mlp_forward(weights, q)[0]
-    return mem._merge_heads(y)
+    return mem._merge_heads(token_by_token_write(list(mem.initial_weights), q, k, v, theta, eta, keep, chunk, causal))
 
 
 @pytest.mark.parametrize('kind', UPDATED)
@@ -154,7 +136,7 @@ def test_inner_update_descends_on_memorisation_toy(kind, chunk, momentum, depth)
     x = torch.randn(3, 64, 128)
     with torch.no_grad():
         _, k, v, theta, eta, keep = mem._prepare(x, None)
-        state, _, _ = mem._write(k, v, theta, eta, keep, mem.initial_state(3))
+        state, _, _ = chunked_write(k, v, theta, eta, keep, mem.initial_state(3), mem.chunk_size)
         before = (memory_mlp_forward(mem.initial_state(3)['weights'], k)[0] - v).pow(2).sum(-1).mean()
         after = (memory_mlp_forward(state['weights'], k)[0] - v).pow(2).sum(-1).mean()
     # a deeper memory's normalised step is smaller (every layer's input counts): it descends, by less
@@ -219,7 +201,8 @@ def test_finite_outputs_and_gradients(kind, case):
     x.requires_grad_(True)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=case == 'bf16'):
         y, stats = mem(x, return_stats=True)
-    assert torch.isfinite(y).all() and torch.isfinite(stats['surprise']).all()
+    assert torch.isfinite(y).all()
+    assert torch.isfinite(stats['surprise']).all() if mem.writes else stats == {}
     y.float().pow(2).mean().backward()
     assert torch.isfinite(x.grad).all()
     for name, p in mem.named_parameters():
@@ -234,6 +217,66 @@ def test_write_then_read_equals_forward_and_state_is_per_call():
         torch.testing.assert_close(mem.read(x, state), mem(x))
         # a second write continues from the given state, never from a hidden one
         torch.testing.assert_close(mem.read(x, mem.write(x)), mem.read(x, state))
+
+
+@pytest.mark.parametrize('kind', MEMORY_TYPES)
+def test_every_type_implements_the_memory_interface(kind):
+    """write / read / forward mean the same for every type: forward is a write from M0 then a read of the same
+    tokens, the state passed in is never modified, and mlp (never written) hands its state back unchanged."""
+    mem = _memory(kind, chunk_size=8)
+    assert isinstance(mem, TitansMemory) and mem.kind == kind and mem.writes == (kind != 'mlp')
+    x = torch.randn(2, 20, 64)
+    with torch.no_grad():
+        start = mem.initial_state(2)
+        m0 = [w.clone() for w in start['weights']]
+        state, stats = mem.write(x, start, return_stats=True)
+        torch.testing.assert_close(mem.read(x, state), mem(x))
+        assert all(torch.equal(a, b) for a, b in zip(start['weights'], m0))
+        if kind == 'mlp':
+            assert state is start and stats == {} and mem.write(x) is None
+            assert torch.equal(mem.read(x, start), mem.read(x))   # the state is M0: reading it is reading M0
+        else:
+            assert stats['surprise'].shape == (2, 20) and (stats['surprise'] > 0).all()
+
+
+@pytest.mark.parametrize('kind', MEMORY_TYPES)
+def test_stats_hook_reports_every_write_until_removed(kind):
+    """register_stats_hook sees the stats of every write (forward's and write()'s), also under inference_mode,
+    without changing the output; mlp writes nothing, so its hook never runs (its surprise is not available)."""
+    mem = _memory(kind, chunk_size=8)
+    x = torch.randn(2, 20, 64)
+    seen = []
+    handle = mem.register_stats_hook(lambda m, stats: seen.append((m, stats)))
+    with torch.inference_mode():
+        plain = mem(x)
+        out, stats = mem(x, return_stats=True)
+        _, write_stats = mem.write(x, return_stats=True)
+    assert torch.equal(plain, out)
+    if kind == 'mlp':
+        assert seen == []
+    else:
+        assert [m for m, _ in seen] == [mem] * 3
+        assert all(torch.equal(got['surprise'], stats['surprise']) for _, got in seen[:2])   # the two forwards
+        assert torch.equal(seen[2][1]['surprise'], write_stats['surprise'])
+        # write() takes the autograd-op path, forward the fused one: the same surprise up to rounding
+        torch.testing.assert_close(write_stats['surprise'], stats['surprise'])
+    handle.remove()
+    with torch.no_grad():
+        mem(x)
+    assert len(seen) == (0 if kind == 'mlp' else 3)
+
+
+@pytest.mark.parametrize('kind', MEMORY_TYPES)
+def test_context_is_used_only_by_memories_that_take_a_second_view(kind):
+    """Integrations always pass ``context``: a memory without ``uses_context`` ignores it, bit for bit."""
+    mem = _memory(kind, chunk_size=8)
+    x, ctx = torch.randn(2, 12, 64), torch.randn(2, 12, 64)
+    assert not mem.uses_context
+    with torch.no_grad():
+        assert torch.equal(mem(x, context=ctx), mem(x))
+        if mem.writes:
+            assert torch.equal(mem.read(x, mem.write(x, context=ctx)), mem.read(x, mem.write(x)))
+    assert _memory('advanced', qkv_diff_views=True).uses_context
 
 
 def test_qkv_diff_views_takes_keys_from_context():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import timm
 from safetensors.torch import load_file, save_file
+from timm.layers import AttentionRope
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 
@@ -152,6 +153,83 @@ def test_overrides_with_pretrained_backbone(approach, backbone_ckpts):
     assert model.pos_embed.shape == (1, 17, 192)
     out = model(_images(2, 64, chans=1))
     assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+class SeparateQKVAttention(AttentionRope):
+    """timm's attention with separate q/k/v projections and no fused ``qkv`` (``AttentionRope(qkv_fused=False)``,
+    the layout of timm's EVA-family models). A class: timm's ``attn_layer`` takes a class or a registered name."""
+
+    def __init__(self, dim, num_heads=8, **kwargs):
+        super().__init__(dim, num_heads=num_heads, qkv_fused=False, **kwargs)
+
+
+class GroupedKVAttention(AttentionRope):
+    """Separate projections with one key/value head shared by all query heads (grouped-query attention)."""
+
+    def __init__(self, dim, num_heads=8, **kwargs):
+        super().__init__(dim, num_heads=num_heads, qkv_fused=False, num_kv_heads=1, **kwargs)
+
+
+@pytest.mark.parametrize('memory', MEMORY)
+@pytest.mark.parametrize('attn_layer', [SeparateQKVAttention, GroupedKVAttention])
+def test_mac_with_separate_qkv_attention_starts_as_its_backbone(attn_layer, memory, tmp_path):
+    """MAC takes keys/values for the memory tokens from the block attention's own projections, fused or not: on a
+    backbone whose attention has no ``qkv`` (timm's separate q/k/v, also with grouped k/v heads) the model loads
+    the backbone's checkpoint, gives its logits bit for bit at step 0, and with the gates opened the memory tokens
+    change the output and every parameter gets gradient."""
+    torch.manual_seed(0)
+    backbone = timm.create_model('vit_tiny_patch16_224', attn_layer=attn_layer, **SMALL_KW).eval()
+    assert backbone.blocks[0].attn.qkv is None
+    path = _save(backbone, tmp_path / 'separate_qkv.safetensors')
+    model = _from_backbone(f'vit_tiny_mac_{memory}', path, attn_layer=attn_layer).eval()
+    assert isinstance(model.blocks[model.memory_blocks[0]].attn, attn_layer)
+    x = _images(2)
+    with torch.no_grad():
+        assert torch.equal(model(x), backbone(x))
+
+    _open_gates(model)
+    with torch.no_grad():
+        assert (model(x) - backbone(x)).abs().max() > 1e-3
+    model.train()
+    model(x).square().sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+            or (('memory' in n) and p.grad.abs().sum() == 0)]
+    assert not dead, dead
+
+
+def test_mac_separate_qkv_computes_what_fused_qkv_computes():
+    """The same weights as one fused ``qkv`` or as separate q/k/v projections give the same MAC model (gates open,
+    so the memory tokens' keys and values matter)."""
+    torch.manual_seed(0)
+    fused = _open_gates(timm.create_model('vit_tiny_mac_advanced', memory_blocks=[0, 1], **SMALL_KW)).eval()
+    separate = timm.create_model('vit_tiny_mac_advanced', memory_blocks=[0, 1], attn_layer=SeparateQKVAttention,
+                                 **SMALL_KW).eval()
+    state = {}
+    for name, tensor in fused.state_dict().items():
+        if '.attn.qkv.' in name:
+            for part, t in zip(('q_proj', 'k_proj', 'v_proj'), tensor.chunk(3)):
+                state[name.replace('qkv', part)] = t
+        else:
+            state[name] = tensor
+    separate.load_state_dict(state)
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(separate(x), fused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mac_refuses_an_attention_it_cannot_project_while_mal_and_mag_take_it():
+    """timm's differential attention has no plain q/k/v heads to attend over memory tokens with: MAC says so at
+    construction; MAL and MAG call the attention as a whole and start as that backbone."""
+    with pytest.raises(ValueError, match='attn_layer DiffAttention is not supported'):
+        timm.create_model('vit_tiny_mac_simple', attn_layer='diff', **SMALL_KW)
+    torch.manual_seed(0)
+    backbone = timm.create_model('vit_tiny_patch16_224', attn_layer='diff', **SMALL_KW).eval()
+    x = _images(2)
+    for approach in ('mal', 'mag'):
+        model = timm.create_model(f'vit_tiny_{approach}_simple', attn_layer='diff', **SMALL_KW).eval()
+        model.load_state_dict(backbone.state_dict(), strict=False)
+        with torch.no_grad():
+            assert torch.equal(model(x), backbone(x))
 
 
 @pytest.mark.parametrize('img_size', [24, 40, 64])

@@ -62,6 +62,25 @@ def test_fx_trace_equals_eager_and_fx_features(name, one_thread):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
+@pytest.mark.parametrize('name', ['vit_tiny_mal_advanced', 'vit_tiny_mac_simple', 'vit_tiny_mag_simple'])
+def test_stats_hooks_run_inside_a_traced_graph(name, one_thread):
+    """The memory calls are FX leaves that run the eager code: a traced graph reports every write's surprise to
+    the memory's stats hooks as the eager model does."""
+    model, x = _model(name, memory_blocks=[0, 1]), _images()
+    graph = torch.fx.symbolic_trace(model)
+    seen = {'eager': [], 'fx': []}
+    for key, run in (('eager', model), ('fx', graph)):
+        handles = [m.register_stats_hook(lambda m, stats, key=key: seen[key].append(stats['surprise']))
+                   for _, m in memory_modules(model)]
+        with torch.no_grad():
+            run(x)
+        for h in handles:
+            h.remove()
+    assert len(seen['fx']) == len(seen['eager']) == 2   # two memory blocks (MAL/MAG) or two MAC writes
+    for a, b in zip(seen['fx'], seen['eager']):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_meta_device_build_forward_and_materialise(name, one_thread):
     model = timm.create_model(name, device='meta', **SMALL)

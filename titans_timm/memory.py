@@ -29,9 +29,8 @@ chunk-parallel form (16-18): inside a chunk every token's gradient is taken at t
 the chunk start (mini-batch gradient descent), momentum is a linear recurrence over the chunk's tokens and
 forgetting a cumulative product; both are folded into per-token coefficients, so a whole chunk costs one
 forward and one closed-form backward of the memory MLP (batched matmuls, no autograd inside forward).
-The weights at each chunk start are never built (the "dual form"): they are M0 plus a weighted sum of the earlier
-tokens' rank-one updates, so reading them is a token-by-token matmul (``_DualWrite``); only the final
-weights are built, once.
+The weights at each chunk start are never built (the "dual form", ``memory_fused.py``): they are M0 plus a
+weighted sum of the earlier tokens' rank-one updates; only the final weights are built, once.
 With ``chunk_size=1`` this is exactly the token-by-token rule above; ``chunk_size=None`` writes the whole image in
 one step (the full-batch inner step that vision TTT work found best). A shorter last chunk is still written.
 
@@ -48,49 +47,49 @@ Choices where the paper is silent (written down here, as DESIGN.md asks):
 * The output projection is *not* zero-initialised here: the integrations in ``vit.py`` add the zero-initialised
   gate that makes every model equal its backbone at step 0.
 
-Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chunk 16, one CPU thread):
+Every type implements one interface, ``TitansMemory`` (write / read / stats), which is all ``vit.py`` and the
+evaluator use: ``initial_state``, ``write``, ``read``, ``forward`` (write then read), ``register_stats_hook`` (the
+per-token surprise of each write) and ``writes`` (False for ``mlp``: it has no surprise).
 
-* ``simple`` at its default depth 1 costs about 1.06x a Block (the linear write has no hidden layer to carry);
-  at depth 2 it writes exactly as ``advanced`` does.
-* Where the time goes: ``advanced`` costs about 2.8x a timm Block; of that the write's backward is ~60%, its forward
-  ~25%, projections + read the rest. The dual form does ~3.4 GMAC per forward+backward (the Block ~2.5 GMAC), a
-  third of it in the token-pair terms between chunks, at roughly half the Block's matmul efficiency (16-row
-  matmuls, hidden-sized elementwise passes that miss the L2 cache).
-* Tried and measured: the explicit chunk loop (build W and S at every chunk start, ``_write``) costs 234 ms against
-  the dual form's 137 ms (autograd backward; the W/S state traffic is 4 x 1.5 MB per chunk); materialising the state
-  every few chunks to cut the pair terms saves no FLOPs at N=197 (the state build costs what the pairs saved);
-  the explicit loop again as one node with a hand-written backward (half the dual form's FLOPs, the chunk states
-  kept for the backward) measured 219 ms against 172 ms for this dual form in the same run: its 16-row matmuls
-  read per-image weights, which stream from L3 at ~21 GMAC/s where the per-head ones run at ~60;
-  bf16 matmuls (AMX) are 1.6-4x faster but break the float32 inner loop this module promises;
-  ``torch.compile`` (inductor) of the explicit loop + read measured 2.4x a Block against this dual form's 3.1x
-  in the same run, after 94 s of compiling (not something a model should do on its first call).
-* Done: O(chunk) momentum coefficients (a log-sum-exp scan, not a chunk x chunk matrix: -20 ms at chunk None),
-  contiguous matmul outputs (a strided ``out=`` made bmm fall back to per-image matmuls), one matmul for
-  q/k/v/gates, hidden-sized temporaries from the scratch pool (fresh multi-MB tensors page-fault on CPU), recycled
-  within a call so peak memory does not grow. The read stays outside the dual-form node (see ``_DualWrite``).
-* Left: a fused kernel per chunk (one pass over the chunk's hidden-sized tensors) is what the 2x target needs.
+Where the code lives (the speed notes, what the write costs and what was tried, are in ``memory_fused.py``):
+
+* ``memory.py`` (this file): the interface, the three nn.Modules (views, gates, which write path runs),
+  ``create_memory`` and its option checks;
+* ``memory_functional.py``: the update rule as pure tensor functions (memory MLP, closed-form gradient, chunk
+  coefficients, the readable chunked write) and its float64 token-by-token reference;
+* ``memory_fused.py``: the fused CPU write (dual form, one autograd node, scratch pool) with the speed notes
+  (measured costs, what was tried) that justify it.
 """
 import contextlib
-import functools
 import math
-import threading
-import weakref
-from typing import Dict, List, Optional, Tuple, Union
+from collections import OrderedDict
+from typing import Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm, register_notrace_function, register_notrace_module, trunc_normal_
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ['MEMORY_TYPES', 'READ_MODES', 'create_memory', 'MemoryState', 'NotScriptableError',
-           'PersistentMemory', 'SimpleNeuralMemory', 'AdvancedNeuralMemory']
+from .memory_functional import MemoryState, chunked_write, memory_mlp_read, upcast
+from .memory_fused import dual_form_write, empty_scratch_pool
+# names the single-file memory.py had, still importable from here (tests, benchmarks, user code)
+from .memory_functional import (  # noqa: F401
+    NORMALISER_MIN, chunk_coefficients, memory_mlp_backprop, memory_mlp_forward, memory_mlp_grads, step_normaliser,
+    token_by_token_write)
+from .memory_fused import _DualWrite, _ScratchPool  # noqa: F401
+
+__all__ = ['MEMORY_TYPES', 'READ_MODES', 'create_memory', 'MemoryState', 'MemoryStats', 'StatsHook',
+           'NotScriptableError', 'TitansMemory', 'PersistentMemory', 'SimpleNeuralMemory', 'AdvancedNeuralMemory',
+           'empty_scratch_pool']
 
 MEMORY_TYPES = ('mlp', 'simple', 'advanced')
 READ_MODES = ('after_write', 'causal')
 
-# state of one batch of memories: per-layer weights [B, H, d_in, d_out] and momentum (None when off or not yet set)
-MemoryState = Dict[str, Optional[List[torch.Tensor]]]
+# what a write measured: {'surprise': [B, N]} (each token's loss (12) at the weights it was written with, mean over
+# heads, float32); empty for a memory that is never written (``mlp``)
+MemoryStats = Dict[str, torch.Tensor]
+StatsHook = Callable[['TitansMemory', MemoryStats], None]
 
 # Upper bounds of the size options (``_check_options``). Without them a typo (``depth=100000``, ``heads=100000``)
 # builds for minutes and then cannot run. They sit far above anything useful: the defaults are depth 1-2, an
@@ -117,527 +116,12 @@ def _autocast_off(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """At least float32: the inner loop never runs in half precision (float64 stays float64)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def memory_mlp_forward(weights: List[torch.Tensor], x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
-    """Run the memory MLP ``x -> silu(x W1) W2 ...`` and keep what the closed-form backward needs.
-
-    weights: per layer ``[..., d_in, d_out]`` (broadcast over leading dims); x: ``[..., T, d_in]``.
-    Returns (output, layer inputs, silu derivative at each hidden layer).
-    """
-    inputs, act_grads = [], []
-    h = x
-    for i, w in enumerate(weights):
-        inputs.append(h)
-        h = h @ w
-        if i < len(weights) - 1:
-            s = torch.sigmoid(h)
-            a = h * s                                   # silu
-            act_grads.append(s + a - a * s)             # silu'(h) = s (1 + h (1 - s))
-            h = a
-    return h, inputs, act_grads
-
-
-def _mlp_read(weights: List[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``M(x)`` (15), the memory read: x ``[B, H, T, d_in]``; weights per layer ``[B, H, d_in, d_out]`` or per head
-    ``[H, d_in, d_out]``. Unlike ``memory_mlp_forward`` it keeps nothing for a closed-form backward.
-
-    It computes in the layout the weights are stored in: per head with the batch folded into the rows for ``[H, ...]``
-    weights (each weight read once), head-major when the weights are ``[H, B, ...]`` transposed to ``[B, H, ...]``
-    (as the fused write returns them), so no weight is copied."""
-    B, H, T, _ = x.shape
-    if weights[0].dim() == 4 and weights[0].stride(0) == 0:   # M0 expanded over the batch
-        weights = [w[0] for w in weights]
-    if weights[0].dim() == 3:
-        h = x.transpose(0, 1).reshape(H, B * T, -1)
-        for i, w in enumerate(weights):
-            h = torch.bmm(h, w)
-            if i < len(weights) - 1:
-                h = F.silu(h)
-        return h.view(H, B, T, -1).transpose(0, 1)
-    head_major = not weights[0].is_contiguous() and weights[0].transpose(0, 1).is_contiguous()
-    h = x.transpose(0, 1) if head_major else x
-    for i, w in enumerate(weights):
-        h = torch.matmul(h, w.transpose(0, 1) if head_major else w)
-        if i < len(weights) - 1:
-            h = F.silu(h)
-    return h.transpose(0, 1) if head_major else h
-
-
-def memory_mlp_backprop(weights: List[torch.Tensor], act_grads: List[torch.Tensor], grad_out: torch.Tensor):
-    """Closed-form backward of the memory MLP: yields ``(layer, grad of that layer's output)`` per token, last
-    layer first. The weight gradient of layer i is ``inputs[i]^T @ grad`` (summed over tokens)."""
-    g = grad_out
-    for i in range(len(weights) - 1, -1, -1):
-        yield i, g
-        if i > 0:
-            g = (g @ weights[i].transpose(-1, -2)) * act_grads[i - 1]
-
-
-def memory_mlp_grads(weights, inputs, act_grads, grad_out, token_coef):
-    """Token-weighted weight gradients ``sum_t coef[t] grad_W loss_t`` per layer (token_coef: ``[..., T]``)."""
-    grads = [None] * len(weights)
-    for i, g in memory_mlp_backprop(weights, act_grads, grad_out):
-        grads[i] = inputs[i].transpose(-1, -2) @ (g * token_coef.unsqueeze(-1))
-    return grads
-
-
-def step_normaliser(inputs: List[torch.Tensor], first: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-token sum of squared layer inputs ``||k||^2 + ||a_1||^2 + ...`` ([..., T]).
-
-    Each token's step is divided by it (normalised LMS): the change a step of size theta makes to that token's
-    own prediction is then about ``2 theta`` times its error whatever the scale of the memory's activations, so
-    theta < 1 descends and the write cannot blow up as the memory weights grow. ``first``: ``||k||^2`` if known.
-    At least ``NORMALISER_MIN``: a zero key (a constant or zero-padded token, layer-normed to zero) has a zero
-    gradient, and 0 / 0 would turn the whole image's memory into NaN.
-    """
-    total = inputs[0].pow(2).sum(-1) if first is None else first
-    for t in inputs[1:]:
-        total = total + t.pow(2).sum(-1)
-    return total.clamp_min(NORMALISER_MIN)
-
-
-NORMALISER_MIN = 1e-6   # keys are unit vectors, so only a (near-)zero key reaches it
-
-
-def _exp(log_value: torch.Tensor) -> torch.Tensor:
-    """exp, with products below 1e-20 set to exactly 0: they are negligible, and as float32 denormals they would
-    make every later matmul that touches them many times slower on CPU."""
-    return torch.exp(log_value).masked_fill(log_value < -46.0, 0.0)
-
-
-def _in_float64(fn):
-    """Compute gate coefficients in float64 and return them in the gates' dtype: their log-space cumulative sums
-    reach thousands over an image (log eta summed over 197 tokens), where float32 keeps only ~4 digits of the
-    differences that get exponentiated. The tensors are gate-sized ([B*H, N]), so this costs nothing measurable.
-    (MPS has no float64: there it stays in the input dtype.)"""
-    @functools.wraps(fn)
-    def wrapper(theta, eta, keep, *args):
-        dtype = theta.dtype
-        if dtype == torch.float64 or theta.device.type == 'mps':
-            return fn(theta, eta, keep, *args)
-        up = lambda t: None if t is None else t.double()
-        out = fn(up(theta), up(eta), up(keep), *args)
-        return {name: None if t is None else t.to(dtype) for name, t in out.items()}
-    return wrapper
-
-
-@_in_float64
-def chunk_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Fold momentum (a scan) and forgetting (a cumulative product) of one chunk into per-token coefficients.
-
-    theta, eta, keep (= 1 - alpha): ``[..., b]`` per token of the chunk. With u_i the gradient of token i at the
-    chunk-start weights W0 and S0 the incoming momentum, the token recurrence (10, 13)
-    ``S_j = eta_j S_{j-1} - theta_j u_j;  W_j = keep_j W_{j-1} + S_j`` ends at
-    ``W_b = w_decay W0 + w_from_s S0 - sum_i w_tok_i u_i`` and ``S_b = s_decay S0 - sum_i s_tok_i u_i``.
-    Without momentum (eta None): ``W_b = w_decay W0 - sum_i w_tok_i u_i``.
-    """
-    log_keep = torch.log(keep.clamp_min(1e-12))
-    lk = torch.cumsum(log_keep, dim=-1)                    # [..., b] log prod_{m<=j} keep_m
-    lk_total = lk[..., -1:]
-    keep_after = _exp(lk_total - lk)                  # F(j, b) = prod_{m>j} keep_m
-    out = {'w_decay': _exp(lk_total[..., 0])}
-    if eta is None:
-        out['w_tok'] = theta * keep_after
-        return out
-    le = torch.cumsum(torch.log(eta.clamp_min(1e-12)), dim=-1)  # log prod_{m<=j} eta_m
-    # w_tok_i = theta_i sum_{j>=i} E(i, j) F(j, b) with E(i, j) = prod_{i<m<=j} eta_m: a reverse log-sum-exp scan,
-    # exp(lk_b - le_i + logsumexp_{j>=i}(le_j - lk_j)); every term of the sum is <= 1, so the result is <= b
-    tail = torch.logcumsumexp((le - lk).flip(-1), dim=-1).flip(-1)
-    out['w_tok'] = theta * _exp(lk_total - le + tail)
-    out['s_tok'] = theta * _exp(le[..., -1:] - le)
-    out['s_decay'] = _exp(le[..., -1])
-    out['w_from_s'] = (keep_after * _exp(le)).sum(-1)
-    return out
-
-
-@_in_float64
-def _write_coefficients(theta: torch.Tensor, eta: Optional[torch.Tensor], keep: torch.Tensor, b: int) -> Dict[str, torch.Tensor]:
-    """How much each written token still weighs in the weights at the start of every chunk (the dual form).
-
-    theta, eta, keep: ``[BH, N]`` per token; chunks of b tokens (the last may be shorter), C of them. Chunk m maps
-    the state (W, S) at its start to ``(wd_m W + wfs_m S - sum wt_i u_i, sd_m S - sum st_i u_i)``
-    (``chunk_coefficients``), a 2x2 upper-triangular linear map plus the chunk's token terms. Composing them,
-    the weights at the start of chunk c (c = C: after the last chunk) are
-
-        W^(c) = r0_c W0 + r1_c S0 - sum_{tokens i before chunk c} gamma[c, i] u_i
-
-    Returns ``gamma`` [BH, C+1, N] (0 for tokens of chunk c and later), ``r0``, ``r1`` [BH, C+1], and for the
-    final momentum ``S = s0_final S0 - sum_i sigma_i u_i``: ``sigma`` [BH, N], ``s0_final`` [BH].
-    Everything is built from log-space cumulative sums, like ``chunk_coefficients``, so nothing overflows.
-    """
-    N = theta.shape[-1]
-    n_full = N // b
-    parts = []
-    if n_full:
-        parts.append(chunk_coefficients(*(t[..., :n_full * b].unflatten(-1, (n_full, b)) if t is not None else None
-                                          for t in (theta, eta, keep))))
-    if n_full * b < N:
-        parts.append(chunk_coefficients(*(t[..., n_full * b:].unsqueeze(-2) if t is not None else None
-                                          for t in (theta, eta, keep))))
-    cat = lambda name, flat: torch.cat([p[name].flatten(-2) if flat else p[name] for p in parts], dim=-1)
-    wt = cat('w_tok', True)                                                   # [BH, N]
-    ends = torch.arange(b - 1, N + b - 1, b, device=theta.device).clamp_max(N - 1)  # last token of every chunk
-    chunk_of = torch.arange(N, device=theta.device) // b                     # chunk index of every token
-
-    def between(log_gate):
-        # prod of the gate over the chunks jb .. c-1, as [BH, c in 0..C, jb in 0..C] (0 where jb > c)
-        cum = torch.cumsum(torch.log(log_gate.clamp_min(1e-12)), dim=-1)[..., ends]
-        bound = F.pad(cum, (1, 0))                                            # [BH, C+1]: 0 at the image start
-        C1 = bound.shape[-1]
-        upper = torch.ones(C1, C1, dtype=torch.bool, device=theta.device).tril()
-        return _exp((bound.unsqueeze(-1) - bound.unsqueeze(-2)).masked_fill(~upper, -float('inf')))
-
-    r_w = between(keep)                                                       # prod of wd_m over chunks jb..c-1
-    gamma = r_w[..., 1:][..., chunk_of] * wt.unsqueeze(-2)                    # [BH, C+1, N]
-    out = {'r0': r_w[..., 0], 'r1': None}
-    if eta is not None:
-        st = cat('s_tok', True)
-        wfs = cat('w_from_s', False)                                          # [BH, C]
-        r_s = between(eta)                                                    # prod of sd_m over chunks jb..c-1
-        # W-row coefficient of S after chunks jb..c-1: sum_m (prod_{m<l<c} wd_l) wfs_m (prod_{jb<=l<m} sd_l)
-        r_ws = (r_w[..., 1:] * wfs.unsqueeze(-2)) @ r_s[..., :-1, :]           # [BH, C+1, C+1]
-        gamma = gamma + r_ws[..., 1:][..., chunk_of] * st.unsqueeze(-2)
-        out.update(r1=r_ws[..., 0], sigma=r_s[..., -1, 1:][..., chunk_of] * st, s0_final=r_s[..., -1, 0])
-    out['gamma'] = gamma
-    return out
-
-
-def _coefficients_per_chunk(theta, eta, keep, b: int) -> List[Dict[str, torch.Tensor]]:
-    """``chunk_coefficients`` of every chunk of length b (the last may be shorter), computed in one go."""
-    N = theta.shape[-1]
-    n_full = N // b
-    out = []
-    if n_full:
-        gates = [t[..., :n_full * b].unflatten(-1, (n_full, b)) if t is not None else None for t in (theta, eta, keep)]
-        c = chunk_coefficients(*gates)                                          # values [..., C, (b)]
-        per_chunk = {name: val.unbind(theta.dim() - 1) for name, val in c.items()}
-        out = [{name: val[j] for name, val in per_chunk.items()} for j in range(n_full)]
-    if n_full * b < N:
-        out.append(chunk_coefficients(*(t[..., n_full * b:] if t is not None else None for t in (theta, eta, keep))))
-    return out
-
-
-_silu_backward = torch.ops.aten.silu_backward
-_sigmoid_backward = torch.ops.aten.sigmoid_backward
-
-
-def _per_head(x: torch.Tensor, H: int) -> torch.Tensor:
-    """[H*B, T, d] (head-major) -> [H, B*T, d], so a matmul with per-head weights reads each weight once."""
-    return x.reshape(H, -1, x.shape[-1])
-
-
-class _ScratchPool:
-    """Large scratch buffers of the fused write, kept for the next call of the same shapes (CPU only).
-
-    On CPU every call otherwise allocates tens of MB of fresh buffers, and touching fresh pages costs the kernel a page
-    fault each (measured: about 15% of the write's time). A buffer comes back here only when nothing can read it any
-    more: forward buffers when the autograd graph holding them is freed, backward buffers at the end of backward.
-    At most ``max_bytes`` are kept; ``empty()`` drops them. (CUDA has its own caching allocator: not pooled.)
-    """
-
-    def __init__(self, max_bytes: int = 1 << 30):
-        self.max_bytes = max_bytes
-        self._free: Dict[tuple, List[torch.Tensor]] = {}
-        self._bytes = 0
-        self._lock = threading.RLock()   # reentrant: a finalizer that runs inside take() gives back
-
-    def take(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        if like.device.type == 'cpu' and not torch.is_inference_mode_enabled():
-            with self._lock:
-                free = self._free.get((shape, like.dtype))
-                if free:
-                    t = free.pop()
-                    self._bytes -= t.numel() * t.element_size()
-                    return t
-        return like.new_empty(shape)
-
-    def give(self, tensors: List[torch.Tensor]) -> None:
-        with self._lock:
-            for t in tensors:
-                size = t.numel() * t.element_size()
-                # inference tensors cannot be written outside inference mode: never pooled
-                if t.device.type == 'cpu' and not t.is_inference() and self._bytes + size <= self.max_bytes:
-                    self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
-                    self._bytes += size
-            tensors.clear()
-
-    def empty(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._bytes = 0
-
-
-_SCRATCH = _ScratchPool()
-
-
-def empty_scratch_pool() -> None:
-    """Free the CPU scratch buffers the fused write keeps for its next call (at most 1 GiB, see ``_ScratchPool``),
-    e.g. after training, or before measuring a step's peak memory (pooled buffers are real memory it needs)."""
-    _SCRATCH.empty()
-
-
-class _Scratch:
-    """The buffers one call took from ``_SCRATCH``; they go back when this object is freed, or earlier with
-    ``recycle`` once the caller is done with them (then the next take of the same call reuses them, so the
-    temporaries of one chunk do not pile up over the chunks)."""
-
-    def __init__(self, like: torch.Tensor):
-        self.like = like
-        self.tensors: List[torch.Tensor] = []
-        weakref.finalize(self, _SCRATCH.give, self.tensors)
-
-    def __call__(self, *shape: int) -> torch.Tensor:
-        t = _SCRATCH.take(self.like, *shape)
-        self.tensors.append(t)
-        return t
-
-    def recycle(self, *tensors: torch.Tensor) -> None:
-        """Give these buffers (taken from this object, read by nothing any more) back to the pool now. Only for
-        buffers of the running forward or backward: a backward may run again on a retained graph."""
-        done = {id(t) for t in tensors}
-        self.tensors[:] = [t for t in self.tensors if id(t) not in done]
-        _SCRATCH.give(list(tensors))
-
-
-class _DualWrite(torch.autograd.Function):
-    """The whole chunked write from per-head initial weights, in the dual form of ``_NeuralMemory._write``, as one
-    autograd node with a hand-written backward.
-
-    Inputs: keys k and values v ``[H*B, N, d]`` (head-major), the token weights ``gamma`` [H*B, C+1, N] and decays
-    ``r0`` [H*B, C+1] of ``_write_coefficients``, the chunk length b and the per-head initial weights
-    ``w0[l]`` [H, d_in, d_out]. Returns the per-token surprise [H*B, N] and the final weights [H*B, d_in, d_out].
-    (The read stays outside, in autograd ops: autograd frees its saved tensors as soon as their backward ran,
-    while this node's buffers live until the whole graph is freed; inside, it measured no faster and +10 MB.)
-
-    Everything is carried by the *scaled* layer-output gradients G_l (each token's closed-form gradient times its
-    step scale): ``G_last = scale * (pred - v)`` and ``G_{l-1} = silu'(H_{l-1}) * (rc G_l W0_l^T - ((G_l G_l[<]^T)
-    * gamma) X_l[<])`` (X_l the layer inputs, ``[<]`` the tokens of earlier chunks, rc the chunk's decay of W0), so
-    per-token factors are applied to narrow tensors and each hidden-sized step is one fused op. Products with the
-    initial weights run per head with the batch folded into the rows (each weight is read once, not once per image).
-    The tokens' inputs, gradients and token-by-token scores go into buffers allocated once per call: no per-chunk
-    concatenation (autograd's cat copies, slice backwards and gradient sums made the loop memory-bound). The
-    backward walks the chunks in reverse and *pulls* what a chunk's tokens receive from all later chunks with one
-    matmul per term over the later rows of those buffers. ``tests/test_memory.py`` checks it with gradcheck.
-    """
-
-    @staticmethod
-    def forward(ctx, k, v, gamma, r0, b: int, *w0):
-        HB, N, _ = k.shape
-        H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
-        grad = any(ctx.needs_input_grad)
-        new = _Scratch(k)
-        chunk_of = torch.arange(N, device=k.device) // b
-        pairs = C > 1                                                 # token-pair terms between chunks
-        g_rows = sc0 = None
-        if pairs:
-            g_rows = torch.index_select(gamma, 1, chunk_of, out=new(HB, N, N))  # gamma of each row's chunk
-            sc0 = torch.bmm(k, k.transpose(1, 2), out=new(HB, N, N)).mul_(g_rows)  # layer-0 scores (k_r . k_j) * gamma
-        X = [k] + [new(HB, N, w.shape[1]) for w in w0[1:]]           # layer inputs
-        G = [new(HB, N, w.shape[2]) for w in w0]                      # scaled layer-output gradients
-        # per chunk (matmul results are written to fresh contiguous tensors: a strided out= makes bmm fall back
-        # to one small matmul per batch entry)
-        Hs = [[] for _ in w0[:-1]]                                    # hidden pre-activations
-        Bp = [None] + [[] for _ in w0[1:]]                            # backprop at the hidden outputs (pre silu')
-        keep_pairs = grad and pairs
-        raw = [None] + [new(HB, N, N) if keep_pairs else None for _ in w0[1:]]   # x_r . x_j (layers >= 1)
-        es = [None] + [new(HB, N, N) if keep_pairs else None for _ in w0[1:]]    # (G_r . G_j) * gamma
-        err = new(HB, N, w0[-1].shape[2])
-        scale = new(HB, N)
-        kk = k.pow(2).sum(-1)
-        # layer 0 of every token at its chunk-start decay, one matmul per head
-        h0 = new(HB, N, w0[0].shape[2])
-        torch.bmm(_per_head(k * r0[:, chunk_of, None], H), w0[0], out=h0.view(H, -1, h0.shape[-1]))
-        for c in range(C):
-            s, t = c * b, min(c * b + b, N)
-            n, R = t - s, slice(s, t)
-            rc = r0[:, c, None, None]
-            norm = kk[:, R]
-            x = k[:, R]                                                # the layer input (layer 0: via h0)
-            for l in range(L):
-                last = l == L - 1
-                if l:
-                    h = new(HB, n, w0[l].shape[2])
-                    torch.bmm(_per_head(x, H), w0[l], out=h.view(H, -1, h.shape[-1]))
-                    h.mul_(rc)
-                else:
-                    h = h0[:, R]
-                if s:
-                    if l:
-                        r = torch.bmm(x, X[l][:, :s].transpose(1, 2))
-                        if grad:
-                            raw[l][:, R, :s] = r
-                        sc = r.mul_(g_rows[:, R, :s])
-                        h.baddbmm_(sc, G[l][:, :s], alpha=-1)
-                    else:
-                        h = torch.baddbmm(h0[:, R], sc0[:, R, :s], G[l][:, :s], alpha=-1)
-                if not last:
-                    Hs[l].append(h)
-                    x = torch.ops.aten.silu.out(h, out=X[l + 1][:, R])
-                    norm = norm + torch.linalg.vector_norm(x, dim=-1).square()
-            e = torch.sub(h, v[:, R], out=err[:, R])
-            if L > 1:
-                new.recycle(h)                                         # the chunk's prediction: read by nothing else
-            sc_r = torch.reciprocal(norm.clamp_min(NORMALISER_MIN), out=scale[:, R]).mul_(2).unsqueeze(-1)
-            g = torch.mul(e, sc_r, out=G[L - 1][:, R])
-            for l in range(L - 1, 0, -1):
-                bp = new(HB, n, w0[l].shape[1])
-                torch.bmm(_per_head(g * rc, H), w0[l].transpose(1, 2), out=bp.view(H, -1, bp.shape[-1]))
-                if s:
-                    er = torch.bmm(g, G[l][:, :s].transpose(1, 2))
-                    ee = torch.mul(er, g_rows[:, R, :s], **({'out': es[l][:, R, :s]} if grad else {}))
-                    bp.baddbmm_(ee, X[l][:, :s], alpha=-1)
-                Bp[l].append(bp)
-                g = _silu_backward.grad_input(bp, Hs[l - 1][c], grad_input=G[l - 1][:, R])
-        rC = r0[:, C].view(H, -1, 1, 1)
-        gC = gamma[:, C].unsqueeze(-1)
-        wf = []
-        for w, x, g in zip(w0, X, G):
-            if x.shape[-1] <= g.shape[-1]:                            # scale the narrower side by gamma_C
-                x = x * gC
-            else:
-                g = g * gC
-            wf.append(torch.baddbmm((w.unsqueeze(1) * rC).flatten(0, 1), x.transpose(1, 2), g, alpha=-1))
-        surprise = err.pow(2).sum(-1)
-        if grad:
-            ctx.save_for_backward(k, gamma, r0, *w0)
-            ctx.b = b
-            ctx.bufs = (g_rows, sc0, raw, es, X, G, Hs, Bp, err, scale)
-            ctx.scratch = new       # the buffers go back to the pool when the graph is freed
-        return (surprise, *wf)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_surprise, *d_wf):
-        k, gamma, r0, *w0 = ctx.saved_tensors
-        g_rows, sc0, raw, es, X, G, Hs, Bp, err, scale = ctx.bufs
-        b = ctx.b
-        HB, N, _ = k.shape
-        H, L, C = w0[0].shape[0], len(w0), gamma.shape[1] - 1
-        new = k.new_empty
-        chunk_of = torch.arange(N, device=k.device) // b
-        d_gamma = torch.zeros_like(gamma)
-        d_r0 = torch.zeros_like(r0)
-        d_w0 = [torch.zeros_like(w) for w in w0]
-        dk, dv = new(k.shape), new(k.shape)
-        new = _Scratch(k)
-        # final weights wf = r0_C w0 - x^T (gamma_C * G): what they send to every token
-        gC = gamma[:, C].unsqueeze(-1)
-        dG_fin, dX_fin = [None] * L, [None] * L
-        for l, dw in enumerate(d_wf):
-            if dw is None:
-                continue
-            flat = dw.reshape(H, -1, dw.shape[1] * dw.shape[2])                        # [H, B, d_in * d_out]
-            d_w0[l] += torch.bmm(r0[:, C].view(H, 1, -1), flat).view_as(w0[l])
-            d_r0[:, C] += torch.bmm(flat, w0[l].reshape(H, -1, 1)).flatten()
-            dgg = torch.bmm(X[l], dw, out=new(HB, N, dw.shape[2]))                   # -d (gamma_C * G)
-            tmp = torch.mul(dgg, G[l], out=new(*dgg.shape))
-            d_gamma[:, C] -= tmp.sum(-1)
-            dG_fin[l] = dgg.mul_(gC).neg_()
-            dX_fin[l] = torch.bmm(torch.mul(G[l], gC, out=tmp), dw.transpose(1, 2), out=new(HB, N, dw.shape[1])).neg_()
-            new.recycle(tmp)
-        dH = [new(HB, N, w.shape[2]) for w in w0]                        # d pre-activations of every token
-        dBp = [None] + [new(HB, N, w.shape[1]) for w in w0[1:]]
-        pairs = C > 1
-        draw = [new(HB, N, N) if pairs else None for _ in w0]            # d ((x_r . x_j) * gamma)
-        des = [None] + [new(HB, N, N) if pairs else None for _ in w0[1:]]  # d ((G_r . G_j) * gamma), w.r.t. G_r . G_j
-        for c in range(C - 1, -1, -1):
-            s, t = c * b, min(c * b + b, N)
-            n, R = t - s, slice(s, t)
-            rc = r0[:, c, None, None]
-            # pull what the later chunks and the final weights send to this chunk's tokens
-            dG, dX = [None] * L, [None] * L
-            for l in range(L):
-                dg = dG_fin[l][:, R] if dG_fin[l] is not None else torch.zeros_like(G[l][:, R])
-                dx = dX_fin[l][:, R] if dX_fin[l] is not None else torch.zeros_like(X[l][:, R])
-                if t < N:
-                    sc = sc0[:, t:, R] if l == 0 else raw[l][:, t:, R] * g_rows[:, t:, R]
-                    dg = torch.baddbmm(dg, sc.transpose(1, 2), dH[l][:, t:], alpha=-1)
-                    dx = torch.baddbmm(dx, draw[l][:, t:, R].transpose(1, 2), X[l][:, t:])
-                    if l:
-                        dg.baddbmm_(des[l][:, t:, R].transpose(1, 2), G[l][:, t:])
-                        dx.baddbmm_(es[l][:, t:, R].transpose(1, 2), dBp[l][:, t:], alpha=-1)
-                dG[l], dX[l] = dg, dx
-            # this chunk's backprop chain, in reverse: G_{l-1} = silu'(H_{l-1}) * bp_l
-            dg = dG[0]
-            extra = [None] * L
-            for l in range(1, L):
-                hp, gl = Hs[l - 1][c], G[l][:, R]
-                dbp = _silu_backward.grad_input(dg, hp, grad_input=dBp[l][:, R])
-                # d silu'(h) / dh = s (1 - s) (2 + h (1 - 2 s))
-                sg = torch.sigmoid(hp, out=new(*hp.shape))
-                ex = torch.mul(dg, Bp[l][c], out=new(*hp.shape))
-                ex = _sigmoid_backward.grad_input(ex, sg, grad_input=ex)
-                extra[l - 1] = ex.addcmul_(ex, sg.mul_(-1).add_(0.5).mul_(hp)).mul_(2)
-                new.recycle(sg)
-                # bp = (rc G_l) W0^T - ((G_l G_l[<]^T) * gamma) X_l[<]
-                u = torch.bmm(_per_head(dbp, H), w0[l]).view(HB, n, -1)       # d (rc G_l)
-                d_r0[:, c] += (u * gl).sum((1, 2))
-                dg = torch.addcmul(dG[l], u, rc)
-                if s:
-                    de = torch.bmm(dbp, X[l][:, :s].transpose(1, 2))                 # -d es
-                    d_gamma[:, c, :s] -= (de * torch.bmm(gl, G[l][:, :s].transpose(1, 2))).sum(1)
-                    der = torch.mul(de, g_rows[:, R, :s], out=des[l][:, R, :s]).neg_()
-                    dg.baddbmm_(der, G[l][:, :s])
-            # G_last = scale * err, scale = 2 / (||k||^2 + sum ||x_l||^2), err = h_last - v
-            e, sc_r = err[:, R], scale[:, R].unsqueeze(-1)
-            d_err = dg * sc_r
-            if d_surprise is not None:
-                d_err.addcmul_(e, d_surprise[:, R].unsqueeze(-1), value=2)
-            d_norm2 = (dg * e).sum(-1, keepdim=True).mul_(sc_r * sc_r).neg_()     # 2 d norm
-            d_norm2.masked_fill_(sc_r > 1.9999 / NORMALISER_MIN, 0.0)   # clamped (scale 2 / min, float32): no gradient
-            torch.neg(d_err, out=dv[:, R])
-            dh = dH[L - 1][:, R].copy_(d_err)
-            for l in range(L - 1, -1, -1):
-                # h_l = rc x_l W0 - ((x_l x_l[<]^T) * gamma) G_l[<]   (layer 0's x W0 term and every layer's
-                # W0 gradient: after the loop, for all tokens at once)
-                x = X[l][:, R]
-                dx = dX[l].addcmul_(x, d_norm2)
-                if l:
-                    u = new(HB, n, w0[l].shape[1])                                      # d (rc x_l) / rc
-                    torch.bmm(_per_head(dh, H), w0[l].transpose(1, 2), out=u.view(H, -1, u.shape[-1]))
-                    tmp = torch.mul(u, x, out=new(*u.shape))
-                    d_r0[:, c] += tmp.sum((1, 2))
-                    dx.addcmul_(u, rc)
-                    new.recycle(u, tmp)
-                if s:
-                    dsc = torch.bmm(dh, G[l][:, :s].transpose(1, 2))                  # -d sc
-                    r = raw[l][:, R, :s] if l else torch.bmm(x, k[:, :s].transpose(1, 2))
-                    d_gamma[:, c, :s] -= (dsc * r).sum(1)
-                    dr = torch.mul(dsc, g_rows[:, R, :s], out=draw[l][:, R, :s]).neg_()
-                    dx.baddbmm_(dr, X[l][:, :s])
-                if l:
-                    dh = _silu_backward.grad_input(dx, Hs[l - 1][c], grad_input=dH[l - 1][:, R]).add_(extra[l - 1])
-                    new.recycle(extra[l - 1])
-                else:
-                    dk[:, R] = dx
-        # layer 0's base term for all tokens: h0 = (r0_row k) W0
-        r0k = r0[:, chunk_of, None]
-        u = torch.bmm(_per_head(dH[0], H), w0[0].transpose(1, 2)).view(HB, N, -1)   # d (r0_row k)
-        dk.addcmul_(u, r0k)
-        d_r0.index_add_(1, chunk_of, (u * k).sum(-1))
-        d_w0[0] += torch.bmm(_per_head(k * r0k, H).transpose(1, 2), _per_head(dH[0], H))
-        for l in range(1, L):
-            # h_l = rc x_l W0 + ... and bp_l = (rc G_l) W0^T + ...: scale the narrower side by each token's rc
-            dh_r = dH[l] * r0k if dH[l].shape[-1] <= X[l].shape[-1] else None
-            x_r = X[l] if dh_r is not None else X[l] * r0k
-            d_w0[l] += torch.bmm(_per_head(x_r, H).transpose(1, 2), _per_head(dh_r if dh_r is not None else dH[l], H))
-            g_r = G[l] * r0k if G[l].shape[-1] <= dBp[l].shape[-1] else None
-            d_w0[l] += torch.bmm(_per_head(dBp[l] if g_r is not None else dBp[l] * r0k, H).transpose(1, 2),
-                                 _per_head(g_r if g_r is not None else G[l], H))
-        _SCRATCH.give(new.tensors)
-        return (dk, dv, d_gamma, d_r0, None, *d_w0)
-
-
 # FX: every memory call is one leaf node of a traced graph. The write loops over a number of chunks that depends
 # on the token count, builds its coefficients with Python arithmetic on sizes and switches autocast off around the
 # float32 inner loop, none of which symbolic tracing can follow; as a leaf, the graph runs this module's eager code
-# (the fused write included). ``torch.fx.wrap`` makes every tracer (``torch.fx.symbolic_trace`` too) record these
-# calls as single nodes; ``register_notrace_function`` / ``register_notrace_module`` (on the classes below) are
-# timm's own registry, which its FX feature extraction (``features_only=True, feature_cls='fx'``,
+# (the fused write and the stats hooks included). ``torch.fx.wrap`` makes every tracer (``torch.fx.symbolic_trace``
+# too) record these calls as single nodes; ``register_notrace_function`` / ``register_notrace_module`` (on the
+# classes below) are timm's own registry, which its FX feature extraction (``features_only=True, feature_cls='fx'``,
 # ``create_feature_extractor``, ``get_graph_node_names``) reads, as for timm's own untraceable layers.
 
 @register_notrace_function
@@ -645,7 +129,9 @@ class _DualWrite(torch.autograd.Function):
 def memory_forward(memory: nn.Module, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                    return_stats: bool = False):
     """``memory(x, context, return_stats)``, one FX leaf (see above)."""
-    return memory._forward(x, context, return_stats)
+    out, stats = memory._forward(x, context)
+    memory._report_stats(stats)
+    return (out, stats) if return_stats else out
 
 
 @register_notrace_function
@@ -653,7 +139,9 @@ def memory_forward(memory: nn.Module, x: torch.Tensor, context: Optional[torch.T
 def memory_write(memory: nn.Module, x: torch.Tensor, state: Optional[MemoryState] = None,
                  context: Optional[torch.Tensor] = None, return_stats: bool = False):
     """``memory.write(x, state, context, return_stats)``, one FX leaf (see above)."""
-    return memory._write_tokens(x, state, context, return_stats)
+    state, stats = memory._write_tokens(x, state, context)
+    memory._report_stats(stats)
+    return (state, stats) if return_stats else state
 
 
 @register_notrace_function
@@ -663,24 +151,43 @@ def memory_read(memory: nn.Module, x: torch.Tensor, state: Optional[MemoryState]
     return memory._read_tokens(x, state)
 
 
-class _MemoryBase(nn.Module):
-    """Shared parts: input norm, head layout, per-head memory MLP M0 and the output projection.
+class TitansMemory(nn.Module):
+    """The interface every memory type implements, and the parts they share (input norm, head layout, the per-head
+    memory MLP M0, the output projection).
 
-    Built through :func:`create_memory`, which checks every option (``_check_options``).
+    A memory's *state* is the weights (and momentum) of its inner MLP, ``MemoryState``; ``None`` stands for M0.
+    Tokens are ``[B, N, D]``; every image of the batch has its own state.
 
-    timm manners: ``reset_parameters()`` initialises every parameter in place (what timm's ``init_weights()`` needs
-    after ``to_empty()``, e.g. for a model built with ``device='meta'``); under FX tracing every call is one leaf
-    node (``memory_forward``); ``torch.jit.script`` raises ``NotScriptableError`` at once."""
+    * ``initial_state(batch_size)``: the state every image starts from (M0, no momentum).
+    * ``write(x, state=None, context=None, return_stats=False)``: write the tokens into ``state`` and return the new
+      state (and the write's ``MemoryStats`` with ``return_stats``). The state passed in is not modified.
+    * ``read(x, state=None)``: retrieve ``[B, M, D]`` with queries from ``x`` ``[B, M, D]``, without updating (15).
+    * ``forward(x, context=None, return_stats=False)``: write the image's tokens from M0, then read them
+      (``read_mode``); what MAL and MAG call.
+    * ``register_stats_hook(hook)``: ``hook(memory, stats)`` runs after every write (``forward``'s and
+      ``write``'s), also inside ``torch.no_grad`` / ``inference_mode`` and traced FX graphs; returns a handle
+      whose ``remove()`` unregisters it. This is how an evaluator reads the surprise of a model's ordinary forward.
+    * ``writes``: False for a memory that is never written (``mlp``): its ``write`` returns the state unchanged,
+      its stats are ``{}`` (no surprise) and its stats hooks never run.
+    * ``uses_context``: whether keys and values come from ``context``, a second view of the same tokens
+      (``advanced`` with ``qkv_diff_views``); the other memories ignore ``context``.
+    * timm manners: ``options`` (every option at its resolved value), ``reset_parameters()`` (what timm's
+      ``init_weights()`` needs after ``to_empty()``, e.g. for a model built with ``device='meta'``),
+      ``no_weight_decay()``, ``set_grad_checkpointing()``; under FX tracing every call is one leaf node
+      (``memory_forward``, ``memory_write``, ``memory_read``); ``torch.jit.script`` raises ``NotScriptableError``.
 
+    A type implements ``_forward(x, context) -> (y, stats)``, ``_write_tokens(x, state, context) -> (state, stats)``,
+    ``_read_tokens(x, state) -> y`` and ``_init_views()``. Built through :func:`create_memory`, which checks every
+    option (``_check_options``).
+    """
+
+    kind: str = ''
+    writes: bool = True
+    uses_context: bool = False
     # the create_memory options this type takes, as stored on the instance (see ``options``)
     option_names = ('heads', 'head_dim', 'depth', 'expansion')
-
-    @property
-    def options(self) -> Dict[str, Union[int, float, str, bool, None]]:
-        """Every ``create_memory`` option at the value this module resolved it to (``heads=None`` -> the count).
-
-        Checkpoints and Hub configs record these, so a later change of a default cannot change a saved model."""
-        return {name: getattr(self, name) for name in self.option_names}
+    # set by set_grad_checkpointing: write with autograd ops, whose saved tensors checkpointing can drop
+    grad_checkpointing = False
 
     def __init__(
             self,
@@ -710,19 +217,59 @@ class _MemoryBase(nn.Module):
         ])
         self.proj = nn.Linear(inner, dim, **dd)
         self.inner = inner
+        self._stats_hooks: Dict[int, StatsHook] = OrderedDict()
+
+    @property
+    def options(self) -> Dict[str, Union[int, float, str, bool, None]]:
+        """Every ``create_memory`` option at the value this module resolved it to (``heads=None`` -> the count).
+
+        Checkpoints and Hub configs record these, so a later change of a default cannot change a saved model."""
+        return {name: getattr(self, name) for name in self.option_names}
+
+    def initial_state(self, batch_size: int) -> MemoryState:
+        """The state every image starts from: M0 (expanded over the batch, no copy) and no momentum."""
+        return {'weights': [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights], 'momentum': None}
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, return_stats: bool = False):
-        """[B, N, D] -> [B, N, D] retrieved values; with ``return_stats`` also ``{'surprise': [B, N]}``.
+        """Write the tokens ``x`` [B, N, D] from M0, then read them: [B, N, D] retrieved values; with
+        ``return_stats`` also the write's ``MemoryStats``.
 
-        ``context`` (``advanced`` with ``qkv_diff_views``): tokens [B, N, D] the keys and values are taken from."""
+        ``context``: a second view of the same tokens [B, N, D]; memories with ``uses_context`` take keys and values
+        from it, the others ignore it."""
         return memory_forward(self, x, context, return_stats)
 
-    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor], return_stats: bool):
-        raise NotImplementedError
+    def write(self, x: torch.Tensor, state: Optional[MemoryState] = None, context: Optional[torch.Tensor] = None,
+              return_stats: bool = False):
+        """Write the tokens ``x`` [B, N, D] into ``state`` (M0 when None); returns the new state, or
+        ``(state, stats)`` with ``return_stats``. ``context`` as in ``forward``."""
+        return memory_write(self, x, state, context, return_stats)
 
-    def _init_views(self) -> None:
-        """Initialise the subclass's projections and gates in place (construction and ``reset_parameters``)."""
-        raise NotImplementedError
+    def read(self, x: torch.Tensor, state: Optional[MemoryState] = None) -> torch.Tensor:
+        """Read the memory ``state`` (M0 when None) with queries from ``x`` [B, M, D] without updating it (15)."""
+        return memory_read(self, x, state)
+
+    def register_stats_hook(self, hook: StatsHook) -> RemovableHandle:
+        """Call ``hook(memory, stats)`` after every write of this memory; ``handle.remove()`` stops it.
+
+        ``stats`` is ``{'surprise': [B, N]}``: each token's associative loss (12) at the weights it was written with,
+        mean over heads (float32). A memory that is never written (``writes`` False: ``mlp``) never calls it."""
+        handle = RemovableHandle(self._stats_hooks)
+        self._stats_hooks[handle.id] = hook
+        return handle
+
+    def _report_stats(self, stats: MemoryStats) -> None:
+        if self.writes:
+            for hook in self._stats_hooks.values():
+                hook(self, stats)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Follow the model's gradient checkpointing: under it the memory writes with plain autograd ops (the fused
+        write keeps buffers that checkpointing cannot drop), whose saved tensors are recomputed like the block's."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of this module's parameters to keep out of weight decay (timm's convention): none."""
+        return set()
 
     def reset_parameters(self) -> None:
         """Initialise every parameter in place as construction does (new random values). timm's
@@ -733,6 +280,20 @@ class _MemoryBase(nn.Module):
                 w.normal_(0., 1. / math.sqrt(w.shape[1]))   # as construction: randn / sqrt(d_in)
         self.proj.reset_parameters()
         self._init_views()
+
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> Tuple[torch.Tensor, MemoryStats]:
+        raise NotImplementedError
+
+    def _write_tokens(self, x: torch.Tensor, state: Optional[MemoryState],
+                      context: Optional[torch.Tensor]) -> Tuple[Optional[MemoryState], MemoryStats]:
+        raise NotImplementedError
+
+    def _read_tokens(self, x: torch.Tensor, state: Optional[MemoryState]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _init_views(self) -> None:
+        """Initialise the subclass's projections and gates in place (construction and ``reset_parameters``)."""
+        raise NotImplementedError
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this hook before compiling anything: one clear error instead of a parse failure
@@ -751,10 +312,13 @@ class _MemoryBase(nn.Module):
 
 
 @register_notrace_module
-class PersistentMemory(_MemoryBase):
-    """``mlp`` memory: the per-head memory MLP M0 read with queries, never updated (y = M0(q))."""
+class PersistentMemory(TitansMemory):
+    """``mlp`` memory: the per-head memory MLP M0 read with queries, never updated (y = M0(q)).
+
+    Never written (``writes`` False): ``write`` hands the state back unchanged and reports no surprise."""
 
     kind = 'mlp'
+    writes = False
 
     def __init__(self, dim: int, heads: Optional[int] = None, head_dim: int = 64, depth: int = 2,
                  expansion: float = 4.0, device=None, dtype=None, **unused):
@@ -766,17 +330,23 @@ class PersistentMemory(_MemoryBase):
         trunc_normal_(self.q.weight, std=.02)
         nn.init.zeros_(self.q.bias)
 
-    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor], return_stats: bool):
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> Tuple[torch.Tensor, MemoryStats]:
+        return self._read_tokens(x, None), {}
+
+    def _write_tokens(self, x: torch.Tensor, state: Optional[MemoryState],
+                      context: Optional[torch.Tensor]) -> Tuple[Optional[MemoryState], MemoryStats]:
+        return state, {}
+
+    def _read_tokens(self, x: torch.Tensor, state: Optional[MemoryState]) -> torch.Tensor:
         q = F.normalize(self._split_heads(self.q(self.norm(x))), dim=-1)  # [B, H, N, dh]
-        y = _mlp_read(list(self.initial_weights), q)
-        out = self._merge_heads(y)
-        if return_stats:
-            return out, {'surprise': torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)}
-        return out
+        y = memory_mlp_read(list(self.initial_weights) if state is None else state['weights'], q)
+        return self._merge_heads(y)
 
 
-class _NeuralMemory(_MemoryBase):
-    """Test-time-updated memory: the chunk-parallel write loop and the reads, shared by ``simple`` and ``advanced``."""
+class _NeuralMemory(TitansMemory):
+    """Test-time-updated memory: the views, the choice of write path and the reads, shared by ``simple`` and
+    ``advanced``. The update itself is ``memory_functional.chunked_write`` (readable autograd ops) or
+    ``memory_fused.dual_form_write`` (the same update, fused; forward's default path)."""
 
     def __init__(
             self,
@@ -798,103 +368,11 @@ class _NeuralMemory(_MemoryBase):
         self.momentum = momentum
         self.max_lr = max_lr
 
-    option_names = _MemoryBase.option_names + ('chunk_size', 'read_mode', 'momentum', 'max_lr')
-
-    # set by the model's set_grad_checkpointing: write with autograd ops (see forward)
-    grad_checkpointing = False
+    option_names = TitansMemory.option_names + ('chunk_size', 'read_mode', 'momentum', 'max_lr')
 
     # Subclasses define their views and gates:
     #   _qkv(x, context) -> q, k, v [B, H, N, dh];  _queries(x) -> q [B, H, M, dh]
     #   _gates(x, chunk) -> theta, eta, keep (= 1 - alpha), each [B, H, N]  (or override _views(x, context) -> all six)
-
-    def initial_state(self, batch_size: int) -> MemoryState:
-        """The state every image starts from: M0 (expanded over the batch, no copy) and no momentum."""
-        return {'weights': [w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights], 'momentum': None}
-
-    def _write_read(self, q, k, v, theta, eta, keep):
-        """forward()'s case: write from M0, then every token reads the final memory. Returns (y [B, H, N, dh], stats).
-
-        The dual form, in one autograd node with a hand-written backward (``_DualWrite``): the weights at each chunk
-        start are never built, the chunk's forward ``x W`` and closed-form backward ``g W^T`` are
-        ``r0 x W0 - ((x X^T) * gamma) G`` and ``r0 g W0^T - ((g G^T) * gamma) X`` over the earlier tokens (x their
-        layer inputs, G their scaled gradients, see ``_write_coefficients``); only the final weights are built,
-        then read. Per head with the batch folded into the rows. Tests check it against ``_write`` + a read, against a
-        token-by-token reference and with gradcheck.
-        """
-        B, H, N, _ = k.shape
-        b = self.chunk_size or N
-        hm = lambda t: None if t is None else t.transpose(0, 1).flatten(0, 1)   # [B, H, ...] -> [H*B, ...]
-        co = _write_coefficients(hm(theta), hm(eta), hm(keep), b)
-        surprise, *weights = _DualWrite.apply(hm(k), hm(v), co['gamma'], co['r0'], b,
-                                              *[_f32(w) for w in self.initial_weights])
-        weights = [w.view(H, B, *w.shape[1:]).transpose(0, 1) for w in weights]        # head-major, as [B, H, ...]
-        return _mlp_read(weights, q), {'surprise': surprise.view(H, B, N).mean(0)}
-
-    def _write(self, k, v, theta, eta, keep, state: MemoryState, q=None):
-        """Write keys/values chunk by chunk. k, v: [B, H, N, dh]; gates [B, H, N]. Returns (state, stats, reads).
-
-        When q is given (causal read) each chunk's queries read the memory *before* that chunk is written.
-
-        Used by ``write()`` (which returns the momentum too, and may start from a given state) and causal reads;
-        forward's after-write read takes ``_write_read``, the same update in the dual form. This loop is built from
-        autograd ops: with momentum, each layer's weights W and momentum S are kept stacked as one
-        ``[B*H, 2, d_in, d_out]`` tensor, so a chunk's forgetting/momentum mixing is one small bmm and its gradient
-        step one baddbmm.
-        """
-        B, H, N, _ = k.shape
-        BH = B * H
-        b = self.chunk_size or N
-        coefs = _coefficients_per_chunk(theta.flatten(0, 1), None if eta is None else eta.flatten(0, 1), keep.flatten(0, 1), b)
-        k, v = k.flatten(0, 1), v.flatten(0, 1)                               # [B*H, N, dh]
-        ks, vs, kks = k.split(b, dim=1), v.split(b, dim=1), k.pow(2).sum(-1).split(b, dim=-1)
-        qs = q.flatten(0, 1).split(b, dim=1) if q is not None else None
-        use_mom = eta is not None
-        weights = [_f32(w).expand(B, H, *w.shape[-2:]).flatten(0, 1) for w in state['weights']]
-        if use_mom:
-            moms = state['momentum'] or [torch.zeros_like(w) for w in weights]
-            packed = [torch.stack([w, _f32(m).reshape(w.shape)], dim=1) for w, m in zip(weights, moms)]  # [BH, 2, din, dout]
-            weights = [p[:, 0] for p in packed]
-        surprise, reads = [], []
-        for ci, (kc, vc, c) in enumerate(zip(ks, vs, coefs)):
-            nk = kc.shape[1]
-            inp = kc if q is None else torch.cat([kc, qs[ci]], dim=1)  # one forward serves write and read
-            pred, inputs, act_grads = memory_mlp_forward(weights, inp)
-            if q is not None:
-                reads.append(pred[:, nk:])
-                pred, inputs, act_grads = pred[:, :nk], [t[:, :nk] for t in inputs], [t[:, :nk] for t in act_grads]
-            err = pred - vc                                                   # [B*H, b, dh]
-            surprise.append(err.pow(2).sum(-1))                               # (12) loss_t at the chunk-start weights
-            # d||M(k)-v||^2/dM = 2 err; each token's step normalised (see step_normaliser)
-            scale = 2 / step_normaliser(inputs, kks[ci])                      # [B*H, b]
-            if use_mom:
-                zero = torch.zeros_like(c['w_decay'])
-                mix = torch.stack([c['w_decay'], c['w_from_s'], zero, c['s_decay']], dim=-1).view(BH, 2, 2)
-                tok = torch.stack([c['w_tok'], c['s_tok']], dim=1) * scale.unsqueeze(1)  # [B*H, 2, b]
-            else:
-                tok = c['w_tok'] * scale
-            new_packed = [None] * len(weights)
-            for i, g in memory_mlp_backprop(weights, act_grads, err):
-                xt = inputs[i].transpose(-1, -2)                               # [B*H, d_in, b]
-                d_in, d_out = xt.shape[1], g.shape[-1]
-                if use_mom:
-                    # (13) forget W and add momentum, (10) decay S: [W; S] <- mix @ [W; S]
-                    mixed = torch.bmm(mix, packed[i].view(BH, 2, d_in * d_out)).view(BH * 2, d_in, d_out)
-                    xt2 = xt.unsqueeze(1).expand(BH, 2, d_in, nk).reshape(BH * 2, d_in, nk)
-                    gg = (g.unsqueeze(1) * tok.unsqueeze(-1)).view(BH * 2, nk, d_out)
-                    # minus the chunk's token-weighted surprise, for W and S at once
-                    new_packed[i] = torch.baddbmm(mixed, xt2, gg, alpha=-1).view(BH, 2, d_in, d_out)
-                else:
-                    new_packed[i] = torch.baddbmm(weights[i] * c['w_decay'][:, None, None], xt, g * tok.unsqueeze(-1), alpha=-1)
-            if use_mom:
-                packed = new_packed
-                weights = [p[:, 0] for p in packed]
-            else:
-                weights = new_packed
-        stats = {'surprise': torch.cat(surprise, dim=-1).view(B, H, N).mean(1)}  # [B, N], mean over heads
-        unflat = lambda t: t.reshape(B, H, *t.shape[-2:])
-        state = {'weights': [unflat(w) for w in weights],
-                 'momentum': [unflat(p[:, 1]) for p in packed] if use_mom else None}
-        return state, stats, [unflat(r) for r in reads]
 
     def _views(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         q, k, v = self._qkv(x, context)
@@ -902,59 +380,54 @@ class _NeuralMemory(_MemoryBase):
 
     def _prepare(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         xn = self.norm(x)
-        cn = self.norm(context) if context is not None else None
+        cn = self.norm(context) if context is not None and self.uses_context else None
         q, k, v, theta, eta, keep = self._views(xn, cn)
         if not self.momentum:
             eta = None
         with _autocast_off(x):
-            q, k = F.normalize(_f32(q), dim=-1), F.normalize(_f32(k), dim=-1)
-            v, theta, keep = _f32(v), _f32(theta), _f32(keep)
-            eta = _f32(eta) if eta is not None else None
+            q, k = F.normalize(upcast(q), dim=-1), F.normalize(upcast(k), dim=-1)
+            v, theta, keep = upcast(v), upcast(theta), upcast(keep)
+            eta = upcast(eta) if eta is not None else None
         return q, k, v, theta, eta, keep
 
-    def write(self, x: torch.Tensor, state: Optional[MemoryState] = None, context: Optional[torch.Tensor] = None,
-              return_stats: bool = False):
-        """Write the tokens ``x`` [B, N, D] into the memory (from M0 when ``state`` is None); returns the new state,
-        or ``(state, {'surprise': [B, N]})`` with ``return_stats``."""
-        return memory_write(self, x, state, context, return_stats)
-
-    def read(self, x: torch.Tensor, state: Optional[MemoryState] = None) -> torch.Tensor:
-        """Read the memory ``state`` (M0 when None) with queries from ``x`` [B, M, D] without updating it (15)."""
-        return memory_read(self, x, state)
-
-    def _write_tokens(self, x: torch.Tensor, state: Optional[MemoryState], context: Optional[torch.Tensor],
-                      return_stats: bool):
+    def _write_tokens(self, x: torch.Tensor, state: Optional[MemoryState],
+                      context: Optional[torch.Tensor]) -> Tuple[MemoryState, MemoryStats]:
+        # continues from the state given (momentum included): the chunked write of autograd ops
         _, k, v, theta, eta, keep = self._prepare(x, context)
         with _autocast_off(x):
-            state, stats, _ = self._write(k, v, theta, eta, keep, state or self.initial_state(x.shape[0]))
-        return (state, stats) if return_stats else state
+            state, stats, _ = chunked_write(k, v, theta, eta, keep, state or self.initial_state(x.shape[0]),
+                                            self.chunk_size)
+        return state, stats
 
     def _read_tokens(self, x: torch.Tensor, state: Optional[MemoryState]) -> torch.Tensor:
         q = self._queries(self.norm(x))
         with _autocast_off(x):
-            q = F.normalize(_f32(q), dim=-1)
+            q = F.normalize(upcast(q), dim=-1)
             weights = (state or self.initial_state(x.shape[0]))['weights']
-            y = _mlp_read([_f32(w) for w in weights], q)
+            y = memory_mlp_read([upcast(w) for w in weights], q)
         return self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
 
-    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor], return_stats: bool):
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> Tuple[torch.Tensor, MemoryStats]:
         # write the image's tokens, then read them (``read_mode``)
         q, k, v, theta, eta, keep = self._prepare(x, context)
         with _autocast_off(x):
-            causal = self.read_mode == 'causal'
-            if causal:
-                _, stats, reads = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]), q=q)
+            if self.read_mode == 'causal':
+                _, stats, reads = chunked_write(k, v, theta, eta, keep, self.initial_state(x.shape[0]),
+                                                self.chunk_size, q=q)
                 y = torch.cat(reads, dim=2)
             elif torch.compiler.is_compiling() or (self.grad_checkpointing and torch.is_grad_enabled()):
                 # the same update as plain autograd ops: the dual form's node (scratch buffers, out= writes, a
                 # finalizer) is not traceable, while this loop is and inductor fuses it well (see the speed
-                # notes); and its saved tensors go through checkpointing's hooks, the node's buffers do not
-                state, stats, _ = self._write(k, v, theta, eta, keep, self.initial_state(x.shape[0]))
-                y = _mlp_read(state['weights'], q)
+                # notes in memory_fused.py); and its saved tensors go through checkpointing's hooks, the node's
+                # buffers do not
+                state, stats, _ = chunked_write(k, v, theta, eta, keep, self.initial_state(x.shape[0]),
+                                                self.chunk_size)
+                y = memory_mlp_read(state['weights'], q)
             else:
-                y, stats = self._write_read(q, k, v, theta, eta, keep)  # (15) every token reads the final memory
-        out = self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y)
-        return (out, stats) if return_stats else out
+                # the fused write, then (15): every token reads the final memory
+                weights, surprise = dual_form_write(k, v, theta, eta, keep, self.initial_weights, self.chunk_size)
+                y, stats = memory_mlp_read(weights, q), {'surprise': surprise}
+        return self._merge_heads(y.to(x.dtype) if not torch.is_autocast_enabled() else y), stats
 
 
 @register_notrace_module
@@ -1019,6 +492,11 @@ class AdvancedNeuralMemory(_NeuralMemory):
 
     kind = 'advanced'
     option_names = _NeuralMemory.option_names + ('qkv_diff_views',)
+
+    @property
+    def uses_context(self) -> bool:
+        """Keys, values and gates come from ``context`` when it is given (``qkv_diff_views``)."""
+        return self.qkv_diff_views
 
     def __init__(self, dim: int, heads: Optional[int] = None, head_dim: int = 64, depth: int = 2,
                  expansion: float = 4.0, chunk_size: Optional[int] = 16, read_mode: str = 'after_write',
@@ -1085,7 +563,7 @@ class AdvancedNeuralMemory(_NeuralMemory):
 _MEMORY_CLASSES = {'mlp': PersistentMemory, 'simple': SimpleNeuralMemory, 'advanced': AdvancedNeuralMemory}
 
 
-def create_memory(kind: str, dim: int, **options) -> nn.Module:
+def create_memory(kind: str, dim: int, **options) -> TitansMemory:
     """Build a Titans memory module mapping tokens ``[B, N, dim]`` to retrieved values ``[B, N, dim]``.
 
     Args:
@@ -1099,8 +577,9 @@ def create_memory(kind: str, dim: int, **options) -> nn.Module:
             inner width ``heads * head_dim`` and the hidden width at most ``MAX_WIDTH_FACTOR`` (8) x max(dim, 64),
             M0 at most ``MAX_M0_FACTOR`` (128) x max(dim, 64)^2 parameters; anything else is a ValueError.
 
-    ``module(x, return_stats=True)`` also returns ``{'surprise': [B, N]}``, each token's associative loss (12) at
-    the weights it was written with (zeros for ``mlp``, which is never written).
+    The module implements ``TitansMemory`` (write / read / stats): ``module(x, return_stats=True)`` also returns
+    ``{'surprise': [B, N]}``, each token's associative loss (12) at the weights it was written with, and
+    ``register_stats_hook`` reports it for every write; ``mlp`` is never written, so it has no surprise (``{}``).
     """
     if kind not in _MEMORY_CLASSES:
         raise ValueError(f'unknown memory type {kind!r}; choose one of {MEMORY_TYPES}')

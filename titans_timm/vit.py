@@ -8,7 +8,9 @@ Papers:
 
 The backbone is timm's own ``VisionTransformer``; selected blocks are replaced by subclasses of timm's ``Block``
 that add a Titans neural memory (``titans_timm.memory.create_memory``). Every parameter a subclass adds has
-``memory`` in its name, so a plain timm ViT checkpoint loads with only memory parameters missing.
+``memory`` in its name, so a plain timm ViT checkpoint loads with only memory parameters missing. The blocks use a
+memory only through its interface (``titans_timm.memory.TitansMemory``: ``forward``, ``write``, ``read``), so every
+memory type plugs into every integration.
 
 Integrations (DESIGN.md section 2):
     * MAL, memory as layer (``MemoryLayerBlock``): after the block, ``x = x + g * Mem(LN(x))`` (the LN is the
@@ -19,7 +21,9 @@ Integrations (DESIGN.md section 2):
       ``y = attn(LN(x)); x = x + ls1(y + g * sigmoid(W y) * Mem(LN(x)))``.
     * MAC, memory as context (``MemoryContextBlock``): ``N_p`` persistent tokens and ``N_l`` tokens read from the
       memory join the block's attention as extra keys/values; they are stripped again, so the class token,
-      position embedding and head see the standard layout.
+      position embedding and head see the standard layout. Keys and values come from the block's own attention
+      projections (timm's ``Attention`` / ``AttentionRope``, fused ``qkv`` or separate ``q_proj``/``k_proj``/
+      ``v_proj``).
 
 Function preservation: every gate ``g`` starts at zero (LayerScale-style for MAL/MAG, a per-head gate on the
 attention over the extra tokens for MAC), so with a backbone checkpoint loaded the model's logits equal the
@@ -66,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, LayerNorm, LayerScale, trunc_normal_
+from timm.layers import Attention, AttentionRope, DropPath, LayerNorm, LayerScale, trunc_normal_
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
@@ -76,7 +80,7 @@ from timm.models._manipulate import checkpoint, named_apply
 from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from .memory import MEMORY_TYPES, NotScriptableError, create_memory
+from .memory import MEMORY_TYPES, MemoryState, NotScriptableError, TitansMemory, create_memory
 
 __all__ = [
     'APPROACHES', 'TitansVisionTransformer', 'MemoryLayerBlock', 'MemoryGateBlock', 'MemoryContextBlock',
@@ -191,11 +195,9 @@ class MemoryLayerBlock(Block):
     ) -> torch.Tensor:
         x_in = x
         x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        # the memory layer-norms its input itself (the LN of ``Mem(LN(x))``)
-        if getattr(self.memory, 'qkv_diff_views', False):
-            m = self.memory(x, context=x_in)  # keys/values from one depth earlier: the block input
-        else:
-            m = self.memory(x)
+        # the memory layer-norms its input itself (the LN of ``Mem(LN(x))``); a memory that takes a second view
+        # (``uses_context``: advanced with qkv_diff_views) has keys/values from one depth earlier, the block input
+        m = self.memory(x, context=x_in)
         return x + self.memory_drop_path(self.memory_ls(m))
 
 
@@ -252,15 +254,50 @@ class MemoryGateBlock(Block):
             is_causal: bool = False,
     ) -> torch.Tensor:
         y = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        # the memory layer-norms the block input itself; [B, N, D]
-        if getattr(self.memory, 'qkv_diff_views', False):
-            m = self.memory(x, context=y)  # keys/values from the attention output: a second view of the tokens
-        else:
-            m = self.memory(x)
+        # the memory layer-norms the block input itself; [B, N, D]. A memory that takes a second view
+        # (``uses_context``) has keys/values from the attention output
+        m = self.memory(x, context=y)
         y = y + self.memory_ls(torch.sigmoid(self.memory_gate(y)) * m)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+# the attention layers whose projections MAC knows (``_project_qkv``)
+_MAC_ATTENTION = (Attention, AttentionRope)
+
+
+def _project_qkv(attn: nn.Module, h: torch.Tensor, ctx: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Queries, keys and values of the tokens ``h`` [B, N, D] and keys and values of the context tokens ``ctx``
+    [B, M, D] through ``attn``'s own projections and q/k norms, as its forward computes them: [B, H, N, hd] x 3 and
+    [B, H, M, hd] x 2.
+
+    ``attn`` is timm's ``Attention`` or ``AttentionRope``: a fused ``qkv`` projection, or separate ``q_proj`` /
+    ``k_proj`` / ``v_proj`` (``qkv_fused=False``), whose keys and values may have fewer heads (grouped-query
+    attention: repeated per query head as timm does).
+    """
+    B, N, _ = h.shape
+    M = ctx.shape[1]
+    H, hd = attn.num_heads, attn.head_dim
+    if attn.qkv is not None:
+        q, k, v = attn.qkv(h).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
+        # context tokens need keys/values only: the k, v rows of the qkv projection
+        w_kv = attn.qkv.weight[attn.attn_dim:]
+        b_kv = attn.qkv.bias[attn.attn_dim:] if attn.qkv.bias is not None else None
+        kc, vc = F.linear(ctx, w_kv, b_kv).reshape(B, M, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, M, hd]
+        kv_groups = 1
+    else:   # AttentionRope(qkv_fused=False)
+        H_kv = attn.num_kv_heads
+        q = attn.q_proj(h).reshape(B, N, H, hd).transpose(1, 2)            # [B, H, N, hd]
+        k = attn.k_proj(h).reshape(B, N, H_kv, hd).transpose(1, 2)         # [B, H_kv, N, hd]
+        v = attn.v_proj(h).reshape(B, N, H_kv, hd).transpose(1, 2)
+        kc = attn.k_proj(ctx).reshape(B, M, H_kv, hd).transpose(1, 2)      # [B, H_kv, M, hd]
+        vc = attn.v_proj(ctx).reshape(B, M, H_kv, hd).transpose(1, 2)
+        kv_groups = attn.num_kv_groups
+    q, k, kc = attn.q_norm(q), attn.k_norm(k), attn.k_norm(kc)
+    if kv_groups > 1:
+        k, v, kc, vc = (t.repeat_interleave(kv_groups, dim=1) for t in (k, v, kc, vc))   # [B, H, *, hd]
+    return q, k, v, kc, vc
 
 
 class MemoryContextBlock(Block):
@@ -271,6 +308,12 @@ class MemoryContextBlock(Block):
     ``o_h = softmax(q k^T) v + g_h * softmax(q k_ctx^T) v_ctx``. With ``g = 0`` the block is exactly timm's
     ``Block`` and ``g`` gets gradient at the first step; a very negative logit offset on a joint softmax would
     instead leave the extra tokens without gradient.
+
+    Queries, keys and values come from the block's own attention module through its own projections: timm's
+    ``Attention`` and ``AttentionRope`` with a fused ``qkv`` or separate ``q_proj`` / ``k_proj`` / ``v_proj``
+    (``AttentionRope(qkv_fused=False)``, grouped k/v heads included), with their q/k norms, output norm and gate.
+    Other attention layers (e.g. ``DiffAttention``) are refused at construction; MAL and MAG, which call the
+    attention as a whole, take any.
 
     The memory module is owned by the model (``TitansVisionTransformer.memory``) and passed in with its state;
     ``forward`` returns ``(x, state)``.
@@ -298,11 +341,16 @@ class MemoryContextBlock(Block):
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__(dim, num_heads, norm_layer=norm_layer, **block_kwargs, **dd)
+        if not isinstance(self.attn, _MAC_ATTENTION):
+            raise ValueError(
+                f'MAC attends over the memory tokens through timm Attention or AttentionRope projections; '
+                f'attn_layer {type(self.attn).__name__} is not supported: use one of those, or MAL / MAG')
         self.num_persistent_tokens = num_persistent_tokens
         self.num_memory_tokens = num_memory_tokens
         self.memory_persistent = nn.Parameter(torch.empty(1, num_persistent_tokens, dim, **dd)) \
             if num_persistent_tokens else None
-        # retrieved tokens enter attn.qkv, which expects LayerNorm-ed inputs like the block's own tokens
+        # retrieved tokens enter the attention's k/v projections, which expect LayerNorm-ed inputs like the
+        # block's own tokens
         self.memory_norm = norm_layer(dim, **dd)
         self.memory_gate = nn.Parameter(torch.zeros(self.attn.num_heads, **dd))
         self.reset_memory_params()
@@ -316,30 +364,25 @@ class MemoryContextBlock(Block):
             self.memory_norm.reset_parameters()
         nn.init.zeros_(self.memory_gate)
 
-    def _read_context(self, x: torch.Tensor, memory: nn.Module, state: Any) -> torch.Tensor:
+    def _read_context(self, x: torch.Tensor, memory: TitansMemory, state: Optional[MemoryState]) -> torch.Tensor:
         B, N, D = x.shape
         # N_l queries: the tokens pooled into N_l groups in raster order (works for any token count)
         queries = F.adaptive_avg_pool1d(x.transpose(1, 2), self.num_memory_tokens).transpose(1, 2)  # [B, N_l, D]
-        # the `mlp` memory has no state: it is read with a plain forward
-        read = memory.read(queries, state) if hasattr(memory, 'read') else memory(queries)  # [B, N_l, D]
+        read = memory.read(queries, state)  # [B, N_l, D]
         ctx = self.memory_norm(read)
         if self.memory_persistent is not None:
             ctx = torch.cat([self.memory_persistent.expand(B, -1, -1), ctx], dim=1)  # [B, N_p + N_l, D]
         return ctx
 
     def _attention(self, h: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """The block's attention over its tokens ``h`` [B, N, D] plus the gated attention over the context tokens
+        ``ctx`` [B, M, D]: timm's ``Attention.forward`` (no mask) with the second term added before its output
+        norm, gate and projection."""
         attn = self.attn
         B, N, _ = h.shape
-        M = ctx.shape[1]
-        H, hd = attn.num_heads, attn.head_dim
-        gate = attn.gate(h).sigmoid() if getattr(attn, 'gate', None) is not None else None
-        q, k, v = attn.qkv(h).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        # context tokens need keys/values only: the k, v rows of the qkv projection
-        w_kv = attn.qkv.weight[attn.attn_dim:]
-        b_kv = attn.qkv.bias[attn.attn_dim:] if attn.qkv.bias is not None else None
-        kc, vc = F.linear(ctx, w_kv, b_kv).reshape(B, M, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, M, hd]
-        kc = attn.k_norm(kc)
+        H = attn.num_heads
+        gate = attn.gate(h).sigmoid() if attn.gate is not None else None
+        q, k, v, kc, vc = _project_qkv(attn, h, ctx)   # [B, H, N, hd] x 3, [B, H, M, hd] x 2
         drop = attn.attn_drop.p if self.training else 0.
         if attn.fused_attn:
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # [B, H, N, hd]
@@ -358,9 +401,9 @@ class MemoryContextBlock(Block):
     def forward(
             self,
             x: torch.Tensor,
-            memory: nn.Module,
-            state: Any = None,
-    ) -> Tuple[torch.Tensor, Any]:
+            memory: TitansMemory,
+            state: Optional[MemoryState] = None,
+    ) -> Tuple[torch.Tensor, Optional[MemoryState]]:
         """
         Args:
             x: Tokens ``[B, N, D]``.
@@ -368,10 +411,10 @@ class MemoryContextBlock(Block):
             state: Memory state left by earlier MAC blocks (``None``: start from M0).
 
         Returns:
-            ``(x, state)``: the block output and the memory state after writing this block's tokens.
+            ``(x, state)``: the block output and the memory state after writing this block's tokens (``mlp``, never
+            written, hands its state back unchanged).
         """
-        if hasattr(memory, 'write'):
-            state = memory.write(x, state)  # the memory layer-norms its input itself
+        state = memory.write(x, state)  # the memory layer-norms its input itself
         ctx = self._read_context(x, memory, state)
         x = x + self.drop_path1(self.ls1(self._attention(self.norm1(x), ctx)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -506,7 +549,7 @@ class TitansVisionTransformer(VisionTransformer):
             # (e.g. a model built with device='meta') they hold no values either. At construction timm passes
             # needs_reset=False and the memory keeps the init it built with.
             for blk in self.blocks:
-                if hasattr(blk, 'reset_memory_params'):
+                if isinstance(blk, (MemoryLayerBlock, MemoryGateBlock, MemoryContextBlock)):
                     blk.reset_memory_params()
             if getattr(self, 'memory', None) is not None:   # unset while timm's __init__ runs
                 self.memory.reset_parameters()
@@ -519,7 +562,7 @@ class TitansVisionTransformer(VisionTransformer):
         so under it they write with plain autograd ops, whose saved tensors are recomputed like the block's)."""
         super().set_grad_checkpointing(enable)
         for _, memory in memory_modules(self):
-            memory.grad_checkpointing = enable
+            memory.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -528,8 +571,7 @@ class TitansVisionTransformer(VisionTransformer):
         if self.approach == 'mac':
             skip.add('blocks.*.memory_persistent')
         for prefix, module in self._named_memory_modules():
-            if hasattr(module, 'no_weight_decay'):
-                skip.update(f'{prefix}.{n}' for n in module.no_weight_decay())
+            skip.update(f'{prefix}.{n}' for n in module.no_weight_decay())
         return skip
 
     @torch.jit.ignore
@@ -554,7 +596,7 @@ class TitansVisionTransformer(VisionTransformer):
             args.update(num_persistent_tokens=first.num_persistent_tokens, num_memory_tokens=first.num_memory_tokens)
         return args
 
-    def _named_memory_modules(self) -> List[Tuple[str, nn.Module]]:
+    def _named_memory_modules(self) -> List[Tuple[str, TitansMemory]]:
         if self.memory is not None:
             return [('memory', self.memory)]
         return [(f'blocks.{i}.memory', self.blocks[i].memory) for i in self.memory_blocks if i < len(self.blocks)]
@@ -563,10 +605,10 @@ class TitansVisionTransformer(VisionTransformer):
             self,
             blk: nn.Module,
             x: torch.Tensor,
-            state: Any,
+            state: Optional[MemoryState],
             attn_mask: Optional[torch.Tensor],
             is_causal: bool,
-    ) -> Tuple[torch.Tensor, Any]:
+    ) -> Tuple[torch.Tensor, Optional[MemoryState]]:
         ckpt = self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled()
         if isinstance(blk, MemoryContextBlock):
             _check_no_attn_mask(attn_mask, is_causal)
@@ -684,7 +726,7 @@ def split_parameters(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter
     return groups
 
 
-def memory_modules(model: nn.Module) -> List[Tuple[int, nn.Module]]:
+def memory_modules(model: nn.Module) -> List[Tuple[int, TitansMemory]]:
     """The memory modules of a model in depth order, as ``[(block_index, module), ...]``.
 
     MAL/MAG: one entry per memory-carrying block. MAC: the single shared memory, under the index of the first
