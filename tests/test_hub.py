@@ -1,6 +1,8 @@
 """Hub publishing and loading, fully offline.
 
-- ``--dry-run`` folders load back with ``local-dir:`` bit-identically (memory models and the plain baseline);
+- a run folder is published as it is: ``--dry-run`` writes its config.json and model.safetensors byte for byte, and
+  they load back with ``local-dir:`` bit-identically (memory models and the plain baseline); older single-file
+  checkpoints and ``.pth`` state dicts are written in the same layout;
 - the same folder placed in a Hugging Face cache loads with ``hf-hub:ORG/NAME`` under ``HF_HUB_OFFLINE=1``
   (in a subprocess, because huggingface_hub reads its environment once, at import);
 - the model card renders with the real numbers and parses with ``huggingface_hub.ModelCard``;
@@ -27,9 +29,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 import titans_timm  # noqa: F401  (registers the architectures)
+from titans_timm import checkpoint as ckpt_io
 from titans_timm import hub
 from titans_timm.checkpoint import load_model, save_model
-from titans_timm.evaluate import file_sha256
+from titans_timm.run_record import RunRecord, file_sha256
 
 LABELS = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 EVAL_REPORT = dict(top1=81.25, top5=99.125, topk=5, loss=0.51234, img_per_sec=812.5, dataset='fashion-mnist-mini',
@@ -42,7 +45,8 @@ FILES = ['README.md', 'config.json', 'model.safetensors']
 
 
 def make_run(root: Path, architecture: str, with_report: bool = True, **model_args) -> Path:
-    """A run folder as titans-timm-train and -eval leave it: model.safetensors, args.yaml, eval_report.json."""
+    """A run folder as titans-timm-train and -eval leave it: config.json, model.safetensors, and run.json with the
+    training arguments and (``with_report``) an eval report of these weights."""
     args = dict(SMALL, **model_args)
     model = timm.create_model(architecture, **args)
     gen = torch.Generator().manual_seed(0)
@@ -51,15 +55,16 @@ def make_run(root: Path, architecture: str, with_report: bool = True, **model_ar
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     run = root / architecture
-    save_model(model, run / 'model.safetensors', architecture=architecture, model_args=args, label_names=LABELS,
-               extra_metadata=dict(pretrained_cfg=dict(mean=[0.286] * 3, std=[0.353] * 3),
-                                   dataset='fashion-mnist-mini'))
-    (run / 'args.yaml').write_text(RECIPE.format(model=architecture))
+    run.mkdir(parents=True)
+    (run / 'config.json').write_text(ckpt_io.config_json(model, model_args=args, label_names=LABELS,
+                                                         data_config=dict(mean=[0.286] * 3, std=[0.353] * 3)))
+    (run / 'model.safetensors').write_bytes(ckpt_io.weights_bytes(model))
+    record = RunRecord.new(yaml.safe_load(RECIPE.format(model=architecture)))
     if with_report:
-        report = dict(EVAL_REPORT, model=architecture, source=str((run / 'model.safetensors').resolve()),
-                      checkpoint_sha256=file_sha256(run / 'model.safetensors'))
-        (run / 'eval_report.json').write_text(json.dumps(report))
-    return run / 'model.safetensors'
+        record.add_report(dict(EVAL_REPORT, model=architecture, source=str(run.resolve()),
+                               checkpoint_sha256=file_sha256(run / 'model.safetensors')))
+    record.save(run)
+    return run
 
 
 class PickledPayload:
@@ -102,12 +107,13 @@ def mac_export(mac_run, tmp_path_factory):
     ('vit_tiny_patch16_224', {}),  # the plain backbone baseline of a sweep publishes the same way
 ])
 def test_dry_run_folder_loads_back_identical(run_dir, tmp_path, architecture, model_args):
-    ckpt = make_run(run_dir / 'variants', architecture, **model_args)
-    result = hub.push(ckpt, 'titans-org/model', dry_run_dir=tmp_path / 'out',
-                      eval_report=ckpt.parent / 'eval_report.json',
-                      recipe=ckpt.parent / 'args.yaml')
+    run = make_run(run_dir / 'variants', architecture, **model_args)
+    result = hub.push(run, 'titans-org/model', dry_run_dir=tmp_path / 'out')  # report and recipe from run.json
     folder = Path(result['folder'])
     assert result['files'] == FILES == sorted(p.name for p in folder.iterdir())  # safetensors only, no pickle
+    for name in ('config.json', 'model.safetensors'):  # no conversion: the files trained are the files published
+        assert (folder / name).read_bytes() == (run / name).read_bytes(), name
+    assert ModelCard.load(folder / 'README.md').data.eval_results[0].metric_value == EVAL_REPORT['top1']
     with safetensors.safe_open(folder / 'model.safetensors', 'pt') as f:
         assert f.metadata() == {'format': 'pt'}  # as transformers / huggingface_hub write it
 
@@ -129,7 +135,7 @@ def test_dry_run_folder_loads_back_identical(run_dir, tmp_path, architecture, mo
         for key, value in model_args.get('memory_options', {}).items():
             assert args['memory_options'][key] == value
 
-    original, _ = load_model(ckpt)
+    original, _ = load_model(run)
     reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
     assert type(reloaded) is type(original)
     assert torch.equal(logits(reloaded), logits(original))
@@ -139,14 +145,26 @@ def test_dry_run_folder_loads_back_identical(run_dir, tmp_path, architecture, mo
 
 
 def test_old_pth_state_dict_is_read_without_unpickling_code(run_dir, tmp_path):
-    ckpt = make_run(run_dir / 'pth', 'vit_tiny_mag_simple')
-    original, _ = load_model(ckpt)
+    run = make_run(run_dir / 'pth', 'vit_tiny_mag_simple')
+    original, _ = load_model(run)
     pth = tmp_path / 'old.pth'
     torch.save({'state_dict': original.state_dict(), 'epoch': 3}, pth)
     result = hub.push(pth, 'titans-org/old', dry_run_dir=tmp_path / 'out', architecture='vit_tiny_mag_simple',
                       label_names=LABELS, **SMALL)
     reloaded = timm.create_model(f"local-dir:{result['folder']}", pretrained=True)
     assert torch.equal(logits(reloaded), logits(original))
+    with safetensors.safe_open(Path(result['folder']) / 'model.safetensors', 'pt') as f:
+        assert f.metadata() == {'format': 'pt'}
+
+    # an older single-file checkpoint (the titans_timm header) with non-default memory arguments: the same layout
+    model = timm.create_model('vit_tiny_mal_simple', memory_interval=1, memory_options=dict(chunk_size=8), **SMALL)
+    single = save_model(model, tmp_path / 'single' / 'model.safetensors', architecture='vit_tiny_mal_simple',
+                        model_args=dict(SMALL, memory_interval=1, memory_options=dict(chunk_size=8)), label_names=LABELS)
+    folder = Path(hub.push(single, 'titans-org/single', dry_run_dir=tmp_path / 'out1')['folder'])
+    assert sorted(p.name for p in folder.iterdir()) == FILES
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert reloaded.memory_blocks == model.memory_blocks and torch.equal(logits(reloaded), logits(model))
+    assert reloaded.pretrained_cfg['label_names'] == LABELS
 
     bad = tmp_path / 'unsafe.pth'
     torch.save({'state_dict': original.state_dict(), 'payload': PickledPayload()}, bad)
@@ -228,17 +246,18 @@ def test_card_renders_real_numbers_and_parses(mac_export):
 
 
 def test_card_front_matter_options(run_dir, tmp_path):
-    ckpt = make_run(run_dir / 'no_report', 'vit_tiny_mac_advanced', with_report=False)
+    run = make_run(run_dir / 'no_report', 'vit_tiny_mac_advanced', with_report=False)
     # a report of other weights of the run (last.safetensors) does not describe these
-    other = dict(EVAL_REPORT, source=str(ckpt.parent / 'last.safetensors'))
-    (ckpt.parent / 'eval_report.json').write_text(json.dumps(other))
-    result = hub.push(ckpt, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', license='mit',
-                      base_model='timm/some_other_backbone', datasets=['org/my-data'], verify=False)
+    record = RunRecord.load(run)
+    record.eval_reports.append(dict(EVAL_REPORT, source=str(run / 'last.safetensors')))
+    record.save(run)
+    result = hub.push(run, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', license='mit',
+                      base_model='timm/some_other_backbone', datasets=['org/my-data'])
     card = ModelCard.load(Path(result['folder']) / 'README.md')
     assert card.data.license == 'mit'
     assert card.data.base_model == 'timm/some_other_backbone'
     assert card.data.datasets == ['org/my-data']
-    # recipe picked up from the run's args.yaml; no eval report: the card says how to add one
+    # recipe picked up from the run record; no eval report: the card says how to add one
     assert 'freeze_epochs' in card.text and 'titans-timm-eval' in card.text
     assert 'model-index' not in (Path(result['folder']) / 'README.md').read_text()
 
@@ -253,7 +272,7 @@ def test_card_front_matter_options(run_dir, tmp_path):
     (dict(pretrained=False, epochs=1), None, 'starting from random initialisation'),
 ])
 def test_card_names_a_base_model_only_when_the_weights_descend_from_it(mac_run, tmp_path, recipe, base_model, start):
-    result = hub.push(mac_run, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', recipe=recipe, verify=False)
+    result = hub.push(mac_run, 'titans-org/tiny-mac', dry_run_dir=tmp_path / 'out', recipe=recipe)
     text = (Path(result['folder']) / 'README.md').read_text()
     card = ModelCard(text)
     assert card.data.base_model == base_model
@@ -264,8 +283,7 @@ def test_card_names_a_base_model_only_when_the_weights_descend_from_it(mac_run, 
 def test_card_does_not_publish_local_dataset_paths(mac_run, tmp_path):
     report = dict(EVAL_REPORT, dataset='/home/me/data/ants_bees', split='val')
     recipe = dict(dataset='/home/me/data/ants_bees', pretrained=True, epochs=1)
-    result = hub.push(mac_run, 'titans-org/ants', dry_run_dir=tmp_path / 'out', eval_report=report, recipe=recipe,
-                      verify=False)
+    result = hub.push(mac_run, 'titans-org/ants', dry_run_dir=tmp_path / 'out', eval_report=report, recipe=recipe)
     text = (Path(result['folder']) / 'README.md').read_text()
     assert '/home/me' not in text
     card = ModelCard(text)
@@ -276,10 +294,10 @@ def test_card_does_not_publish_local_dataset_paths(mac_run, tmp_path):
 
 
 def test_card_claims_no_base_model_without_a_recipe(run_dir, tmp_path):
-    """No args.yaml, no --recipe: nothing shows where the weights started, so no base_model is claimed."""
-    ckpt = make_run(run_dir / 'no_recipe', 'vit_tiny_mag_simple')
-    (ckpt.parent / 'args.yaml').unlink()
-    result = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'out', verify=False)
+    """No run record, no --recipe: nothing shows where the weights started, so no base_model is claimed."""
+    run = make_run(run_dir / 'no_recipe', 'vit_tiny_mag_simple')
+    (run / 'run.json').unlink()
+    result = hub.push(run, 'titans-org/x', dry_run_dir=tmp_path / 'out')
     card = ModelCard.load(Path(result['folder']) / 'README.md')
     assert card.data.base_model is None
     assert 'starting point is not recorded' in card.text
@@ -291,9 +309,9 @@ def test_card_claims_no_base_model_without_a_recipe(run_dir, tmp_path):
     ('vit_tiny_patch16_224.augreg_in21k', 'timm/vit_tiny_patch16_224.augreg_in21k'),
 ])
 def test_card_base_model_is_the_checkpoint_the_recipe_loaded(run_dir, tmp_path, trained, hub_id):
-    ckpt = make_run(run_dir / 'tagged', 'vit_tiny_patch16_224')
-    result = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'out', verify=False,
-                      recipe=dict(model=trained, pretrained=True, epochs=1))
+    run = make_run(run_dir / 'tagged' / trained, 'vit_tiny_patch16_224')
+    result = hub.push(run, 'titans-org/x', dry_run_dir=tmp_path / 'out', recipe=dict(model=trained, pretrained=True,
+                                                                                      epochs=1))
     assert ModelCard.load(Path(result['folder']) / 'README.md').data.base_model == hub_id
 
 
@@ -420,7 +438,7 @@ def test_card_labels_top_k_and_usage_for_few_classes(run_dir, tmp_path):
     save_model(model, ckpt, architecture='vit_tiny_mag_simple', model_args=dict(img_size=32, depth=2, num_classes=3),
                label_names=labels)
     report = dict(EVAL_REPORT, dataset='hf:org/three', split='validation', top5=100.0, topk=3, num_samples=30)
-    result = hub.push(ckpt, 'titans-org/three', dry_run_dir=tmp_path / 'out', eval_report=report, verify=False)
+    result = hub.push(ckpt, 'titans-org/three', dry_run_dir=tmp_path / 'out', eval_report=report)
     folder = Path(result['folder'])
     card = ModelCard.load(folder / 'README.md')
     assert {r.metric_name for r in card.data.eval_results} == {'Top-1 accuracy (%)', 'Top-3 accuracy (%)'}
@@ -434,46 +452,46 @@ def test_card_labels_top_k_and_usage_for_few_classes(run_dir, tmp_path):
 
 
 def test_auto_picked_report_must_describe_the_current_weights(run_dir, tmp_path, capsys):
-    """A report next to the checkpoint is used only while the weights are those it evaluated."""
-    ckpt = make_run(run_dir / 'retrained', 'vit_tiny_mag_simple')
-    first = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'a', verify=False)
+    """A report in the run record is used only while the weights are those it evaluated."""
+    run = make_run(run_dir / 'retrained', 'vit_tiny_mag_simple')
+    first = hub.push(run, 'titans-org/x', dry_run_dir=tmp_path / 'a')
     assert ModelCard.load(Path(first['folder']) / 'README.md').data.eval_results is not None
-    report = ckpt.parent / 'eval_report.json'
-    stale = report.read_text()
-    # Retrained into the same folder: same path, new weights; the old report stays.
-    model, meta = load_model(ckpt)
+    # Retrained into the same folder: same path, new weights; the old report stays in the record.
+    model, _ = load_model(run)
     with torch.no_grad():
         model.head.bias.add_(1.0)
-    save_model(model, ckpt, architecture=meta['architecture'], model_args=meta['model_args'],
-               label_names=meta['label_names'])
-    report.write_text(stale)
+    (run / 'model.safetensors').write_bytes(ckpt_io.weights_bytes(model))
     capsys.readouterr()
-    second = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'b', verify=False)
+    second = hub.push(run, 'titans-org/x', dry_run_dir=tmp_path / 'b')
     text = (Path(second['folder']) / 'README.md').read_text()
     assert 'model-index' not in text and '81.25' not in text
     err = capsys.readouterr().err
     assert 'note: not using' in err and 'evaluated other weights' in err
     # Passed explicitly, the stale report is one clear error.
+    report = tmp_path / 'stale_report.json'
+    report.write_text(json.dumps(RunRecord.load(run).eval_reports[0]))
     with pytest.raises(hub.HubError, match='does not describe this checkpoint: it evaluated other weights'):
-        hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'c', eval_report=report, verify=False)
-    assert hub.main([str(ckpt), 'titans-org/x', '--dry-run', str(tmp_path / 'd'), '--eval-report', str(report)]) == 2
+        hub.push(run, 'titans-org/x', dry_run_dir=tmp_path / 'c', eval_report=report)
+    assert hub.main([str(run), 'titans-org/x', '--dry-run', str(tmp_path / 'd'), '--eval-report', str(report)]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: --eval-report') and err.count('\n') == 1
     # A report without a sha256 (an older titans-timm-eval) is not picked up either.
-    report.write_text(json.dumps(dict(EVAL_REPORT, source=str(ckpt.resolve()))))
-    third = hub.push(ckpt, 'titans-org/x', dry_run_dir=tmp_path / 'e', verify=False)
+    record = RunRecord.load(run)
+    record.eval_reports = [dict(EVAL_REPORT, source=str(run.resolve()))]
+    record.save(run)
+    third = hub.push(run, 'titans-org/x', dry_run_dir=tmp_path / 'e')
     assert 'model-index' not in (Path(third['folder']) / 'README.md').read_text()
     assert 'no checkpoint_sha256' in capsys.readouterr().err
 
 
 def test_dry_run_into_the_checkpoint_folder_is_refused(run_dir, tmp_path, capsys):
-    ckpt = make_run(run_dir / 'selfdir', 'vit_tiny_mag_simple', with_report=False)
-    (ckpt.parent / 'args.yaml').unlink()
-    before = ckpt.read_bytes()
-    assert hub.main([str(ckpt), 'titans-org/x', '--dry-run', str(ckpt.parent)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith('error: --dry-run') and 'would overwrite' in err and err.count('\n') == 1
-    assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == ['model.safetensors']
+    run = make_run(run_dir / 'selfdir', 'vit_tiny_mag_simple', with_report=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for checkpoint in (run, run / 'model.safetensors'):
+        assert hub.main([str(checkpoint), 'titans-org/x', '--dry-run', str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: --dry-run') and 'would overwrite' in err and err.count('\n') == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     # a folder above the checkpoint's is refused for what it is: a folder with other files in it
     above = run_dir / 'above'
     inner = make_run(above / 'run', 'vit_tiny_mag_simple', with_report=False)
@@ -496,6 +514,7 @@ def test_upload_sends_exactly_the_dry_run_folder(mac_run, mac_export):
     assert sorted(server.files) == FILES
     for name in FILES:  # byte for byte what --dry-run wrote
         assert server.files[name] == (mac_export / name).read_bytes(), name
+    assert server.files['model.safetensors'] == (mac_run / 'model.safetensors').read_bytes()  # the trained weights
     assert result['commit_oid'] == 'a' * 40 and result['repo_id'] == 'titans-org/tiny-mac'
     assert 'vit_tiny_mac_advanced' in server.commit_header['summary']
 
@@ -505,8 +524,8 @@ def test_cli_push_uses_hf_endpoint_and_hf_token(mac_run, tmp_path):
     with FakeHub(token='hf_env_token') as server:
         env = dict(os.environ, HF_ENDPOINT=server.url, HF_TOKEN='hf_env_token', HF_HOME=str(tmp_path / 'home'))
         env.pop('HF_HUB_OFFLINE', None)
-        proc = subprocess.run([sys.executable, '-m', 'titans_timm.hub', str(mac_run), 'titans-org/cli-model',
-                               '--no-verify'], env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, '-m', 'titans_timm.hub', str(mac_run), 'titans-org/cli-model'],
+                              env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f'pushed README.md, config.json, model.safetensors to {server.url}/titans-org/cli-model' in proc.stdout
     assert sorted(server.files) == FILES
@@ -531,8 +550,8 @@ def test_upload_without_token_fails_clearly(mac_run, no_token, capsys):
 def test_upload_to_unreachable_endpoint_fails_clearly(mac_run, capsys):
     url = f'http://127.0.0.1:{_free_port()}'  # nothing listens there
     with pytest.raises(hub.HubError, match=f'cannot reach the Hugging Face Hub at {url}.*--dry-run DIR'):
-        hub.push(mac_run, 'titans-org/tiny-mac', token='hf_x', endpoint=url, verify=False)
-    assert hub.main([str(mac_run), 'titans-org/tiny-mac', '--token', 'hf_x', '--endpoint', url, '--no-verify']) == 2
+        hub.push(mac_run, 'titans-org/tiny-mac', token='hf_x', endpoint=url)
+    assert hub.main([str(mac_run), 'titans-org/tiny-mac', '--token', 'hf_x', '--endpoint', url]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: cannot reach') and err.count('\n') == 1
 
@@ -540,7 +559,7 @@ def test_upload_to_unreachable_endpoint_fails_clearly(mac_run, capsys):
 def test_upload_with_rejected_token_fails_clearly(mac_run):
     with FakeHub(token='the-right-token') as server:
         with pytest.raises(hub.HubError, match='refused the token.*HF_TOKEN'):
-            hub.push(mac_run, 'titans-org/tiny-mac', token='a-wrong-token', endpoint=server.url, verify=False)
+            hub.push(mac_run, 'titans-org/tiny-mac', token='a-wrong-token', endpoint=server.url)
     assert server.files == {}
 
 
@@ -548,7 +567,7 @@ def test_upload_in_offline_mode_fails_clearly(mac_run, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     with pytest.raises(hub.HubError, match='HF_HUB_OFFLINE is set'):
-        hub.push(mac_run, 'titans-org/tiny-mac', token='hf_x', endpoint='http://127.0.0.1:9', verify=False)
+        hub.push(mac_run, 'titans-org/tiny-mac', token='hf_x', endpoint='http://127.0.0.1:9')
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -591,8 +610,9 @@ def test_wheel_ships_the_card_template(tmp_path):
     src.mkdir()
     for name in ('setup.cfg', 'pyproject.toml', 'README.md'):
         shutil.copy(root / name, src / name)
-    for name in ('titans_timm', 'hub_cards'):
-        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns('__pycache__', '*.parquet'))
+    for name in ('titans_timm', 'hub_cards', 'train_timm_hparams'):
+        shutil.copytree(root / name, src / name,
+                        ignore=shutil.ignore_patterns('__pycache__', '*.parquet', '*.safetensors'))
     proc = subprocess.run(
         [sys.executable, '-c', f'from setuptools import build_meta; print(build_meta.build_wheel({str(tmp_path)!r}))'],
         cwd=src, capture_output=True, text=True, timeout=300)
@@ -603,3 +623,5 @@ def test_wheel_ships_the_card_template(tmp_path):
     assert 'titans_timm/hub_cards/model_card.md' in names, (
         'the wheel lacks the card template: setup.cfg must map hub_cards/ into the package '
         '(package_dir titans_timm.hub_cards = hub_cards, package_data titans_timm.hub_cards = *.md)')
+    # titans-timm-quickstart's default recipe comes with the wheel too
+    assert 'titans_timm/recipes/fashion_mnist_transfer.yaml' in names
