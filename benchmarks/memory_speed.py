@@ -124,7 +124,7 @@ def main(argv=None):
         x = torch.randn(args.batch_size, args.tokens, dim, device=device)
         candidates = {'block': Block(dim, heads, qkv_bias=True)}
         depth_opt = {} if args.depth is None else {'depth': args.depth}
-        tp_depth = args.depth or 2          # titans_pytorch at advanced's default, the config the issue compares
+        tp_depth = args.depth or 2          # titans_pytorch at advanced's default depth, the config compared
         for kind in args.memory_types.split(','):
             candidates[kind] = create_memory(kind, dim, heads=heads, head_dim=64, expansion=args.expansion,
                                              chunk_size=chunk, **depth_opt)

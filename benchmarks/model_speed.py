@@ -12,7 +12,7 @@ ratios hold up on a busy machine:
   This counts exactly what torch allocates, unlike process RSS, which glibc's caching and the other models in the
   process blur, or ``tracemalloc``, which does not see torch's CPU allocator.
 
-Ratios are model / backbone (lower is better); the issue-3 targets are printed next to them.
+Ratios are model / backbone (lower is better); the project's speed targets are printed next to them.
 
     python benchmarks/model_speed.py                            # the 9 tiny models, batch 8, 224 px
     python benchmarks/model_speed.py --sizes tiny,small --csv speed.csv
@@ -40,7 +40,7 @@ import timm
 
 import titans_timm  # noqa: F401  (registers the models)
 
-# issue 3 targets (tiny, 224 px, CPU): train step, inference, peak train memory ratios per memory type
+# speed targets (tiny, 224 px, CPU): train step, inference, peak train memory ratios per memory type
 TARGETS = {
     'mlp': {'train': 1.3, 'infer': 1.2, 'memory': 2.0},
     'simple': {'train': 2.0, 'infer': None, 'memory': 2.0},
@@ -102,7 +102,7 @@ def peak_step_bytes(fn: Callable[[], None], model: Optional[torch.nn.Module] = N
     Two things allocated before the step are dropped first, so the step allocates them where they can be seen:
     the memory's scratch pool (buffers kept from an earlier step), and ``model``'s gradients. A step frees the
     previous step's gradients (``zero_grad``); the profiler reports the free of a tensor it saw allocated in an
-    earlier session as a negative, so the count depended on what ran before (the same step gave 21.7 MiB, then
+    earlier profiling session as a negative, so the count depended on what ran before (the same step gave 21.7 MiB, then
     0). Gradients are part of what a step needs, so they are counted as allocated in it."""
     from torch.profiler import ProfilerActivity, profile
     from titans_timm.memory import empty_scratch_pool
@@ -189,7 +189,7 @@ def _check(ratio, target) -> str:
 
 
 def format_table(rows: List[Dict]) -> str:
-    """Markdown table of the ratios with the issue-3 targets marked."""
+    """Markdown table of the ratios with the speed targets marked."""
     head = ('| model | memory blocks | params (M) | infer img/s (backbone) | infer ratio | '
             'train img/s (backbone) | train ratio | peak train MB (backbone) | memory ratio |')
     lines = [head, '|' + '---|' * 9]

@@ -287,7 +287,7 @@ def test_qkv_diff_views_takes_keys_from_context():
 
 
 def test_default_depths_linear_simple_deep_advanced():
-    """The issue and DESIGN.md name the deep memory among advanced's features: simple is linear unless asked."""
+    """The deep memory is one of advanced's features: simple is linear unless asked."""
     simple = create_memory('simple', 64)
     assert simple.depth == 1 and [tuple(w.shape) for w in simple.initial_weights] == [(1, 64, 64)]
     assert create_memory('advanced', 64).depth == 2 and create_memory('mlp', 64).depth == 2

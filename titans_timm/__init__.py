@@ -4,7 +4,6 @@
 with timm, so ``timm.create_model('vit_small_mac_simple', pretrained=True)`` works.
 """
 __version__ = '0.1.0'
-from .memory import MEMORY_TYPES, create_memory
+from .memory import MEMORY_TYPES, TitansMemory, create_memory
 from . import vit  # registers the 27 models with timm
-from .memory import TitansMemory
 from .vit import TitansVisionTransformer, memory_modules, split_parameters

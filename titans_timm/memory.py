@@ -20,8 +20,8 @@ Three memory types (``MEMORY_TYPES``):
   ``qkv_diff_views``), data-dependent per-token theta and per-chunk eta/alpha from small linear heads, and a deep
   memory by default (``depth=2``: a two-layer MLP, hidden 4 x head dim).
 
-The default depths follow the issue and DESIGN.md, which name the deep memory among ``advanced``'s features and
-give ``simple`` (scalar gates) a lower cost budget: a depth-2 ``simple`` costs what ``advanced`` costs (the write
+The default depths: the deep memory is one of ``advanced``'s features, and ``simple`` (scalar gates) is the
+cheaper type: a depth-2 ``simple`` costs what ``advanced`` costs (the write
 is the same), a linear one about a quarter of that. Either type takes any ``depth``.
 
 Both ``simple`` and ``advanced`` use q/k L2 normalisation, multi-head memory (head dim 64) and the
@@ -34,7 +34,7 @@ weighted sum of the earlier tokens' rank-one updates; only the final weights are
 With ``chunk_size=1`` this is exactly the token-by-token rule above; ``chunk_size=None`` writes the whole image in
 one step (the full-batch inner step that vision TTT work found best). A shorter last chunk is still written.
 
-Choices where the paper is silent (written down here, as DESIGN.md asks):
+Choices where the paper is silent:
 
 * Per image: every image's memory starts from M0, so a batch never mixes images and calls never depend on
   earlier calls; forward changes no parameter or buffer.
@@ -93,7 +93,7 @@ StatsHook = Callable[['TitansMemory', MemoryStats], None]
 
 # Upper bounds of the size options (``_check_options``). Without them a typo (``depth=100000``, ``heads=100000``)
 # builds for minutes and then cannot run. They sit far above anything useful: the defaults are depth 1-2, an
-# inner width of dim (heads x 64) and a hidden width of 4 x 64, and the vision TTT work (DESIGN.md) found deeper
+# inner width of dim (heads x 64) and a hidden width of 4 x 64, and vision test-time-training work (ViT^3) found deeper
 # inner models harder to optimise, not better.
 MAX_DEPTH = 16            # memory MLP layers
 MAX_WIDTH_FACTOR = 8      # heads * head_dim and the hidden width: at most 8 x max(dim, 64)

@@ -12,7 +12,7 @@ that add a Titans neural memory (``titans_timm.memory.create_memory``). Every pa
 memory only through its interface (``titans_timm.memory.TitansMemory``: ``forward``, ``write``, ``read``), so every
 memory type plugs into every integration.
 
-Integrations (DESIGN.md section 2):
+Integrations:
     * MAL, memory as layer (``MemoryLayerBlock``): after the block, ``x = x + g * Mem(LN(x))`` (the LN is the
       memory module's own input norm).
       Placing the layer after the block (not before) means the memory sees tokens already mixed by that block's
@@ -44,7 +44,7 @@ Where the memory state lives:
 Memory state is per image: each image starts from M0 and never sees another image of the batch or an earlier
 call, so ``model(x)[i] == model(x[i:i+1])[0]``.
 
-Defaults, chosen by measurement with ``benchmarks/model_speed.py`` against the targets of issue 3 (tiny, 224 px,
+Defaults, chosen by measurement with ``benchmarks/model_speed.py`` against the project's speed targets (tiny, 224 px,
 CPU: train step <= 1.3x the backbone for ``mlp`` and <= 2.0x for ``simple``/``advanced``, inference <= 1.2x / 1.8x,
 peak training memory <= 2x; numbers in the README):
 
