@@ -245,3 +245,60 @@ def test_written_files_get_the_umask_mode(tmp_path, umask):
         os.umask(old)
     for p in (path, tmp_path / 'results.json'):
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+
+
+def _model_folder(folder, model, model_args, **kwargs):
+    """A model folder as the trainer writes it: config.json (timm's writer) + model.safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_bytes(folder / ckpt.CONFIG_NAME, ckpt.config_json(model, model_args=model_args, **kwargs).encode())
+    ckpt.atomic_write_bytes(folder / ckpt.WEIGHTS_NAME, ckpt.weights_bytes(model))
+    return folder
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_mag_simple', ARCH])
+def test_model_folder_is_timm_layout_and_loads_both_ways(tmp_path, name):
+    """config.json + model.safetensors: timm's local-dir loader and load_model give the same model, bit for bit, with
+    the label names and the preprocessing it was trained with."""
+    import titans_timm  # noqa: F401  (registers the memory models)
+    torch.manual_seed(0)
+    model = timm.create_model(name, **ARGS).eval()
+    folder = _model_folder(tmp_path / 'run', model, ARGS, label_names=LABELS,
+                           data_config=dict(mean=[0.3] * 3, std=[0.4] * 3, interpolation='bilinear', crop_pct=1.0))
+    from safetensors import safe_open
+    with safe_open(str(folder / ckpt.WEIGHTS_NAME), framework='pt') as f:
+        assert f.metadata() == {'format': 'pt'}
+    config = json.loads((folder / ckpt.CONFIG_NAME).read_text())
+    assert config['architecture'] == name and config['num_classes'] == 10 and config['label_names'] == LABELS
+    assert config['pretrained_cfg']['input_size'] == [3, 32, 32] and config['pretrained_cfg']['mean'] == [0.3] * 3
+    x = torch.randn(2, 3, 32, 32)
+    by_timm = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    for path in (folder, folder / ckpt.WEIGHTS_NAME):
+        loaded, meta = load_model(path)
+        assert _same_weights(model, loaded) and _same_weights(by_timm, loaded)
+        assert torch.equal(loaded(x), by_timm(x))
+        assert meta['architecture'] == name and meta['label_names'] == LABELS and meta['path'] == str(
+            folder / ckpt.WEIGHTS_NAME)
+        cfg, timm_cfg = (resolve_data_config(model=m) for m in (loaded, by_timm))
+        assert {k: tuple(v) if isinstance(v, list) else v for k, v in timm_cfg.items()} == cfg
+        assert cfg['interpolation'] == 'bilinear' and cfg['mean'] == (0.3,) * 3
+    if name != ARCH:  # every memory argument pinned at the value it was built with
+        assert config['model_args']['memory_blocks'] == list(model.memory_blocks)
+        assert config['model_args']['memory_options'] == model.resolved_model_args()['memory_options']
+    with pytest.raises(CheckpointError, match='3 label names for a model with 10 classes'):
+        ckpt.config_json(model, model_args=ARGS, label_names=LABELS[:3])
+
+
+def test_weights_next_to_a_config_are_described_by_it(tmp_path):
+    """The trainer's resumable weights carry only their position and checksum; the folder's config names the model."""
+    model = _model()
+    folder = _model_folder(tmp_path / 'run', model, ARGS, label_names=LABELS)
+    last = folder / 'last.safetensors'
+    ckpt.atomic_write_bytes(last, ckpt.weights_bytes(model, metadata=dict(num_updates=3), checksum=True))
+    meta = read_metadata(last)
+    assert meta['architecture'] == ARCH and meta['num_updates'] == 3 and meta['label_names'] == LABELS
+    assert meta[ckpt.CHECKSUM_KEY] == ckpt.tensors_sha256(model.state_dict())
+    loaded, _ = load_model(last)
+    assert _same_weights(model, loaded)
+    (folder / ckpt.CONFIG_NAME).write_text('{"not": "a timm config"}')
+    with pytest.raises(CheckpointError, match='not a timm config.json'):
+        load_model(folder)

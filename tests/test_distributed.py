@@ -74,8 +74,8 @@ def test_torchrun_two_cpu_processes(backbone, tmp_path):
     # Only rank 0 logs epochs and writes the run files.
     assert log.count('epoch 2/2 phase 2: train loss') == 1
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith('rank')) == [
-        'args.yaml', 'last.safetensors', 'model.safetensors', 'model_ema.safetensors', 'results.json', 'summary.csv',
-        'train_state.pth']
+        'args.yaml', 'config.json', 'last.safetensors', 'model.safetensors', 'model_ema.safetensors', 'results.json',
+        'run.json', 'summary.csv', 'train_state.pth']
 
 
 def test_accelerate_launch_two_cpu_processes(backbone, tmp_path):

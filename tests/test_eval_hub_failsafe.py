@@ -11,7 +11,6 @@ import os
 import stat
 
 import pytest
-import safetensors.torch
 import timm
 import torch
 from PIL import Image
@@ -19,7 +18,7 @@ from PIL import Image
 import titans_timm  # noqa: F401  (registers the models)
 from titans_timm import evaluate as ev
 from titans_timm import hub
-from titans_timm.checkpoint import _new_file_mode, save_model
+from titans_timm.checkpoint import _new_file_mode, config_json, weights_bytes
 from titans_timm.data import BUILTIN_DATASET, create_dataset
 
 # Tiny models as in test_evaluate.py: 32 px images in 4x4 patches of 8 px, two blocks, memory in both.
@@ -29,12 +28,14 @@ COMMON = ['--workers', '0', '--no-progress']
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
+    """The model.safetensors of a run folder in timm's layout, as training writes it."""
     labels = create_dataset(BUILTIN_DATASET, split='validation', num_samples=10).label_names
     torch.manual_seed(0)
     model = timm.create_model('vit_tiny_mag_simple', **MODEL_ARGS)
-    path = tmp_path_factory.mktemp('run') / 'model.safetensors'
-    save_model(model, path, architecture='vit_tiny_mag_simple', model_args=MODEL_ARGS, label_names=labels)
-    return path
+    run = tmp_path_factory.mktemp('run')
+    (run / 'config.json').write_text(config_json(model, model_args=MODEL_ARGS, label_names=labels))
+    (run / 'model.safetensors').write_bytes(weights_bytes(model))
+    return run / 'model.safetensors'
 
 
 def _one_error_line(err: str) -> bool:
@@ -94,12 +95,13 @@ def test_many_surprise_maps_warn_with_the_limit(checkpoint, tmp_path, capsys, mo
     assert 'warning: --surprise-maps 3 is above 2' in err
 
 
-def _failing_replace(folder, code, monkeypatch):
-    """``os.replace`` into ``folder`` fails with ``code`` (a full or read-only disk); tests may run as root."""
+def _failing_replace(folder, code, monkeypatch, name=None):
+    """``os.replace`` into ``folder`` (of the file ``name``, or any) fails with ``code`` (a full or read-only disk);
+    tests may run as root."""
     real = os.replace
 
     def replace(src, dst, *args, **kwargs):
-        if os.path.dirname(os.path.abspath(dst)) == str(folder):
+        if os.path.dirname(os.path.abspath(dst)) == str(folder) and name in (None, os.path.basename(dst)):
             raise OSError(code, os.strerror(code), str(dst))
         return real(src, dst, *args, **kwargs)
     monkeypatch.setattr(os, 'replace', replace)
@@ -142,7 +144,7 @@ def test_dry_run_never_overwrites_a_users_file(checkpoint, tmp_path, capsys, nam
     folder = tmp_path / 'export'
     folder.mkdir()
     (folder / name).write_text('mine')
-    assert hub.main([str(checkpoint), 'titans-org/x', '--dry-run', str(folder), '--no-verify']) == 2
+    assert hub.main([str(checkpoint), 'titans-org/x', '--dry-run', str(folder)]) == 2
     err = capsys.readouterr().err
     assert _one_error_line(err) and name in err and 'new or empty folder' in err
     assert os.listdir(folder) == [name] and (folder / name).read_text() == 'mine'
@@ -152,7 +154,7 @@ def test_exported_files_share_one_umask_mode(checkpoint, tmp_path):
     old = os.umask(0o002)  # not the usual 0o022: the mode must follow the umask, not be fixed
     try:
         folder = tmp_path / 'export'
-        hub.push(checkpoint, 'titans-org/x', dry_run_dir=folder, verify=False)
+        hub.push(checkpoint, 'titans-org/x', dry_run_dir=folder)
         expected = _new_file_mode()
     finally:
         os.umask(old)
@@ -162,18 +164,14 @@ def test_exported_files_share_one_umask_mode(checkpoint, tmp_path):
     assert set(modes.values()) == {expected}, modes
 
 
-@pytest.mark.parametrize('where,code', [('weights', errno.ENOSPC), ('rename', errno.EROFS)])
+@pytest.mark.parametrize('where,code', [('config.json', errno.ENOSPC), ('README.md', errno.EROFS)])
 def test_dry_run_that_cannot_be_written_is_one_error_and_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatch,
                                                                          where, code):
+    """The first write (config.json) or the last (README.md, after config.json and the weights are on disk) fails."""
     folder = tmp_path / 'export'
     before = checkpoint.read_bytes()
-    if where == 'weights':  # the first write fails
-        def save_file(*args, **kwargs):
-            raise OSError(code, os.strerror(code))
-        monkeypatch.setattr(safetensors.torch, 'save_file', save_file)
-    else:  # a later write fails, after config.json and the weights are on disk
-        _failing_replace(folder, code, monkeypatch)
-    assert hub.main([str(checkpoint), 'titans-org/x', '--dry-run', str(folder), '--no-verify']) == 2
+    _failing_replace(folder, code, monkeypatch, name=where)
+    assert hub.main([str(checkpoint), 'titans-org/x', '--dry-run', str(folder)]) == 2
     err = capsys.readouterr().err
     assert _one_error_line(err) and os.strerror(code) in err and str(folder) in err
     assert not folder.exists()  # no half export left to upload by mistake
@@ -182,6 +180,6 @@ def test_dry_run_that_cannot_be_written_is_one_error_and_leaves_nothing(checkpoi
 
 def test_dry_run_into_an_existing_file_is_one_error(checkpoint, tmp_path, capsys):
     (tmp_path / 'file').write_text('mine')
-    assert hub.main([str(checkpoint), 'titans-org/x', '--dry-run', str(tmp_path / 'file'), '--no-verify']) == 2
+    assert hub.main([str(checkpoint), 'titans-org/x', '--dry-run', str(tmp_path / 'file')]) == 2
     err = capsys.readouterr().err
     assert _one_error_line(err) and 'not a folder' in err and (tmp_path / 'file').read_text() == 'mine'

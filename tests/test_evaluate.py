@@ -10,8 +10,10 @@ from PIL import Image
 from timm.data import create_transform
 
 import titans_timm  # noqa: F401  (registers the models)
+from titans_timm import checkpoint as ckpt
 from titans_timm import evaluate as ev
 from titans_timm.checkpoint import load_model, save_model
+from titans_timm.run_record import RunRecord, file_sha256, report_mismatch
 from titans_timm.data import BUILTIN_DATASET, create_dataset
 from titans_timm.vit import memory_modules
 
@@ -169,20 +171,48 @@ def test_cli_surprise_maps_png(mag_checkpoint, tmp_path):
         assert im.size == (round(w * ev.PLOT_DPI), round(h * ev.PLOT_DPI))
 
 
-def test_local_dir_model_gives_the_checkpoint_numbers(mag_checkpoint, tmp_path):
-    from titans_timm import hub
-    model, meta = load_model(mag_checkpoint)
-    folder = tmp_path / 'export'
-    hub.export_folder(model, folder, repo_id='someone/tiny-mag', architecture=meta['architecture'],
-                      model_args=meta['model_args'], label_names=meta['label_names'],
-                      pretrained_cfg=meta['pretrained_cfg'], verify=False)
+def _run_folder(folder, checkpoint, **args):
+    """A run folder as titans-timm-train leaves it (config.json, model.safetensors, run.json) for ``checkpoint``'s
+    model, with training arguments ``args``."""
+    model, meta = load_model(checkpoint)
+    folder.mkdir()
+    (folder / 'config.json').write_text(ckpt.config_json(model, model_args=meta['model_args'],
+                                                         label_names=meta['label_names'],
+                                                         data_config=meta['pretrained_cfg']))
+    (folder / 'model.safetensors').write_bytes(ckpt.weights_bytes(model))
+    RunRecord.new(args).save(folder)
+    return folder
+
+
+def test_run_folder_and_local_dir_give_the_checkpoint_numbers(mag_checkpoint, tmp_path):
+    folder = _run_folder(tmp_path / 'run', mag_checkpoint)
     common = ['--num-samples', '10', '-b', '10', '--workers', '0', '--no-progress']
     from_dir = ev.main(['--model', f'local-dir:{folder}', '--output', str(tmp_path / 'a'), *common])
     from_file = ev.main(['--checkpoint', mag_checkpoint, '--output', str(tmp_path / 'b'), *common])
-    assert from_dir['model'] == 'vit_tiny_mag_simple'
-    assert from_dir['data_config'] == from_file['data_config']
+    from_run = ev.main(['--checkpoint', str(folder), '--output', str(tmp_path / 'c'), *common])
+    assert from_dir['model'] == from_run['model'] == 'vit_tiny_mag_simple'
+    assert from_dir['data_config'] == from_file['data_config'] == from_run['data_config']
     for key in ('top1', 'top5', 'loss', 'confusion_matrix'):
-        assert from_dir[key] == from_file[key]
+        assert from_dir[key] == from_file[key] == from_run[key]
+    assert from_run['checkpoint_sha256'] == file_sha256(folder / 'model.safetensors')
+
+
+def test_a_run_is_evaluated_on_its_validation_data_and_keeps_the_report(mag_checkpoint, tmp_path):
+    """``--checkpoint RUN`` takes the data the run validated on from its record (flags win), writes the report to
+    the run folder and adds it to the record: one report per weights and data, newest kept."""
+    run = _run_folder(tmp_path / 'run', mag_checkpoint, dataset=BUILTIN_DATASET, val_split='validation',
+                      val_num_samples=12, batch_size=4, workers=0)
+    report = ev.main(['--checkpoint', str(run), '--no-progress'])
+    assert report['num_samples'] == 12 and report['split'] == 'validation' and report['batch_size'] == 4
+    assert json.loads((run / 'eval_report.json').read_text())['top1'] == report['top1']
+    recorded = RunRecord.load(run).eval_reports
+    assert len(recorded) == 1 and recorded[0]['top1'] == report['top1']
+    assert recorded[0]['checkpoint_sha256'] == file_sha256(run / 'model.safetensors')
+    assert 'confusion_matrix' not in recorded[0] and 'per_class' not in recorded[0]
+    ev.main(['--checkpoint', str(run / 'model.safetensors'), '--no-progress'])  # the same evaluation again
+    ev.main(['--checkpoint', str(run), '--split', 'train', '--num-samples', '8', '--no-progress'])
+    assert [(r['split'], r['num_samples']) for r in RunRecord.load(run).eval_reports] == [('validation', 12),
+                                                                                          ('train', 8)]
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
@@ -220,15 +250,17 @@ def test_report_names_the_weights_and_data_it_evaluated(mag_checkpoint, tmp_path
     argv = ['--checkpoint', mag_checkpoint, '--num-samples', '10', '-b', '10', '--workers', '0', '--no-progress',
             '--output', str(tmp_path)]
     report = ev.main(argv)
-    assert report['checkpoint_sha256'] == ev.file_sha256(mag_checkpoint)
+    sha = file_sha256(mag_checkpoint)
+    assert report['checkpoint_sha256'] == sha
     assert report['split'] == 'validation' and report['num_samples_requested'] == 10
-    assert ev.report_mismatch(report, ev.parse_args(argv)) is None
+    assert report_mismatch(report, sha, ev.report_data(ev.parse_args(argv))) is None
     # Another split or sample count, or other weights at the same path: the report does not describe them.
-    assert 'split' in ev.report_mismatch(report, ev.parse_args(argv + ['--split', 'train']))
-    assert 'num_samples_requested' in ev.report_mismatch(report, ev.parse_args(argv[:2] + ['--num-samples', '40']))
+    assert 'split' in report_mismatch(report, sha, ev.report_data(ev.parse_args(argv + ['--split', 'train'])))
+    assert 'num_samples_requested' in report_mismatch(
+        report, sha, ev.report_data(ev.parse_args(argv[:2] + ['--num-samples', '40'])))
     retrained = _save(tmp_path / 'model.safetensors', 'vit_tiny_mag_simple', MODEL_ARGS, label_names, seed=1)
     other_weights = ev.parse_args(['--checkpoint', retrained, '--num-samples', '10'])
-    assert 'other weights' in ev.report_mismatch(report, other_weights)
+    assert 'other weights' in report_mismatch(report, file_sha256(retrained), ev.report_data(other_weights))
 
 
 # ----------------------------------------------------------------------------------------------------

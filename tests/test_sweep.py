@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from titans_timm import sweep
+from titans_timm.run_record import RunRecord
 
 # A recipe small enough for a test: 32 px images, 2 blocks, a few dozen samples, one epoch.
 TINY_RECIPE = dict(
@@ -107,12 +108,21 @@ def test_two_by_two_sweep_then_rerun_skips(recipe, tmp_path, capsys):
         f.write(yaml.safe_dump(TINY_RECIPE))
     assert mtimes == {n: os.path.getmtime(out / n / 'model.safetensors') for n in NAMES}
 
-    # A report written by hand on other data (here the train split) is not what the sweep asked for: the
-    # re-run evaluates again, on the validation split of the run's args.yaml.
+    # A report written by hand on other data (here the train split) joins the run record; it is not what the sweep
+    # asks for, so the re-run keeps using the report of the validation split of the run's record.
     from titans_timm import evaluate
     run_dir = out / 'vit_tiny_mag_simple'
     evaluate.main(['--checkpoint', str(run_dir / 'model.safetensors'), '--split', 'train', '--num-samples', '4',
                    '--workers', '0', '--no-progress'])
+    assert [r['split'] for r in RunRecord.load(run_dir).eval_reports] == ['validation', 'train']
+    again = sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out)])
+    printed = capsys.readouterr().out
+    assert 'evaluating again' not in printed
+    assert [r['top1'] for r in again['rows']] == [r['top1'] for r in rows]
+    # A recorded report of other weights is never used: the run is evaluated again, on the validation split.
+    record = RunRecord.load(run_dir)
+    record.eval_reports[0]['checkpoint_sha256'] = '0' * 64
+    record.save(run_dir)
     again = sweep.main(['-c', recipe, *GRID, '--no-baseline', '--output', str(out)])
     printed = capsys.readouterr().out
     assert printed.count('evaluating again') == 1 and "its split is 'train', not 'validation'" in printed
@@ -296,7 +306,7 @@ def test_sweep_with_seeds_trains_pairs_resumes_and_forces(recipe, tmp_path, caps
     assert [r['name'] for r in result['rows']] == names
     for r in result['rows']:
         with open(out / r['name'] / 'args.yaml') as f:
-            assert yaml.safe_load(f)['seed'] == r['seed']
+            assert yaml.safe_load(f)['seed'] == r['seed'] == RunRecord.load(out / r['name']).seed
     # the two seeds differ (data order, head init), the same seed gives both models the same data order
     assert result['rows'][0]['top1'] is not None
     printed = capsys.readouterr().out

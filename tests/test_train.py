@@ -3,6 +3,7 @@
 Tiny configs throughout (img 32, patch 8, depth 2, 32 training images) so the file runs in about a minute.
 """
 import csv
+import json
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ import torch
 import yaml
 
 from titans_timm import checkpoint as ckpt
-from titans_timm import train
+from titans_timm import run_record, train
 from titans_timm.train import main, parse_args, TrainInputError
 from titans_timm.vit import split_parameters
 
@@ -79,6 +80,16 @@ def test_phase1_freezes_backbone_bit_identical_and_phase2_unfreezes(backbone, tm
     meta = ckpt.read_metadata(run / 'model.safetensors')
     assert meta['architecture'] == model_name and meta['model_args']['depth'] == 2
     assert len(meta['label_names']) == 10
+    # The run folder is in timm's own layout: timm loads the trained model from it, bit for bit, with its labels.
+    config = json.loads((run / 'config.json').read_text())
+    assert config['architecture'] == model_name and 'memory_blocks' in config['model_args']  # placement pinned
+    reloaded = timm.create_model(f'local-dir:{run}', pretrained=True)
+    assert all(torch.equal(v, final[k]) for k, v in reloaded.state_dict().items())
+    assert reloaded.pretrained_cfg['label_names'] == meta['label_names']
+    assert timm.data.resolve_model_data_config(reloaded)['input_size'] == (3, 32, 32)
+    record = json.loads((run / 'run.json').read_text())
+    assert record['weights_sha256'] == run_record.file_sha256(run / 'model.safetensors')
+    assert record['args']['freeze_epochs'] == 1 and record['versions']['timm'] == timm.__version__
 
 
 @pytest.mark.parametrize('model_name', ['vit_tiny_mal_simple', 'vit_tiny_mac_mlp', 'vit_tiny_mag_advanced'])

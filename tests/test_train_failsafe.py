@@ -124,7 +124,7 @@ def test_no_temp_files_survive_a_resume_after_a_crash(tmp_path):
     assert not done['interrupted']
     assert _temps(run) == []
     assert not list(run.glob('*.prev.*')) and not (run / train.LOCK_FILE).exists()
-    assert sorted(_files(run)) == sorted(['args.yaml', *train.LAST_PAIR, 'model.safetensors', 'results.json',
+    assert sorted(_files(run)) == sorted([*train.RECORD_FILES, *train.LAST_PAIR, 'model.safetensors', 'results.json',
                                           'summary.csv'])
 
 

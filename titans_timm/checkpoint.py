@@ -1,34 +1,35 @@
-"""Self-describing model checkpoints: safetensors weights plus the recipe to rebuild the model.
+"""Model files: a run folder in timm's own layout, the single-file checkpoints before it, and safe reads of both.
 
-A checkpoint written by :func:`save_model` is an ordinary ``.safetensors`` file (any safetensors
-reader can open it) whose header metadata carries one extra key, ``"titans_timm"``, holding JSON::
+A model is a folder as timm's ``save_for_hf`` / ``push_to_hf_hub`` write one, which
+``timm.create_model('local-dir:DIR', pretrained=True)`` loads and ``titans-timm-push`` uploads unchanged:
 
-    {"format_version": 1, "titans_timm_version": "0.1.0",
-     "architecture": "vit_tiny_mal_simple",          # a timm model name
-     "model_args": {"img_size": 32, "num_classes": 10, ...},   # kwargs for timm.create_model
-     "label_names": ["T-shirt/top", ...] or null,
-     "pretrained_cfg": {"mean": [...], "std": [...], "input_size": [3, 32, 32],
-                        "interpolation": "bicubic", "crop_pct": 0.9, "num_classes": 10},
-     ...extra_metadata}
+- ``config.json`` (:func:`config_json`): ``architecture``, ``num_classes``, ``num_features``, ``label_names``, the
+  resolved ``model_args`` (every memory argument pinned, see ``TitansVisionTransformer.resolved_model_args``) and a
+  ``pretrained_cfg`` with the mean/std/input size/crop the model was trained with;
+- ``model.safetensors`` (:func:`weights_bytes`): the weights, with safetensors metadata ``{'format': 'pt'}`` as
+  transformers and huggingface_hub write it.
 
-so :func:`load_model` can rebuild the model with ``timm.create_model(architecture, **model_args)``
-and load the weights strictly, and an evaluator can rebuild the right eval transform from
-``pretrained_cfg`` without knowing how the model was trained.
+Before run folders, :func:`save_model` wrote one ``.safetensors`` file whose header metadata carried the recipe
+under the key ``"titans_timm"`` (architecture, model_args, label_names, pretrained_cfg); the shipped backbone is
+one. :func:`read_metadata` and :func:`load_model` read both kinds (and, for weights files in a folder with a
+``config.json``, such as the trainer's ``last.safetensors``, the folder's config) into one dict::
+
+    {"architecture": "vit_tiny_mal_simple", "model_args": {...}, "label_names": [...] or None,
+     "pretrained_cfg": {"mean": [...], "std": [...], "input_size": [3, 32, 32], ...}, ...}
 
 Choices made here (and why):
 
-- Writes are atomic (temp file in the same directory, fsync, ``os.replace``): a crash or Ctrl-C
-  mid-write never leaves a truncated checkpoint where a good one used to be.
-- Weights are only ever read with safetensors or ``torch.load(weights_only=True)``; reading a
-  ``.pth`` never runs pickled code. timm train.py checkpoints (whose ``args`` entry is an
-  ``argparse.Namespace``, a plain attribute bag) are accepted, as timm itself does.
-- Every failure to read or match a checkpoint raises :class:`CheckpointError` with one message
-  that says what is wrong and what to do, so CLIs can print it as a single ``error:`` line.
-- :func:`load_model` returns the model in eval mode (like ``from_pretrained`` elsewhere); call
-  ``.train()`` to fine-tune.
-- ``save_model(..., checksum=True)`` also stores ``"tensors_sha256"`` (:func:`tensors_sha256`) in the metadata,
-  and every read of such a file checks it: zeroed or overwritten tensor bytes under an intact header are an
-  error naming the file, not silently different weights. The trainer's resumable checkpoint carries one.
+- Writes are atomic (temp file in the same directory, fsync, ``os.replace``) and get the mode of a new file
+  (0o666 less the umask): a crash mid-write never leaves a truncated file where a good one used to be.
+- Weights are only ever read with safetensors or ``torch.load(weights_only=True)``; reading a ``.pth`` never
+  runs pickled code. timm train.py checkpoints (whose ``args`` entry is an ``argparse.Namespace``) are accepted.
+- Every failure to read or match a checkpoint raises :class:`CheckpointError` with one message that says what is
+  wrong and what to do, so CLIs can print it as a single ``error:`` line.
+- :func:`load_model` loads strictly (a missing or extra key is an error naming it) and returns the model in eval
+  mode.
+- ``weights_bytes(..., checksum=True)`` also stores ``"tensors_sha256"`` (:func:`tensors_sha256`) in the header,
+  and every read of such a file checks it: zeroed or overwritten tensor bytes under an intact header are an error
+  naming the file. The trainer's resumable checkpoint carries one.
 """
 import argparse
 import hashlib
@@ -46,26 +47,32 @@ import safetensors
 import safetensors.torch
 import timm
 from timm.models import clean_state_dict
+from timm.models._hub import save_config_for_hf
 
 __all__ = [
-    'CheckpointError', 'METADATA_KEY', 'FORMAT_VERSION', 'save_model', 'load_model', 'read_metadata', 'atomic_write_bytes',
-    'read_state_dict', 'load_state_dict_file', 'check_state_dict', 'pretrained_cfg_subset', 'tensors_sha256',
-    'CHECKSUM_KEY',
+    'CheckpointError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'METADATA_KEY', 'FORMAT_VERSION', 'CHECKSUM_KEY', 'config_json',
+    'weights_bytes', 'resolved_model_args', 'save_model', 'load_model', 'read_metadata',
+    'atomic_write_bytes', 'read_state_dict', 'load_state_dict_file', 'check_state_dict', 'pretrained_cfg_subset',
+    'tensors_sha256',
 ]
 
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'
 METADATA_KEY = 'titans_timm'
 FORMAT_VERSION = 1
 # The metadata entry holding :func:`tensors_sha256` of the file's tensors (only files saved with checksum=True).
 CHECKSUM_KEY = 'tensors_sha256'
 # The pretrained_cfg entries an evaluator needs to rebuild the eval transform and head.
 PRETRAINED_CFG_KEYS = ('mean', 'std', 'input_size', 'interpolation', 'crop_pct', 'num_classes')
+# The preprocessing a config.json records (timm's data config keys).
+DATA_CONFIG_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
 # How many mismatched key names an error message lists before summarising the rest.
 _MAX_KEYS_SHOWN = 5
 
 PathLike = Union[str, os.PathLike]
 
 
-# model arguments that only titans-timm architectures take (pinned by ``save_model``)
+# model arguments that only titans-timm architectures take (pinned by :func:`resolved_model_args`)
 MEMORY_MODEL_ARGS = ('approach', 'memory_type', 'memory_blocks', 'memory_interval', 'memory_options',
                      'num_persistent_tokens', 'num_memory_tokens')
 
@@ -149,6 +156,72 @@ def tensors_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def resolved_model_args(model: nn.Module, model_args: Dict[str, Any]) -> Dict[str, Any]:
+    """``model_args`` with every memory argument at the value ``model`` was built with (placement as block indices),
+    so a later change of a default (placement interval, chunk size, heads, ...) cannot change what a saved model
+    rebuilds into (see ``TitansVisionTransformer.resolved_model_args``). Raises :class:`CheckpointError` for values
+    that are not JSON."""
+    args = dict(model_args or {})
+    resolved = getattr(model, 'resolved_model_args', None)
+    if callable(resolved):
+        args.pop('memory_interval', None)  # memory_blocks states the same placement, and overrides it
+        args.update(resolved())
+    return _check_json(args, 'model_args')
+
+
+def weights_bytes(model: Union[nn.Module, Dict[str, torch.Tensor]], *, metadata: Optional[Dict[str, Any]] = None,
+                  checksum: bool = False) -> bytes:
+    """``model``'s weights (a module or a state dict) as a safetensors file with the metadata ``{'format': 'pt'}``.
+
+    ``metadata`` (JSON values) goes under the ``"titans_timm"`` key; ``checksum`` adds :func:`tensors_sha256` of the
+    weights to it, which every read of the file then verifies.
+    """
+    tensors = _state_dict_for_saving(model)
+    # a checksum copied from another file's metadata would not describe these tensors
+    meta = {k: v for k, v in _check_json(dict(metadata or {}), 'metadata').items() if k != CHECKSUM_KEY}
+    if checksum:
+        meta[CHECKSUM_KEY] = tensors_sha256(tensors)
+    return safetensors.torch.save(tensors, metadata=dict(format='pt', **({METADATA_KEY: json.dumps(meta)} if meta else {})))
+
+
+def config_json(model: nn.Module, *, model_args: Dict[str, Any], label_names: Optional[Sequence[str]] = None,
+                data_config: Optional[Dict[str, Any]] = None) -> str:
+    """The ``config.json`` text of ``model``, written by timm's own ``save_config_for_hf`` (so timm reads it back).
+
+    Args:
+        model: the model (unwrapped).
+        model_args: the kwargs it was created with; stored resolved (:func:`resolved_model_args`), with what
+            timm's factory recorded.
+        label_names: class names in label order.
+        data_config: the preprocessing it was trained with (``input_size``, ``mean``, ``std``, ``interpolation``,
+            ``crop_pct``): the ``pretrained_cfg`` that ``resolve_data_config`` gives an evaluator.
+    """
+    if label_names and len(label_names) != model.num_classes:
+        raise CheckpointError(f'{len(label_names)} label names for a model with {model.num_classes} classes; pass '
+                              f'one name per class')
+    model_config = dict(pretrained_cfg=dict(num_classes=model.num_classes))
+    if label_names:
+        # top level is where timm reads them; pretrained_cfg is where a loaded model shows them
+        model_config['label_names'] = model_config['pretrained_cfg']['label_names'] = [str(n) for n in label_names]
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in (data_config or {}).items()
+                   if k in DATA_CONFIG_KEYS and v is not None}
+    args = resolved_model_args(model, model_args)
+    cfg = model.pretrained_cfg
+    # timm copies the model's pretrained cfg; the backbone's tag (augreg_in21k_ft_in1k, say) names other weights
+    model.pretrained_cfg = {k: v for k, v in cfg.items() if k != 'tag'}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, CONFIG_NAME)
+            save_config_for_hf(model, path, model_config=model_config, model_args=args, data_config=data_config)
+            with open(path) as f:
+                return f.read()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'timm cannot write config.json for this model ({e}); use JSON values (numbers, '
+                              f'strings, lists) for every model argument') from None
+    finally:
+        model.pretrained_cfg = cfg
+
+
 def _fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not possible on every OS/filesystem, hence best effort.
     try:
@@ -214,54 +287,38 @@ def save_model(
 ) -> Path:
     """Save ``model``'s weights and the recipe to rebuild it as one safetensors file, atomically.
 
+    The single-file format of the shipped backbone (``tools/pretrain_backbone.py``); training writes a run folder
+    instead (:func:`config_json` + :func:`weights_bytes`).
+
     Args:
         model: the model (unwrap DDP / torch.compile first, or pass ``model.module``).
         path: destination ``.safetensors`` file; parent directories are created.
         architecture: timm model name, e.g. ``'vit_tiny_mal_simple'``.
-        model_args: keyword arguments for ``timm.create_model`` (must be JSON-serialisable).
+        model_args: keyword arguments for ``timm.create_model`` (stored resolved, :func:`resolved_model_args`).
         label_names: class names in label order, stored so evaluators can label their plots.
-        extra_metadata: more JSON-serialisable entries (e.g. ``epoch``, ``top1``, ``dataset``).
-            A ``'pretrained_cfg'`` dict in it updates the recorded pretrained_cfg (e.g. the
-            normalisation the model was actually trained with).
-        checksum: also store :func:`tensors_sha256` of the weights (``CHECKSUM_KEY``), which every read of the
-            file then verifies.
-
-    Returns:
-        The path written.
+        extra_metadata: more JSON-serialisable entries (e.g. ``seed``, ``dataset``). A ``'pretrained_cfg'`` dict in
+            it updates the recorded pretrained_cfg (e.g. the normalisation the model was actually trained with).
+        checksum: also store :func:`tensors_sha256` of the weights, which every read of the file then verifies.
 
     Raises:
         CheckpointError: if ``architecture`` is not a string or any metadata is not JSON.
     """
     if not isinstance(architecture, str) or not architecture:
         raise CheckpointError(f'architecture must be a timm model name string, got {architecture!r}')
-    model_args = dict(model_args or {})
-    resolved = getattr(model, 'resolved_model_args', None)
-    if callable(resolved):
-        # pin placement and every memory option: a later change of a default must not change this model
-        model_args.pop('memory_interval', None)
-        model_args.update(resolved())
-    model_args = _check_json(model_args, 'model_args')
     extra = _check_json(dict(extra_metadata or {}), 'extra_metadata')
-    if label_names is not None:
-        label_names = [str(n) for n in label_names]
     pretrained_cfg = pretrained_cfg_subset(model) if isinstance(model, nn.Module) else {}
     pretrained_cfg.update(extra.pop('pretrained_cfg', None) or {})
     meta = dict(
         format_version=FORMAT_VERSION,
         titans_timm_version=_package_version(),
         architecture=architecture,
-        model_args=model_args,
-        label_names=label_names,
+        model_args=resolved_model_args(model, model_args),
+        label_names=[str(n) for n in label_names] if label_names is not None else None,
         pretrained_cfg=pretrained_cfg,
     )
     for k, v in extra.items():
         meta.setdefault(k, v)  # the core keys above are not overridable, loaders rely on them
-    tensors = _state_dict_for_saving(model)
-    meta.pop(CHECKSUM_KEY, None)  # one copied from another file's metadata would not describe these tensors
-    if checksum:
-        meta[CHECKSUM_KEY] = tensors_sha256(tensors)
-    data = safetensors.torch.save(tensors, metadata={'format': 'pt', METADATA_KEY: json.dumps(meta)})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, weights_bytes(model, metadata=meta, checksum=checksum))
     return Path(path)
 
 
@@ -303,41 +360,63 @@ def _safetensors_header_metadata(path: Path) -> Dict[str, str]:
                               f'corrupt: re-save or re-download it') from None
 
 
+def _config_metadata(folder: Path) -> Dict[str, Any]:
+    """What ``folder/config.json`` (timm's layout) says about its model, in the shape :func:`read_metadata` gives."""
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+        cfg = config.get('pretrained_cfg') or {}
+        return dict(architecture=config['architecture'], model_args=dict(config.get('model_args') or {}),
+                    label_names=config.get('label_names') or cfg.get('label_names'),
+                    pretrained_cfg={k: cfg[k] for k in PRETRAINED_CFG_KEYS if cfg.get(k) is not None})
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f'{path} is not a timm config.json ({type(e).__name__}: {e}); the folder is damaged: '
+                              f'use an intact copy') from None
+
+
 def read_metadata(path: PathLike, *, required: bool = True) -> Dict[str, Any]:
-    """Return the ``titans_timm`` metadata dict stored in a checkpoint written by :func:`save_model`.
+    """What a model folder or weights file says about its model.
 
     Args:
-        path: a ``.safetensors`` checkpoint.
-        required: if False, a valid safetensors file without titans_timm metadata gives ``{}``
-            instead of an error.
+        path: a model folder (config.json + model.safetensors), a weights file in one (model.safetensors, the
+            trainer's last.safetensors: the folder's config.json describes it, its own header adds to that), a
+            single file written by :func:`save_model`, or any weights file.
+        required: if False, a file that names no model gives what it has (``{}`` for a plain state dict) instead
+            of an error.
+
+    Returns:
+        ``architecture``, ``model_args``, ``label_names``, ``pretrained_cfg``, and whatever else the file's
+        ``"titans_timm"`` header metadata holds.
 
     Raises:
-        CheckpointError: missing file, not safetensors / corrupt, bad metadata JSON, or (when
-            ``required``) no titans_timm metadata.
+        CheckpointError: missing file, not safetensors / corrupt, bad metadata JSON or config.json, or (when
+            ``required``) nothing that names the model.
     """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise CheckpointError(f'{path} is a directory without {CONFIG_NAME}; pass a run folder (config.json + '
+                                  f'model.safetensors) or a weights file')
+        return _config_metadata(path)
     path = _check_file(path)
-    if not _looks_like_safetensors(path):
-        if path.suffix == '.safetensors':
-            raise CheckpointError(f'{path} is not a valid safetensors file (bad header); it may be corrupt: '
-                                  f're-save or re-download it')
-        if required:
-            raise CheckpointError(f'{path} is not a safetensors file, so it carries no titans_timm metadata; '
-                                  f'load it with load_model(path, architecture=NAME, **model_args)')
-        return {}
-    header = _safetensors_header_metadata(path)
-    raw = header.get(METADATA_KEY)
-    if raw is None:
-        if required:
-            raise CheckpointError(f'{path} has no titans_timm metadata (a plain state dict); pass '
-                                  f'architecture=NAME and the model kwargs, e.g. load_model(path, '
-                                  f"architecture='vit_tiny_patch16_224', num_classes=10)")
-        return {}
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f'{path}: titans_timm metadata is not valid JSON ({e}); the file is corrupt') from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f'{path}: titans_timm metadata is not a JSON object; the file is corrupt')
+    meta = {}
+    if _looks_like_safetensors(path):
+        raw = _safetensors_header_metadata(path).get(METADATA_KEY)
+        try:
+            meta = json.loads(raw) if raw else {}
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f'{path}: titans_timm metadata is not valid JSON ({e}); the file is corrupt') from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f'{path}: titans_timm metadata is not a JSON object; the file is corrupt')
+    elif path.suffix == '.safetensors':
+        raise CheckpointError(f'{path} is not a valid safetensors file (bad header); it may be corrupt: '
+                              f're-save or re-download it')
+    if 'architecture' not in meta and (path.parent / CONFIG_NAME).is_file():
+        meta = {**_config_metadata(path.parent), **meta}
+    if 'architecture' not in meta and required:
+        raise CheckpointError(f'{path} does not say which model it holds (no titans_timm metadata, no config.json '
+                              f'next to it); pass architecture=NAME and the model kwargs, e.g. load_model(path, '
+                              f"architecture='vit_tiny_patch16_224', num_classes=10)")
     return meta
 
 
@@ -456,27 +535,27 @@ def load_state_dict_file(model: nn.Module, path: PathLike, *, strict: bool = Tru
 
 
 def load_model(path: PathLike, **overrides) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild a model from a checkpoint and load its weights strictly.
+    """Rebuild a model from a model folder or checkpoint and load its weights strictly.
 
     Args:
-        path: a file written by :func:`save_model`, or a plain safetensors / ``.pth`` state dict
-            (then pass ``architecture=`` and the model kwargs).
+        path: a model folder (config.json + model.safetensors, as training writes it) or a weights file in
+            one, a file written by :func:`save_model`, or a plain safetensors / ``.pth`` state dict (then pass
+            ``architecture=`` and the model kwargs).
         **overrides: ``architecture=NAME`` replaces the stored timm model name; every other keyword
             updates the stored ``model_args`` (e.g. ``drop_path_rate=0.0``). Weights must still fit.
 
     Returns:
         ``(model, meta)``: the model in eval mode, its ``pretrained_cfg`` updated with the stored
-        mean/std/input_size/...; ``meta`` is the stored metadata with overrides applied (plus
-        ``'path'``). For files without metadata, ``meta`` holds what was passed.
+        mean/std/input_size/...; ``meta`` is :func:`read_metadata`'s with overrides applied (plus ``'path'``, the
+        weights file read). For files without metadata, ``meta`` holds what was passed.
 
     Raises:
         CheckpointError: missing or corrupt file, no metadata and no ``architecture``, an unknown
         architecture, or weights that do not fit (naming the first mismatched keys).
     """
-    path = _check_file(path)
     architecture = overrides.pop('architecture', None)
-    meta = read_metadata(path, required=architecture is None)
-    meta = dict(meta)
+    meta = dict(read_metadata(path, required=architecture is None))
+    path = Path(path) / WEIGHTS_NAME if Path(path).is_dir() else Path(path)
     model_args = dict(meta.get('model_args') or {})
     if architecture is not None and architecture != meta.get('architecture'):
         # the stored memory arguments describe the stored architecture, not the one asked for
@@ -493,7 +572,7 @@ def load_model(path: PathLike, **overrides) -> Tuple[nn.Module, Dict[str, Any]]:
     meta['path'] = str(path)
 
     state = read_state_dict(path)
-    _ensure_registered()
+    import titans_timm  # noqa: F401  (registers the titans-timm architectures with timm)
     try:
         model = timm.create_model(architecture, pretrained=False, **model_args)
     except RuntimeError as e:
@@ -512,11 +591,3 @@ def load_model(path: PathLike, **overrides) -> Tuple[nn.Module, Dict[str, Any]]:
         cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in meta['pretrained_cfg'].items()})
         model.pretrained_cfg = cfg
     return model.eval(), meta
-
-
-def _ensure_registered() -> None:
-    # Importing the model module registers the 27 titans-timm names with timm; the package
-    # import may not have done so yet while the model module is being written.
-    import importlib.util
-    if importlib.util.find_spec('titans_timm.vit') is not None:
-        import titans_timm.vit  # noqa: F401

@@ -2,8 +2,9 @@
 
 ``titans-timm-eval`` / ``python -m titans_timm.evaluate`` / :func:`main` evaluates
 
-* ``--checkpoint FILE``: a ``model.safetensors`` written by ``titans-timm-train``
-  (:func:`titans_timm.checkpoint.load_model`: architecture, model args and label names come from it);
+* ``--checkpoint RUN``: a run folder of ``titans-timm-train`` (or its ``model.safetensors``, or an older
+  single-file checkpoint; :func:`titans_timm.checkpoint.load_model`: architecture, model args and label names come
+  from it). Its run record supplies the dataset defaults: the data the run validated on;
 * ``--model NAME --checkpoint FILE``: any state dict loaded strictly into architecture NAME (as in
   timm's validate.py); a file of another architecture fails naming the mismatched keys;
 * ``--model local-dir:DIR`` or ``--model hf-hub:ORG/NAME``: a model exported with timm's
@@ -12,7 +13,7 @@
 
 on a dataset given with the training CLI's dataset flags (``--dataset``, ``--data-dir``, ``--split`` /
 ``--val-split``, ``--input-key``, ``--target-key``, ``-b``, ``--img-size``, ``--workers``, ``--num-samples`` /
-``--val-num-samples``), or taken from a recipe / a run's ``args.yaml`` with ``-c``. Images are prepared with the model's own data
+``--val-num-samples``), or taken from a recipe / a run's ``args.yaml`` with ``-c``, or from the run record. Images are prepared with the model's own data
 config (timm ``resolve_data_config`` + ``create_transform``, eval mode), so mean/std, input size and
 crop follow the checkpoint.
 
@@ -28,16 +29,17 @@ are ``surprise_maps_002.png``, ``surprise_maps_003.png``, ... (:func:`surprise_p
 
 Choices (the issue is silent on them):
 
-* A report says exactly what it evaluated: the sha256 of the ``--checkpoint`` file
-  (``checkpoint_sha256``), the dataset, split, requested sample count (``num_samples_requested``) and
-  image/label columns. :func:`report_mismatch` compares a report with the arguments of an evaluation, so
-  the sweep and ``titans-timm-push`` use a report only for the weights and data it describes.
+* A report says exactly what it evaluated: the sha256 of the weights file (``checkpoint_sha256``), the dataset,
+  split, requested sample count (``num_samples_requested``) and image/label columns (:func:`report_data`). The
+  report of a run's weights also goes into its run record (:class:`titans_timm.run_record.RunRecord`, without the
+  confusion matrix and per-class numbers), where the sweep and ``titans-timm-push`` find it and use it only for the
+  weights and data it describes (:func:`titans_timm.run_record.report_mismatch`).
 * The device and the output folder are checked before the model is loaded: ``--device cuda`` without
   CUDA, an unknown device or an unwritable ``--output`` is one ``error:`` line, not a traceback after
   the whole evaluation.
 * Throughput ``img_per_sec`` counts model forward time only (data loading excluded), so it measures
   the model, not the disk; ``elapsed_s`` is the wall time of the whole pass.
-* Without ``--output`` the report goes next to the checkpoint (``--checkpoint``) or to
+* Without ``--output`` the report goes into the run folder (next to ``--checkpoint``) or to
   ``output/eval/<model name>/``.
 * The dataset's label names are the class names; a checkpoint trained on other classes (a different
   count or different names) is refused with one clear error instead of reporting nonsense.
@@ -65,8 +67,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from titans_timm.checkpoint import CheckpointError, atomic_write_bytes, load_model
+from titans_timm.run_record import RunRecord, RunRecordError, file_sha256, read_args, run_folder
+
 __all__ = [
-    'EvalError', 'build_parser', 'file_sha256', 'report_mismatch', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
+    'EvalError', 'build_parser', 'report_data', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
     'plot_confusion_matrix', 'plot_per_class_accuracy', 'surprise_maps', 'plot_surprise_maps',
     'confusion_figsize', 'per_class_figsize', 'surprise_figsize', 'surprise_page_name', 'PLOT_DPI',
     'SURPRISE_ROWS_PER_PAGE', 'SURPRISE_MAPS_WARN_ABOVE', 'parse_args', 'run', 'main',
@@ -82,6 +87,8 @@ SURPRISE_NAME = 'surprise_maps.png'
 SURPRISE_ROWS_PER_PAGE = 16
 SURPRISE_MAPS_WARN_ABOVE = 256
 PLOT_DPI = 100
+# Report entries the run record leaves to eval_report.json: they grow with the square of the class count.
+_NOT_RECORDED = ('confusion_matrix', 'per_class', 'files')
 
 
 class EvalError(Exception):
@@ -100,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('-c', '--config', default=None, metavar='YAML',
                         help='training recipe or a run\'s args.yaml: its dataset keys (dataset, data_dir, val_split, '
                              'val_num_samples, input_key, target_key, validation_batch_size/batch_size, workers) '
-                             'become defaults; other keys are ignored')
+                             'become defaults (over those of the --checkpoint run\'s record); other keys are ignored')
     src = parser.add_argument_group('model')
-    src.add_argument('--checkpoint', metavar='FILE', default=None,
-                     help='model.safetensors written by titans-timm-train (with --model NAME: any state dict '
-                          'for that architecture)')
+    src.add_argument('--checkpoint', metavar='RUN', default=None,
+                     help='run folder written by titans-timm-train, or its model.safetensors (with --model NAME: any '
+                          'state dict for that architecture); the run\'s validation data are the dataset defaults')
     src.add_argument('--model', metavar='NAME', default=None,
                      help='timm model name: local-dir:DIR, hf-hub:ORG/NAME, or a registered name (with '
                           '--pretrained or --checkpoint)')
@@ -157,26 +164,21 @@ _RECIPE_KEYS = (
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse evaluator arguments; ``-c YAML`` supplies dataset defaults from a training recipe (CLI wins)."""
+    """Parse evaluator arguments. Dataset defaults come from the run record of a ``--checkpoint`` run (the data it
+    validated on), then from ``-c YAML`` (a training recipe or a run's args.yaml); flags win."""
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('-c', '--config', default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        import yaml
-        try:
-            with open(known.config) as f:
-                recipe = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise EvalError(f'cannot read recipe {known.config!r} ({type(e).__name__}); pass a YAML file with -c') \
-                from None
-        if not isinstance(recipe, dict):
-            raise EvalError(f'recipe {known.config!r} is not a YAML mapping of training arguments')
-        defaults = {}
-        for key, dest in _RECIPE_KEYS:  # later keys win: validation_batch_size over batch_size
-            if recipe.get(key) is not None:
-                defaults[dest] = recipe[key]
-        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    folder = run_folder(args.checkpoint) if args.checkpoint else None
+    defaults = {}
+    try:
+        record = RunRecord.load(folder) if folder else None
+        for recipe in ([record.args] if record else []) + ([read_args(args.config)] if args.config else []):
+            for key, dest in _RECIPE_KEYS:  # later keys win: validation_batch_size over batch_size
+                if recipe.get(key) is not None and (recipe[key] != '' or key == 'dataset'):
+                    defaults[dest] = recipe[key]
+    except RunRecordError as e:
+        raise EvalError(f'{e}; pass a YAML training recipe with -c') from None
+    parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
 
@@ -193,17 +195,18 @@ def load_model_for_eval(
     """Build the model to evaluate and describe where it came from.
 
     Args:
-        checkpoint: a ``model.safetensors`` written by :func:`titans_timm.checkpoint.save_model` (it names its
-            architecture), or, with ``model_name``, any safetensors / ``.pth`` state dict to load into that
-            architecture (as in timm's validate.py: ``--model NAME --checkpoint FILE``).
+        checkpoint: a run folder of titans-timm-train or a weights file in one, or a single-file checkpoint of
+            :func:`titans_timm.checkpoint.save_model` (they name their architecture), or, with ``model_name``, any
+            safetensors / ``.pth`` state dict to load into that architecture (as in timm's validate.py:
+            ``--model NAME --checkpoint FILE``).
         model_name: a timm name: ``local-dir:DIR``, ``hf-hub:ORG/NAME`` or a registered name.
         pretrained: load pretrained weights for a registered name (always on for ``local-dir:``/``hf-hub:``).
         img_size: build the model for this input size instead of its own.
         num_classes: build the model with this many classes (for state dicts without metadata).
 
     Returns:
-        ``(model, info)``; ``info`` holds ``source``, ``architecture``, ``model_args`` and ``label_names``
-        (``None`` when the model does not record them).
+        ``(model, info)``; ``info`` holds ``source``, ``architecture``, ``model_args``, ``label_names`` (``None``
+        when the model does not record them) and ``weights`` (the weights file read, for ``checkpoint``).
 
     Raises:
         EvalError: no source given, a missing/corrupt checkpoint, a checkpoint that does not fit the named
@@ -211,7 +214,6 @@ def load_model_for_eval(
     """
     import timm
     import titans_timm  # noqa: F401  (registers the memory models with timm)
-    _register_models()
 
     if checkpoint is None and model_name is None:
         raise EvalError('nothing to evaluate: pass --checkpoint FILE (from titans-timm-train) or --model NAME '
@@ -222,7 +224,6 @@ def load_model_for_eval(
     if num_classes is not None:
         overrides['num_classes'] = num_classes
     if checkpoint is not None:
-        from titans_timm.checkpoint import CheckpointError, load_model
         if model_name is not None:
             if model_name.startswith(('hf-hub:', 'local-dir:')):
                 raise EvalError('--checkpoint loads weights into a registered architecture; with hf-hub:/'
@@ -231,9 +232,9 @@ def load_model_for_eval(
                 raise EvalError(f'unknown model {model_name!r}; use a name from timm.list_models() '
                                 f'(e.g. vit_tiny_mag_simple)')
             overrides['architecture'] = model_name
-        if not os.path.isfile(checkpoint):
-            raise EvalError(f'checkpoint {checkpoint!r} not found; pass the model.safetensors written by '
-                            f'titans-timm-train (OUTPUT/EXPERIMENT/model.safetensors)')
+        if not os.path.exists(checkpoint):
+            raise EvalError(f'checkpoint {checkpoint!r} not found; pass the run folder titans-timm-train wrote '
+                            f'(OUTPUT/EXPERIMENT) or its model.safetensors')
         try:
             model, meta = load_model(checkpoint, **overrides)
         except CheckpointError as e:
@@ -245,6 +246,7 @@ def load_model_for_eval(
             architecture=meta.get('architecture'),
             model_args=meta.get('model_args'),
             label_names=meta.get('label_names') or cfg.get('label_names'),
+            weights=meta['path'],
         )
         return model, info
 
@@ -271,13 +273,6 @@ def load_model_for_eval(
         label_names=cfg.get('label_names'),
     )
     return model, info
-
-
-def _register_models():
-    # The 27 memory models register when titans_timm.vit is imported; the package import may not do it yet.
-    import importlib.util
-    if importlib.util.find_spec('titans_timm.vit') is not None:
-        import titans_timm.vit  # noqa: F401
 
 
 def _create_eval_dataset(args: argparse.Namespace):
@@ -519,33 +514,6 @@ def _patch_grid(model: nn.Module, images: torch.Tensor) -> Tuple[int, int]:
     return tuple(patch_embed.grid_size)
 
 
-def _with_stats(method, record):
-    """``method`` (a memory's forward or write) made to also hand its ``return_stats`` stats to ``record``."""
-    def wrapped(*args, **kwargs):
-        if kwargs.get('return_stats'):  # the caller wants the stats itself: leave its call alone
-            out = method(*args, **kwargs)
-            record(out[1])
-            return out
-        out, stats = method(*args, return_stats=True, **kwargs)
-        record(stats)
-        return out
-    return wrapped
-
-
-def _capture_calls(module: nn.Module, record) -> List[str]:
-    """Wrap ``module``'s forward (and ``write``) so each call also hands its stats to ``record``.
-
-    Returns the names of the instance attributes set, to delete afterwards (the class methods take over again).
-    """
-    if any(name in module.__dict__ for name in ('forward', 'write')):
-        raise EvalError(f'{type(module).__name__} already has instance-level forward/write overrides; '
-                        f'cannot capture its surprise')
-    names = [name for name in ('forward', 'write') if hasattr(module, name)]
-    for name in names:
-        setattr(module, name, _with_stats(getattr(module, name), record))
-    return names
-
-
 def surprise_maps(
         model: nn.Module,
         images: torch.Tensor,
@@ -556,9 +524,9 @@ def surprise_maps(
 
     The surprise is what the memory module reports as ``stats['surprise']``: the per-token inner associative
     loss ``||M(k_t) - v_t||^2`` (Titans eq. 12) at the weights the token was written with. During the forward
-    each memory module is temporarily wrapped so its calls also return their stats (``return_stats=True``)
-    and pass the usual output on: the model runs once, exactly as without the capture (the logits are the
-    same), and the maps are the surprise of that pass.
+    a stats hook on each memory module (``TitansMemory.register_stats_hook``, removed afterwards) receives the
+    stats of every write: the model runs once, exactly as without the hooks (the logits are the same), and the
+    maps are the surprise of that pass.
 
     * MAL / MAG: one memory per memory block; its surprise when the block writes its tokens.
     * MAC: one memory shared by the MAC blocks, written by each in turn (a recurrence over depth); the map
@@ -580,38 +548,35 @@ def surprise_maps(
         EvalError: the model has no memory, its memory is never written (``mlp``: no surprise), or ``blocks``
             names a block without memory.
     """
-    _register_models()
     from titans_timm.vit import memory_modules
     found = list(memory_modules(model))
     if not found:
         raise EvalError(f'{type(model).__name__} has no memory modules, so it has no surprise to map; use a '
                         f'memory model such as vit_tiny_mag_simple')
-    if any(getattr(m, 'kind', None) == 'mlp' for _, m in found):
+    if not all(m.writes for _, m in found):
         raise EvalError('the mlp memory is persistent (never written at test time), so it has no surprise to '
                         'map; use a model with simple or advanced memory')
     grid_h, grid_w = _patch_grid(model, images)
     num_patches = grid_h * grid_w
     calls: Dict[int, List[torch.Tensor]] = {i: [] for i, _ in found}
-    wrapped = []
 
     def recorder(block_index):
-        def record(stats):
-            surprise = stats['surprise']  # [B, N]
-            if surprise.shape[-1] >= num_patches:  # skip reads with a few pooled queries (MAC)
-                calls[block_index].append(surprise[:, -num_patches:].detach().float().cpu())
+        def record(memory, stats):
+            surprise = stats['surprise']  # [B, N]: every token of one write, prefix tokens first
+            calls[block_index].append(surprise[:, -num_patches:].detach().float().cpu())
         return record
 
     was_training = model.training
     model.eval()
+    handles = []
     try:
         for block_index, module in found:
-            wrapped.append((module, _capture_calls(module, recorder(block_index))))
+            handles.append(module.register_stats_hook(recorder(block_index)))
         with torch.inference_mode():
             logits = model(images)
     finally:
-        for module, names in wrapped:
-            for name in names:
-                module.__dict__.pop(name, None)  # back to the class's methods
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
 
     memory_blocks = list(getattr(model, 'memory_blocks', None) or [])
@@ -717,7 +682,8 @@ def _parse_blocks(text: Optional[str]) -> Optional[List[int]]:
 
 def _default_output(args: argparse.Namespace) -> str:
     if args.checkpoint:
-        return os.path.dirname(os.path.abspath(args.checkpoint))
+        path = os.path.abspath(args.checkpoint)
+        return path if os.path.isdir(path) else os.path.dirname(path)
     name = (args.model or 'model').split(':', 1)[-1].rstrip('/').replace('/', '_').replace(os.sep, '_')
     name = name.lstrip('._') or 'model'
     return os.path.join('output', 'eval', name)
@@ -727,7 +693,7 @@ def _check_device(name: Optional[str]) -> str:
     """The device to run on; an unknown or unavailable one is an :class:`EvalError` before any work."""
     if name is None:
         return 'cuda' if torch.cuda.is_available() else 'cpu'
-    from titans_timm.train import device_problem
+    from titans_timm.devices import device_problem
     problem = device_problem(name)
     if problem:
         raise EvalError(problem)
@@ -746,46 +712,12 @@ def _check_output(output: str):
                         f'you can write to') from None
 
 
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes: what an eval report records to name the exact weights it evaluated."""
-    import hashlib
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def report_mismatch(report: dict, args: argparse.Namespace) -> Optional[str]:
-    """Why ``report`` (an ``eval_report.json``) does not describe an evaluation with ``args``; ``None`` if it does.
-
-    A report matches when it evaluated the same weights (the sha256 of ``args.checkpoint``; reports without
-    one never match a checkpoint) on the same dataset, data folder, split, requested sample count and
-    image/label columns. Batch size, device, workers and plots do not change the numbers and are not compared.
-    """
-    if not isinstance(report, dict):
-        return 'it is not a JSON object'
-    if args.checkpoint:
-        recorded = report.get('checkpoint_sha256')
-        if not recorded:
-            return 'it does not record which weights it evaluated (no checkpoint_sha256)'
-        if not os.path.isfile(args.checkpoint):
-            return f'{args.checkpoint} does not exist'
-    elif report.get('source') != args.model:
-        return f"it evaluated {report.get('source')!r}, not {args.model!r}"
-    wanted = dict(
-        dataset=_dataset_name(args), data_dir=args.data_dir,
-        split=args.split, num_samples_requested=args.num_samples, input_key=args.input_key or None,
-        target_key=args.target_key or None)
-    if 'num_samples_requested' not in report:
-        return 'it does not record how many samples were requested (written by an older titans-timm-eval)'
-    for key, value in wanted.items():
-        if report.get(key) != value:
-            return f'its {key} is {report.get(key)!r}, not {value!r}'
-    # last: the only check that reads the whole checkpoint
-    if args.checkpoint and report['checkpoint_sha256'] != file_sha256(args.checkpoint):
-        return f'it evaluated other weights than the current {os.path.basename(args.checkpoint)}'
-    return None
+def report_data(args: argparse.Namespace) -> dict:
+    """What an evaluation with ``args`` evaluates besides the weights (the report's
+    :data:`titans_timm.run_record.REPORT_DATA_KEYS`)."""
+    return dict(dataset=_dataset_name(args), data_dir=args.data_dir, split=args.split,
+                num_samples_requested=args.num_samples, input_key=args.input_key or None,
+                target_key=args.target_key or None)
 
 
 def run(args: argparse.Namespace, on_report: Optional[Callable[[dict], None]] = None) -> dict:
@@ -826,14 +758,9 @@ def run(args: argparse.Namespace, on_report: Optional[Callable[[dict], None]] = 
     report = dict(
         model=info['architecture'],
         source=info['source'],
-        checkpoint_sha256=file_sha256(args.checkpoint) if args.checkpoint else None,
+        checkpoint_sha256=file_sha256(info['weights']) if args.checkpoint else None,
         model_args=info['model_args'],
-        dataset=_dataset_name(args),
-        data_dir=args.data_dir,
-        split=args.split,
-        num_samples_requested=args.num_samples,
-        input_key=args.input_key or None,
-        target_key=args.target_key or None,
+        **report_data(args),
         num_classes=len(label_names),
         label_names=label_names,
         param_count=sum(p.numel() for p in model.parameters()),
@@ -850,6 +777,7 @@ def run(args: argparse.Namespace, on_report: Optional[Callable[[dict], None]] = 
     report_path = os.path.join(output, REPORT_NAME)
     _write_report(report, report_path)
     report['report_path'] = report_path
+    _record(report, run_folder(args.checkpoint) if args.checkpoint else None)
     if on_report is not None:
         on_report(report)
     if not (args.visualize or args.surprise_maps):
@@ -877,13 +805,26 @@ def run(args: argparse.Namespace, on_report: Optional[Callable[[dict], None]] = 
 def _write_report(report: dict, path: str):
     """Write ``report`` as JSON to ``path`` atomically: a sweep never reads half a report, and a failed write
     (disk full, read-only file system) leaves an earlier report as it was."""
-    from titans_timm.checkpoint import atomic_write_bytes
     data = json.dumps({k: v for k, v in report.items() if k != 'report_path'}, indent=2).encode()
     try:
         atomic_write_bytes(path, data)
     except OSError as e:
         raise EvalError(f'cannot write {path} ({e.strerror or type(e).__name__}); make room there or pass '
                         f'another --output') from None
+
+
+def _record(report: dict, folder) -> None:
+    """Add ``report`` to the record of the run in ``folder`` (nothing for a folder without one)."""
+    try:
+        record = RunRecord.load(folder) if folder else None
+        if record is not None:
+            record.add_report({k: v for k, v in report.items() if k not in _NOT_RECORDED})
+            record.save(folder)
+    except RunRecordError as e:
+        raise EvalError(str(e)) from None
+    except OSError as e:
+        raise EvalError(f'cannot record the report in the run record of {folder} ({e.strerror or type(e).__name__}); '
+                        f'{report["report_path"]} is written') from None
 
 
 def _dataset_name(args: argparse.Namespace) -> str:

@@ -1,19 +1,18 @@
 """Publish trained titans-timm models to the Hugging Face Hub with a model card, and load them back.
 
-``titans-timm-push CHECKPOINT ORG/NAME`` (or :func:`push`) turns a checkpoint written by training
-(``OUTPUT/EXPERIMENT/model.safetensors``, see :mod:`titans_timm.checkpoint`) into a Hub repository
-that plain timm loads::
+``titans-timm-push RUN ORG/NAME`` (or :func:`push`) uploads a training run folder (``OUTPUT/EXPERIMENT``, or its
+``model.safetensors``) as a Hub repository that plain timm loads::
 
     import timm, titans_timm            # the import registers the titans-timm architectures
     model = timm.create_model('hf-hub:ORG/NAME', pretrained=True)
 
-The repository holds exactly three files, all written by :func:`export_folder`:
+The repository holds exactly three files:
 
-- ``model.safetensors``: the weights (never a pickle: ``.pth`` inputs are read with
-  ``torch.load(weights_only=True)`` and re-saved as safetensors);
-- ``config.json``: timm's own format written by timm's ``save_for_hf``: ``architecture``,
-  ``model_args`` (every argument needed to rebuild the model, memory options included),
-  ``label_names``, and a ``pretrained_cfg`` with label names, mean/std, input size and crop;
+- ``config.json`` and ``model.safetensors``: the run folder's own, byte for byte. Training writes them in timm's
+  layout (:mod:`titans_timm.checkpoint`: ``architecture``, resolved ``model_args``, ``label_names``, a
+  ``pretrained_cfg`` with mean/std, input size and crop; safetensors weights with metadata ``{'format': 'pt'}``),
+  so nothing is converted: the weights published are the weights trained. An older single-file checkpoint or a
+  plain state dict (a ``.pth`` is read with ``torch.load(weights_only=True)``) is written in the same layout;
 - ``README.md``: a model card rendered from ``hub_cards/model_card.md`` (``string.Template``):
   YAML front matter (``library_name: timm``, tags, datasets, metrics, ``base_model`` = the Hub
   checkpoint training loaded, when the recipe shows one, license, and a ``model-index`` with the
@@ -22,26 +21,21 @@ The repository holds exactly three files, all written by :func:`export_folder`:
 
 Choices made here (and why):
 
-- One folder is written, then uploaded as one commit with ``HfApi.upload_folder``. timm's
-  ``push_to_hf_hub`` does the same steps (``save_for_hf`` into a temp dir, ``create_repo``,
-  ``upload_folder``) but only writes its own generic README when the repo has none, and pushes a
-  pickled ``pytorch_model.bin`` by default; going through the same timm writer ourselves keeps
-  the card ours and the weights safetensors-only, and makes ``--dry-run DIR`` the exact folder
-  that would be uploaded. A re-push replaces the card, because the card describes the weights.
-- Before anything is uploaded, the folder is loaded back with ``timm.create_model('local-dir:DIR',
-  pretrained=True)`` and its logits are compared bit for bit with the checkpoint's model
-  (``verify=True``). A ``config.json`` that misses a model argument fails here, not for users.
-- ``base_model`` is claimed only on evidence: the recorded training arguments (``args.yaml`` or
+- The files go up as one commit (``HfApi.create_commit``), the weights straight from the run folder. timm's
+  ``push_to_hf_hub`` would re-save the model into a temp dir, push a pickled ``pytorch_model.bin`` by default and
+  write its own generic README only when the repo has none; the card here is ours and a re-push replaces it,
+  because the card describes the weights. ``--dry-run DIR`` writes the exact files that would be uploaded.
+- ``base_model`` is claimed only on evidence: the recorded training arguments (the run record or
   ``--recipe``) say ``pretrained: true`` without a local ``pretrained_path``, and timm's pretrained cfg of
   the trained model name (exactly that name and tag, e.g. ``vit_base_patch32_224`` ->
   ``timm/vit_base_patch32_224.augreg_in21k_ft_in1k``) names the Hub checkpoint training loaded. A run
   started from a local checkpoint or from scratch, or one without a recipe, gets no ``base_model`` (the
   card says what it started from, or that it is not recorded); ``--base-model`` sets it explicitly.
-- An evaluation report is used only for the weights it evaluated: ``titans-timm-eval`` records the
-  checkpoint's sha256 (``checkpoint_sha256``). The ``eval_report.json`` next to the checkpoint is picked
-  up only when that sha256 is the checkpoint's (else it is skipped with a printed note: the weights were
-  retrained since); an explicit ``--eval-report`` that records other weights is an error. Reports without
-  a sha256 (timm's ``validate.py``) are used only when passed explicitly.
+- An evaluation report is used only for the weights it evaluated: ``titans-timm-eval`` records their sha256
+  (``checkpoint_sha256``) and adds the report to the run record (:class:`titans_timm.run_record.RunRecord`). The
+  record's reports of these very weights go on the card (any other is skipped with a printed note: the weights
+  were retrained since); an explicit ``--eval-report`` that records other weights is an error. Reports without a
+  sha256 (timm's ``validate.py``) are used only when passed explicitly.
 - The results say what was evaluated: the split and the number of images, in the table and in the
   ``model-index``. The built-in ``fashion-mnist-mini`` is listed as what it is: its validation split is
   1,000 images of Fashion-MNIST's *test* split (model-index split ``test``), its train split 4,000 of the
@@ -51,8 +45,6 @@ Choices made here (and why):
 - ``datasets`` lists Hub dataset ids: ``hfds/X``/``hf:X`` become ``X``; the built-in
   Fashion-MNIST subset is listed as ``zalando-datasets/fashion_mnist``; local folders are named in
   the card text only.
-- The exported ``model.safetensors`` carries the metadata ``{'format': 'pt'}`` (as transformers and
-  huggingface_hub write it); timm's ``save_for_hf`` writes none.
 - The card template ships with the code: ``hub_cards/`` is read from the installed package
   (``titans_timm/hub_cards/``, where a wheel puts it) or from the source tree next to the package
   (editable installs and checkouts); ``--card-template PATH`` uses any other template.
@@ -71,23 +63,21 @@ import re
 import shutil
 import string
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 import timm
 import yaml
-from timm.models import save_for_hf
-from timm.models._input import get_model_args, get_model_input_config
+from timm.models._input import get_model_input_config
 
-from titans_timm.checkpoint import CheckpointError, _new_file_mode, atomic_write_bytes, load_model
+from titans_timm.checkpoint import (
+    CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_bytes, config_json, load_model, weights_bytes)
+from titans_timm.run_record import RunRecord, RunRecordError, file_sha256, read_args, report_mismatch
 
 __all__ = [
-    'HubError', 'push', 'export_folder', 'render_card', 'card_fields', 'load_card_template', 'read_eval_report',
-    'read_recipe', 'parse_architecture', 'backbone_hub_id', 'dataset_hub_id', 'resolved_memory_args',
-    'populate_cache', 'main', 'DEFAULT_CARD_TEMPLATE',
+    'HubError', 'push', 'render_card', 'card_fields', 'load_card_template', 'read_eval_report', 'read_recipe',
+    'parse_architecture', 'backbone_hub_id', 'dataset_hub_id', 'populate_cache', 'main', 'DEFAULT_CARD_TEMPLATE',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -139,8 +129,6 @@ _RECIPE_KEYS = (
     'drop_path', 'clip_grad', 'model_ema', 'model_ema_decay', 'amp', 'amp_dtype', 'pretrained', 'pretrained_path',
     'initial_checkpoint', 'seed',
 )
-_WEIGHT_FILES = ('model.safetensors',)
-_EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
 
 
 class HubError(RuntimeError):
@@ -193,13 +181,16 @@ def _pick(report: Dict[str, Any], field: str) -> Any:
     return None
 
 
-def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict[str, Any]]],
+                     weights_sha256: Optional[str] = None) -> List[Dict[str, Any]]:
     """Normalise an evaluation report into result rows for the card.
 
     Args:
         report: a JSON file written by ``titans-timm-eval`` (or timm's ``validate.py``
             ``--results-file``), an already loaded dict, or a list of them (one row each). Metrics may
             sit at the top level or under ``"metrics"``. Top-1/top-5 are percentages, as timm reports.
+        weights_sha256: the sha256 of the weights the card describes: a report that records other weights
+            (``checkpoint_sha256``) is refused. Reports that record none (timm's validate.py) are taken as given.
 
     Returns:
         A list of dicts with keys ``top1``, ``top5``, ``loss``, ``img_per_sec``, ``dataset``,
@@ -207,7 +198,7 @@ def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict
         (``None`` where the report has no value); empty for ``None``.
 
     Raises:
-        HubError: unreadable JSON, or a report without a top-1 accuracy.
+        HubError: unreadable JSON, a report without a top-1 accuracy or of other weights.
     """
     if report is None:
         return []
@@ -228,6 +219,11 @@ def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict
     for entry in entries:
         if not isinstance(entry, dict):
             raise HubError(f'{source}: expected a JSON object of metrics, got {type(entry).__name__}')
+        why = report_mismatch(entry, weights_sha256) if weights_sha256 and entry.get('checkpoint_sha256') else None
+        if why:
+            label = f'--eval-report {source}' if source != 'eval report' else 'the eval report'
+            raise HubError(f'{label} does not describe this checkpoint: {why}; evaluate it again with '
+                           f'titans-timm-eval')
         flat = dict(entry)
         if isinstance(entry.get('metrics'), dict):
             flat = {**entry['metrics'], **{k: v for k, v in entry.items() if k != 'metrics'}}
@@ -252,31 +248,22 @@ def read_eval_report(report: Union[None, PathLike, Dict[str, Any], Sequence[Dict
 
 
 def read_recipe(recipe: Union[None, PathLike, Dict[str, Any]]) -> Dict[str, Any]:
-    """Load a training recipe: a run's ``args.yaml`` or a ``train_timm_hparams/*.yaml`` file (or a dict).
-
-    Keys are normalised to timm's argparse names (``freeze-epochs`` -> ``freeze_epochs``).
+    """A training recipe (a run's ``args.yaml``, a ``train_timm_hparams/*.yaml`` file, a run.json, or a dict) with
+    keys normalised to timm's argparse names (``freeze-epochs`` -> ``freeze_epochs``).
 
     Raises:
-        HubError: the file is missing or is not a YAML mapping.
+        HubError: the file is missing or is not a mapping.
     """
-    if recipe is None:
-        return {}
     if isinstance(recipe, (str, os.PathLike)):
-        path = Path(recipe)
-        if not path.is_file():
-            raise HubError(f'recipe not found: {path}; pass the args.yaml of the training run or a '
-                           f'train_timm_hparams/*.yaml recipe, or leave --recipe out')
         try:
-            recipe = yaml.safe_load(path.read_text(encoding='utf-8'))
-        except yaml.YAMLError as e:
-            raise HubError(f'{path} is not valid YAML ({str(e).splitlines()[0]}); pass a training recipe '
-                           f'file') from None
-        if recipe is None:
-            recipe = {}
-    if not isinstance(recipe, dict):
+            return read_args(recipe)
+        except RunRecordError as e:
+            raise HubError(f'recipe {e}; pass the args.yaml of the training run or a train_timm_hparams/*.yaml '
+                           f'recipe, or leave --recipe out') from None
+    if not isinstance(recipe or {}, dict):
         raise HubError(f'the training recipe must be a YAML mapping of flag names to values, '
                        f'got {type(recipe).__name__}')
-    return {str(k).replace('-', '_'): v for k, v in recipe.items()}
+    return {str(k).replace('-', '_'): v for k, v in (recipe or {}).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -648,78 +635,7 @@ def render_card(model: nn.Module, *, template: Optional[PathLike] = None, **fiel
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The folder: weights, config.json, README.md
-
-
-def resolved_memory_args(model: nn.Module) -> Dict[str, Any]:
-    """Every memory argument of a titans-timm model at its resolved value (``{}`` for plain timm models).
-
-    timm records only the kwargs ``create_model`` was called with; config.json gets these as well so
-    a later change of a default (placement interval, memory heads, chunk size, ...) cannot change
-    what a published repository rebuilds (see ``TitansVisionTransformer.resolved_model_args``).
-    """
-    resolved = getattr(model, 'resolved_model_args', None)
-    return resolved() if callable(resolved) else {}
-
-
-def _export_model_args(model: nn.Module, model_args: Dict[str, Any]) -> Dict[str, Any]:
-    args = dict(model_args)
-    resolved = resolved_memory_args(model)
-    if 'memory_blocks' in resolved:
-        args.pop('memory_interval', None)  # memory_blocks states the same placement, and overrides it
-    for key, value in resolved.items():
-        if key == 'memory_options':
-            value = {**value, **dict(args.get('memory_options') or {})}
-        args[key] = value if key not in args or key == 'memory_options' else args[key]
-    try:
-        args = get_model_args(model, args)
-        json.dumps(args)
-    except (TypeError, ValueError) as e:
-        raise HubError(f'model_args cannot be written to config.json ({e}); use JSON values (numbers, strings, '
-                       f'lists) for every model argument') from None
-    return args
-
-
-def _data_config(pretrained_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    out = {}
-    for key in ('mean', 'std', 'input_size', 'interpolation', 'crop_pct', 'crop_mode'):
-        value = pretrained_cfg.get(key)
-        if value is not None:
-            out[key] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-def _add_safetensors_format(path: Path) -> None:
-    """Rewrite ``path`` with the ``{'format': 'pt'}`` metadata that transformers and huggingface_hub write.
-
-    Written with :func:`titans_timm.checkpoint.atomic_write_bytes`, so the weights get the mode of every other
-    new file (0o666 less the umask); safetensors' own ``save_file`` leaves them 0o600.
-    """
-    import safetensors.torch
-    tensors = safetensors.torch.load_file(str(path))
-    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata={'format': 'pt'}))
-
-
-def _verify_folder(model: nn.Module, folder: Path) -> None:
-    """Reload ``folder`` the way users will and require bit-identical logits."""
-    in_chans, height, width = get_model_input_config(model)['input_size']
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, in_chans, height, width, generator=gen)
-    was_training = model.training
-    model.eval()
-    try:
-        reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
-        with torch.inference_mode():
-            expected, got = model(x), reloaded(x)
-    except Exception as e:  # the reason is in the message; the folder is left for inspection
-        raise HubError(f'the exported folder {folder} does not load back with timm ({type(e).__name__}: {e}); '
-                       f'check that model_args holds every argument the model was built with') from None
-    finally:
-        model.train(was_training)
-    if expected.shape != got.shape or not torch.equal(expected, got):
-        diff = (expected - got).abs().max().item() if expected.shape == got.shape else float('nan')
-        raise HubError(f'the exported folder {folder} loads back with different outputs (max abs diff {diff:.3g}); '
-                       f'a model argument is probably missing from config.json model_args')
+# The upload: the run folder's config.json and model.safetensors, and the card
 
 
 def _check_new_folder(folder: Path) -> None:
@@ -735,104 +651,21 @@ def _check_new_folder(folder: Path) -> None:
                            f'overwrites files: pass a new or empty folder to --dry-run, or move them out first')
 
 
-def _remove_partial_export(folder: Path, created: bool) -> None:
-    """After a failed write: remove the export files written into ``folder`` (it was new or empty), and the
-    folder itself if the export created it."""
-    for name in _EXPORT_FILES:
-        try:
-            (folder / name).unlink()
-        except OSError:
-            pass
-    if created:
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
-def export_folder(
-        model: nn.Module,
-        folder: PathLike,
-        *,
-        repo_id: str,
-        architecture: str,
-        model_args: Dict[str, Any],
-        label_names: Optional[Sequence[str]] = None,
-        pretrained_cfg: Optional[Dict[str, Any]] = None,
-        eval_report: Any = None,
-        recipe: Any = None,
-        license: str = 'apache-2.0',
-        base_model: Optional[str] = None,
-        datasets: Optional[Sequence[str]] = None,
-        card_template: Optional[PathLike] = None,
-        verify: bool = True,
-) -> Path:
-    """Write the folder a Hub repository for ``model`` holds: model.safetensors, config.json, README.md.
-
-    Uses timm's ``save_for_hf`` (safetensors only) so ``timm.create_model('hf-hub:...')`` and
-    ``'local-dir:...'`` rebuild the model; ``pretrained_cfg`` (mean/std/input_size/crop from the
-    checkpoint) becomes the exported preprocessing. With ``verify`` the folder is loaded back and must
-    give bit-identical logits.
-
-    The folder must be new or empty: the export never overwrites a file (a README.md of the user's, an earlier
-    export that may have been edited since), so it refuses a folder holding anything. Every file it writes gets
-    the mode of a new file (0o666 less the umask). A write that fails (disk full, read-only file system) removes
-    the export files written so far and raises :class:`HubError`.
-
-    Returns:
-        The folder path.
-
-    Raises:
-        HubError: the folder is not new or empty, the model cannot be exported, the card cannot be rendered, a
-            file cannot be written, or verification fails.
-    """
-    folder = Path(folder)
-    _check_new_folder(folder)
-    pretrained_cfg = dict(pretrained_cfg or {})
-    label_names = [str(n) for n in label_names] if label_names else None
-    if label_names and len(label_names) != model.num_classes:
-        raise HubError(f'{len(label_names)} label names for a model with {model.num_classes} classes; '
-                       f'fix the label names in the checkpoint or pass matching ones')
-    args = _export_model_args(model, model_args)
-    # Render first: a bad report or recipe should fail before anything is written.
-    card = render_card(model, template=card_template, repo_id=repo_id, architecture=architecture, model_args=args,
-                       label_names=label_names, eval_report=eval_report, recipe=recipe, license=license,
-                       base_model=base_model, datasets=datasets)
-    model_config = dict(pretrained_cfg=dict(license=license, num_classes=model.num_classes))
-    if label_names:
-        # Top level is where timm reads them; pretrained_cfg is where loaded models expose them.
-        model_config['label_names'] = label_names
-        model_config['pretrained_cfg']['label_names'] = label_names
+def _write_folder(files: Dict[str, Union[bytes, Path]], folder: Path) -> None:
+    """Write ``files`` into the new or empty ``folder``, each with the mode of a new file (0o666 less the umask). A
+    write that fails (disk full, read-only) removes what was written, and the folder if it was new."""
     created = not folder.exists()
-    # timm copies the model's pretrained cfg into config.json; the backbone's tag (augreg_in21k_ft_in1k, say)
-    # names weights these are not, so the export leaves it out
-    model_cfg = getattr(model, 'pretrained_cfg', None)
-    if isinstance(model_cfg, dict) and 'tag' in model_cfg:
-        model.pretrained_cfg = {k: v for k, v in model_cfg.items() if k != 'tag'}
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        save_for_hf(model, str(folder), model_config=model_config, model_args=args,
-                    safe_serialization=True, data_config=_data_config(pretrained_cfg))
-        _add_safetensors_format(folder / 'model.safetensors')
-        atomic_write_bytes(folder / 'README.md', card.encode('utf-8'))
-        os.chmod(folder / 'config.json', _new_file_mode())  # as the other two, whatever timm's writer does
-    except (ValueError, TypeError) as e:
-        raise HubError(f'timm could not export the model ({e}); check the checkpoint metadata') from None
+        for name, data in files.items():
+            atomic_write_bytes(folder / name, data if isinstance(data, bytes) else data.read_bytes())
     except OSError as e:
-        _remove_partial_export(folder, created)
-        raise HubError(f'cannot write the export to {folder} ({e.strerror or type(e).__name__}); nothing was '
-                       f'kept there: make room or pass --dry-run a folder on a writable disk (uploads export '
-                       f'to TMPDIR first)') from None
-    finally:
-        if model_cfg is not None:
-            model.pretrained_cfg = model_cfg
-    if verify:
-        _verify_folder(model, folder)
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Push
+        for name in files:
+            (folder / name).unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise HubError(f'cannot write the export to {folder} ({e.strerror or type(e).__name__}); nothing was kept '
+                       f'there: make room or pass --dry-run a folder on a writable disk') from None
 
 
 def _describe_upload_error(e: BaseException, endpoint: str, repo_id: str) -> str:
@@ -851,9 +684,11 @@ def _describe_upload_error(e: BaseException, endpoint: str, repo_id: str) -> str
             f'network or HF_ENDPOINT, or use --dry-run DIR and upload the folder later with `hf upload`')
 
 
-def _upload(folder: Path, repo_id: str, *, token: str, private: bool, endpoint: Optional[str], revision: Optional[str],
-            commit_message: str) -> Dict[str, Any]:
-    from huggingface_hub import HfApi, constants
+def _upload(files: Dict[str, Union[bytes, Path]], repo_id: str, *, token: str, private: bool,
+            endpoint: Optional[str], revision: Optional[str], commit_message: str) -> Dict[str, Any]:
+    """Create the repository if needed and commit ``files`` to it in one commit (the weights straight from the
+    run folder)."""
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
     endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
     api = HfApi(endpoint=endpoint, token=token, library_name='timm', library_version=timm.__version__)
@@ -863,9 +698,9 @@ def _upload(folder: Path, repo_id: str, *, token: str, private: bool, endpoint: 
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         repo_id = repo_url.repo_id
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                   commit_message=commit_message,
-                                   allow_patterns=list(_EXPORT_FILES))
+        commit = api.create_commit(repo_id=repo_id, revision=revision, commit_message=commit_message, operations=[
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=data if isinstance(data, bytes) else str(data))
+            for name, data in files.items()])
     except (OSError, transport_error) as e:
         raise HubError(_describe_upload_error(e, endpoint, repo_id)) from None
     except ValueError as e:  # the Hub's README front matter check
@@ -875,64 +710,17 @@ def _upload(folder: Path, repo_id: str, *, token: str, private: bool, endpoint: 
                 commit_oid=getattr(commit, 'oid', None))
 
 
-def _run_file(checkpoint: PathLike, name: str) -> Optional[Path]:
-    path = Path(checkpoint).parent / name
-    return path if path.is_file() else None
-
-
-def _report_weights_mismatch(report: Dict[str, Any], checkpoint: PathLike) -> Optional[str]:
-    """Why ``report`` did not evaluate the weights in ``checkpoint`` (by sha256); None if it did or cannot say."""
-    from titans_timm.evaluate import file_sha256
-    recorded = report.get('checkpoint_sha256') if isinstance(report, dict) else None
-    if not recorded:
-        return None
-    if recorded != file_sha256(str(checkpoint)):
-        return (f"it evaluated other weights (sha256 {str(recorded)[:12]}...) than {checkpoint}; the checkpoint was "
-                f'probably retrained since')
-    return None
-
-
-def _run_eval_report(checkpoint: PathLike) -> Optional[Path]:
-    """``eval_report.json`` next to the checkpoint (titans-timm-eval's default), if it evaluated these very weights.
-
-    It must record the checkpoint's sha256 (``checkpoint_sha256``, written by titans-timm-eval): a report of
-    last.safetensors or EMA weights, or of weights since retrained into the same folder, describes other
-    weights. A report that is skipped is named in a note on stderr.
-    """
-    path = _run_file(checkpoint, 'eval_report.json')
-    if path is None:
-        return None
-    try:
-        report = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        report = None
-    if not isinstance(report, dict):
-        why = 'it is not a JSON report of titans-timm-eval'
-    elif not report.get('checkpoint_sha256'):
-        why = 'it does not record which weights it evaluated (no checkpoint_sha256)'
-    else:
-        why = _report_weights_mismatch(report, checkpoint)
-    if why is None:
-        return path
-    print(f'note: not using {path} on the model card: {why}; run titans-timm-eval --checkpoint {checkpoint} '
-          f'again, or pass --eval-report', file=sys.stderr)
-    return None
-
-
-def _check_explicit_report(eval_report: Any, checkpoint: PathLike):
-    """An explicit report that records other weights than ``checkpoint`` is a :class:`HubError`."""
-    report = eval_report
-    if isinstance(eval_report, (str, os.PathLike)):
-        try:
-            report = json.loads(Path(eval_report).read_text(encoding='utf-8'))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return  # read_eval_report gives the full error
-    for entry in report if isinstance(report, (list, tuple)) else [report]:
-        why = _report_weights_mismatch(entry, checkpoint) if isinstance(entry, dict) else None
-        if why:
-            label = f'--eval-report {eval_report}' if isinstance(eval_report, (str, os.PathLike)) else 'the eval report'
-            raise HubError(f'{label} does not describe this checkpoint: {why}; evaluate it again with '
-                           f'titans-timm-eval --checkpoint {checkpoint}')
+def _recorded_reports(record: Optional[RunRecord], weights_sha256: str, checkpoint: PathLike) -> List[Dict[str, Any]]:
+    """The reports the run record holds of these very weights; any other is named in a note on stderr."""
+    reports = []
+    for report in record.eval_reports if record else ():
+        why = report_mismatch(report, weights_sha256)
+        if why is None:
+            reports.append(report)
+        else:
+            print(f"note: not using the {report.get('split')} report of the run record on the model card: {why}; run "
+                  f'titans-timm-eval --checkpoint {checkpoint} again, or pass --eval-report', file=sys.stderr)
+    return reports
 
 
 def push(
@@ -952,31 +740,30 @@ def push(
         revision: Optional[str] = None,
         endpoint: Optional[str] = None,
         label_names: Optional[Sequence[str]] = None,
-        verify: bool = True,
         **model_overrides,
 ) -> Dict[str, Any]:
-    """Publish a trained checkpoint to the Hugging Face Hub (or, with ``dry_run_dir``, write the folder only).
+    """Publish a training run to the Hugging Face Hub (or, with ``dry_run_dir``, write the folder only).
 
     Args:
-        checkpoint: a ``.safetensors`` file written by training (``OUTPUT/EXPERIMENT/model.safetensors``);
-            a plain state dict (``.safetensors`` or ``.pth``, read with ``weights_only=True``) also works
-            when ``architecture=NAME`` and the model kwargs are passed in ``model_overrides``.
+        checkpoint: a run folder written by training (``OUTPUT/EXPERIMENT``) or its ``model.safetensors``: its
+            ``config.json`` and ``model.safetensors`` are uploaded as they are. An older single-file checkpoint, or
+            a plain state dict (``.safetensors`` or ``.pth``, read with ``weights_only=True``) with
+            ``architecture=NAME`` and the model kwargs in ``model_overrides``, is written in the same layout first.
         repo_id: ``ORG/NAME`` of the Hub repository (created if missing).
-        eval_report: JSON report of ``titans-timm-eval`` (path or dict) for the card's results; one that records
-            another checkpoint sha256 is refused. Default: ``eval_report.json`` next to the checkpoint when it
-            records this checkpoint's sha256 (else a note on stderr says why it is not used).
-        recipe: training recipe (path or dict); default: ``args.yaml`` next to the checkpoint, if any.
+        eval_report: JSON report of ``titans-timm-eval`` (path, dict or list) for the card's results; one that
+            records another weights sha256 is refused. Default: the reports of these weights in the run record
+            (a note on stderr names any other it holds).
+        recipe: training recipe (path or dict); default: the run record's arguments (or its args.yaml).
         token: Hub token with write access; default ``HF_TOKEN`` / the ``hf auth login`` token.
         private: create the repository private.
-        dry_run_dir: write the exact folder that would be uploaded here, and upload nothing. It must be a new or
+        dry_run_dir: write the exact files that would be uploaded here, and upload nothing. It must be a new or
             empty folder: the export never overwrites a file (a user's README.md, an earlier export).
         license, base_model, datasets: card front matter (defaults: apache-2.0, the backbone's
             timm hub id, the Hub ids of the datasets named in the report and recipe).
         card_template: a different ``string.Template`` card; default ``hub_cards/model_card.md``.
         commit_message, revision: of the upload commit (default message names the checkpoint).
         endpoint: Hub URL; default ``HF_ENDPOINT`` or https://huggingface.co.
-        label_names: class names, when the checkpoint has none.
-        verify: reload the folder with timm before uploading and require identical logits.
+        label_names: class names, for a single-file checkpoint or state dict that has none.
         **model_overrides: ``architecture=`` and model kwargs for :func:`titans_timm.checkpoint.load_model`.
 
     Returns:
@@ -988,45 +775,48 @@ def push(
     """
     if not re.fullmatch(r'[\w.-]+/[\w.-]+', str(repo_id)):
         raise HubError(f"repo id must look like ORG/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}")
-    if dry_run_dir and Path(dry_run_dir).resolve() == Path(checkpoint).resolve().parent:
+    path = Path(checkpoint)
+    folder = path if path.is_dir() else path.parent
+    is_run = (folder / CONFIG_NAME).is_file() and (path.is_dir() or path.name == WEIGHTS_NAME)
+    if is_run and model_overrides:
+        raise HubError(f'{checkpoint} names its model in {CONFIG_NAME}; --model and --model-kwargs are for plain '
+                       f'state dicts')
+    if dry_run_dir and Path(dry_run_dir).resolve() == folder.resolve():
         raise HubError(f'--dry-run {dry_run_dir} holds the checkpoint {checkpoint}, which the export would '
                        f'overwrite; pass a new or empty folder to --dry-run')
     if dry_run_dir:
         _check_new_folder(Path(dry_run_dir))  # before the model is loaded: a user's file there is never replaced
     try:
         model, meta = load_model(checkpoint, **model_overrides)
-    except CheckpointError as e:
+        config = ((folder / CONFIG_NAME).read_text() if is_run else
+                  config_json(model, model_args=meta['model_args'], label_names=label_names or meta['label_names'],
+                              data_config=meta['pretrained_cfg']))
+        record = RunRecord.load(folder)
+    except (CheckpointError, RunRecordError) as e:
         raise HubError(str(e)) from None
-    recipe = recipe if recipe is not None else _run_file(checkpoint, 'args.yaml')
-    if eval_report is not None:
-        _check_explicit_report(eval_report, checkpoint)
-    else:
-        eval_report = _run_eval_report(checkpoint)
+    sha = file_sha256(meta['path'])
+    rows = read_eval_report(eval_report if eval_report is not None else _recorded_reports(record, sha, checkpoint),
+                            weights_sha256=sha)
     if not dry_run_dir:
         from huggingface_hub import get_token
         token = token or get_token()
         if not token:
-            # Checked before the export so the user is told at once, not after a verification run.
+            # Checked before the card is rendered so the user is told at once.
             raise HubError('no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token; '
                            'or use --dry-run DIR to only write the folder')
-    options = dict(repo_id=repo_id, architecture=meta['architecture'], model_args=meta['model_args'],
-                   label_names=label_names or meta.get('label_names'), pretrained_cfg=meta.get('pretrained_cfg'),
-                   eval_report=eval_report, recipe=recipe, license=license, base_model=base_model,
-                   datasets=datasets, card_template=card_template, verify=verify)
+    config_dict = json.loads(config)
+    card = render_card(model, template=card_template, repo_id=repo_id, architecture=config_dict['architecture'],
+                       model_args=config_dict.get('model_args') or {}, label_names=config_dict.get('label_names'),
+                       eval_report=rows, recipe=recipe if recipe is not None else (record.args if record else None),
+                       license=license, base_model=base_model, datasets=datasets)
+    files = {CONFIG_NAME: config.encode(), WEIGHTS_NAME: Path(meta['path']) if is_run else weights_bytes(model),
+             'README.md': card.encode('utf-8')}
     if dry_run_dir:
-        folder = export_folder(model, dry_run_dir, **options)
-        return dict(repo_id=repo_id, folder=str(folder), files=sorted(p.name for p in folder.iterdir()))
-    try:
-        staging = tempfile.TemporaryDirectory(prefix='titans_timm_push_')
-    except OSError as e:
-        raise HubError(f'cannot create a temporary folder for the export ({e.strerror or type(e).__name__}); set '
-                       f'TMPDIR to a writable folder with room, or use --dry-run DIR') from None
-    with staging as tmp:
-        folder = export_folder(model, tmp, **options)
-        files = sorted(p.name for p in folder.iterdir())
-        result = _upload(folder, repo_id, token=token, private=private, endpoint=endpoint, revision=revision,
-                         commit_message=commit_message or f'Add {meta["architecture"]} from {Path(checkpoint).name}')
-    return dict(result, folder=None, files=files)
+        _write_folder(files, Path(dry_run_dir))
+        return dict(repo_id=repo_id, folder=str(dry_run_dir), files=sorted(files))
+    result = _upload(files, repo_id, token=token, private=private, endpoint=endpoint, revision=revision,
+                     commit_message=commit_message or f'Add {config_dict["architecture"]} from {path.name}')
+    return dict(result, folder=None, files=sorted(files))
 
 
 def populate_cache(folder: PathLike, repo_id: str, *, cache_dir: Optional[PathLike] = None,
@@ -1038,7 +828,7 @@ def populate_cache(folder: PathLike, repo_id: str, *, cache_dir: Optional[PathLi
     commit sha and ``snapshots/<sha>/`` holding the files.
 
     Args:
-        folder: a folder written by :func:`export_folder` / ``--dry-run``.
+        folder: a run folder, or a folder written by ``--dry-run``.
         repo_id: ``ORG/NAME``.
         cache_dir: the hub cache; default ``HF_HUB_CACHE`` (``~/.cache/huggingface/hub``).
         commit_sha: 40 hex digits; default a hash of the folder's files.
@@ -1049,7 +839,7 @@ def populate_cache(folder: PathLike, repo_id: str, *, cache_dir: Optional[PathLi
     import hashlib
     from huggingface_hub import constants
     folder = Path(folder)
-    files = [folder / name for name in ('config.json', *_WEIGHT_FILES, 'README.md') if (folder / name).is_file()]
+    files = [folder / name for name in (CONFIG_NAME, WEIGHTS_NAME, 'README.md') if (folder / name).is_file()]
     if not (folder / 'config.json').is_file() or not (folder / 'model.safetensors').is_file():
         raise HubError(f'{folder} has no config.json and model.safetensors; export it first with --dry-run {folder}')
     if commit_sha is None:
@@ -1086,20 +876,21 @@ def _parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='titans-timm-push',
-        description='Publish a trained titans-timm checkpoint to the Hugging Face Hub (model.safetensors, '
-                    'config.json, README.md model card), loadable with '
+        description='Publish a titans-timm training run to the Hugging Face Hub (its config.json and '
+                    'model.safetensors as they are, and a README.md model card), loadable with '
                     "timm.create_model('hf-hub:ORG/NAME', pretrained=True) after `import titans_timm`.")
-    parser.add_argument('checkpoint', help='checkpoint written by training, e.g. output/EXP/model.safetensors')
+    parser.add_argument('checkpoint', metavar='RUN',
+                        help='run folder written by training (or its model.safetensors), e.g. output/EXP; also an '
+                             'older single-file checkpoint, or a state dict with --model')
     parser.add_argument('repo_id', help='Hub repository ORG/NAME (created if missing)')
     parser.add_argument('--dry-run', metavar='DIR', default=None,
                         help='write the exact folder that would be uploaded to DIR (a new or empty folder: nothing '
                              'in it is ever overwritten); upload nothing')
     parser.add_argument('--eval-report', metavar='JSON', default=None,
-                        help='report of titans-timm-eval for the results table; it must not record another '
-                             'checkpoint (default: eval_report.json next to the checkpoint, if its sha256 is this '
-                             "checkpoint's)")
+                        help='report of titans-timm-eval for the results table; it must not record other weights '
+                             "(default: the run record's reports of these weights)")
     parser.add_argument('--recipe', metavar='YAML', default=None,
-                        help='training recipe or run args.yaml (default: args.yaml next to the checkpoint)')
+                        help="training recipe or run args.yaml (default: the run record's arguments)")
     parser.add_argument('--token', default=None,
                         help='Hub token with write access (default: HF_TOKEN or `hf auth login`)')
     parser.add_argument('--private', action='store_true', help='create the repository private')
@@ -1119,8 +910,6 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
                         help='model kwargs for plain state dicts (timm train.py style), '
                              'e.g. num_classes=10 img_size=32')
-    parser.add_argument('--no-verify', dest='verify', action='store_false',
-                        help='skip reloading the folder with timm before upload')
     return parser
 
 
@@ -1135,7 +924,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       token=args.token, private=args.private, dry_run_dir=args.dry_run, license=args.license,
                       base_model=args.base_model, datasets=args.datasets, card_template=args.card_template,
                       commit_message=args.commit_message, revision=args.revision, endpoint=args.endpoint,
-                      verify=args.verify, **overrides)
+                      **overrides)
     except HubError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -33,13 +33,14 @@ Choices (the issue is silent on them):
   difference: runs of different budgets must not share one table. ``--force`` retrains them, a new
   ``--output`` keeps both. An interrupted run with other settings is started over instead of resumed (one
   without a record, left by an older sweep, is resumed as that sweep would).
-* A run's ``eval_report.json`` is used only if it describes this evaluation
-  (:func:`titans_timm.evaluate.report_mismatch`: the sha256 of the current weights, the dataset, split and
-  sample count); a report written by hand (``titans-timm-eval --split train``) or of earlier weights is
-  replaced by a new evaluation.
+* A run is evaluated once: the report its run record holds (:class:`titans_timm.run_record.RunRecord`) is reused
+  if it describes this evaluation (:func:`titans_timm.run_record.report_mismatch`: the sha256 of the current
+  weights, the dataset, split and sample count); a report of other data (``titans-timm-eval --split train``) or
+  of earlier weights is not, and the run is evaluated again.
 * Baselines run first, so the change against the baseline is known as each memory model finishes.
-* Evaluation reads the run's own ``args.yaml`` (``titans-timm-eval -c``), so it uses the dataset, split and
-  sample count the run validated on, whatever came from the recipe or the pass-through arguments.
+* Evaluation takes the data from the run's own record (``titans-timm-eval --checkpoint RUN``), so it uses the
+  dataset, split and sample count the run validated on, whatever came from the recipe or the pass-through
+  arguments.
 * Train time is training's own ``train_time_s`` (process start-up excluded); img/s is the evaluator's
   inference throughput (model forward only, batch size of the recipe's validation).
 """
@@ -56,6 +57,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from titans_timm import stats
+from titans_timm.run_record import ARGS_NAME, RECORD_NAME, RunRecord, file_sha256, read_args
 
 __all__ = ['SIZES', 'APPROACHES', 'SweepError', 'SweepRun', 'build_parser', 'plan_runs', 'is_finished',
            'trained_with', 'settings_difference', 'eval_argv', 'summarize', 'results_markdown', 'write_results',
@@ -183,19 +185,11 @@ def is_finished(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, CHECKPOINT)) and os.path.isfile(os.path.join(run_dir, RUN_SUMMARY))
 
 
-def _read_yaml(path: str) -> dict:
-    import yaml
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    return data or {}
-
-
 def eval_argv(run_dir: str, split: Optional[str] = None) -> List[str]:
-    """Evaluator arguments for ``run_dir``: its model on the data its training validated on (its args.yaml)."""
+    """Evaluator arguments for ``run_dir``: its model on the data its training validated on (its run record)."""
     argv = ['--checkpoint', os.path.join(run_dir, CHECKPOINT), '--output', run_dir, '--no-progress']
-    args_yaml = os.path.join(run_dir, 'args.yaml')
-    if os.path.isfile(args_yaml):
-        argv = ['-c', args_yaml] + argv
+    if not os.path.isfile(os.path.join(run_dir, RECORD_NAME)) and os.path.isfile(os.path.join(run_dir, ARGS_NAME)):
+        argv = ['-c', os.path.join(run_dir, ARGS_NAME)] + argv  # a run older than the run record
     if split:
         argv += ['--split', split]
     return argv
@@ -206,7 +200,7 @@ def trained_with(config: str, run: SweepRun, passthrough: Sequence[str]) -> dict
 
     The recipe's contents, not its path: an edited recipe is another recipe, a moved one is the same.
     """
-    recipe = json.loads(json.dumps(_read_yaml(config), default=str))  # JSON-comparable, as it is stored
+    recipe = json.loads(json.dumps(read_args(config), default=str))  # JSON-comparable, as it is stored
     return dict(model=run['model'], recipe=recipe, passthrough=list(run.get('args') or []) + list(passthrough))
 
 
@@ -323,21 +317,15 @@ def _write_record(run_dir: str, record: dict):
 
 
 def _evaluate(run_dir: str, split: Optional[str], prefix: str = '') -> dict:
-    """The run's eval report: the one in ``run_dir`` if it describes this evaluation, else a new one."""
+    """The run's eval report: the one its run record holds for these weights and this data, else a new one."""
     from titans_timm import evaluate
     args = evaluate.parse_args(eval_argv(run_dir, split))
-    report_path = os.path.join(run_dir, EVAL_REPORT)
-    if os.path.isfile(report_path):
-        try:
-            with open(report_path) as f:
-                report = json.load(f)
-        except (OSError, ValueError):
-            report, why = None, 'it is not readable JSON'
-        else:
-            why = evaluate.report_mismatch(report, args)
-        if why is None:
-            return report
-        print(f'{prefix}: evaluating again: the existing {EVAL_REPORT} does not fit ({why})', flush=True)
+    record = RunRecord.load(run_dir) or RunRecord()
+    report, why = record.report_for(file_sha256(os.path.join(run_dir, CHECKPOINT)), evaluate.report_data(args))
+    if report is not None:
+        return report
+    if record.eval_reports:
+        print(f'{prefix}: evaluating again: the recorded {EVAL_REPORT} does not fit ({why})', flush=True)
     return evaluate.run(args)
 
 
@@ -535,7 +523,7 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
     if owned:
         raise SweepError(f'{", ".join(owned)} after -- would override what the sweep sets per run; use the '
                          f'sweep\'s own flags (-c, --output, --model-sizes/--approaches/--memory-types)')
-    recipe = _read_yaml(args.config)
+    recipe = read_args(args.config)
     recipe_model = str(recipe.get('model') or '')
     tag = recipe_model.split('.', 1)[1] if '.' in recipe_model else ''
     seeds = None

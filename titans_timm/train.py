@@ -15,18 +15,22 @@ through :mod:`titans_timm.data`, ``create_transform`` / ``create_loader`` / ``re
 
 Choices (what a timm user would expect, plus what exact resume needs):
 
-- Output ``OUTPUT/EXPERIMENT/``: ``model.safetensors`` (final weights, self-describing, via
-  :func:`titans_timm.checkpoint.save_model`), ``last.safetensors`` + ``train_state.pth`` (optimizer,
+- Output ``OUTPUT/EXPERIMENT/`` is a model folder in timm's own layout: ``config.json`` (architecture, resolved
+  model args, label names, the normalisation and input size trained with; written at the start) and, once
+  training finishes, ``model.safetensors``, so ``timm.create_model('local-dir:OUTPUT/EXPERIMENT',
+  pretrained=True)`` loads the trained model (see :mod:`titans_timm.checkpoint`). Beside them: ``run.json``
+  (:class:`titans_timm.run_record.RunRecord`: arguments, package versions, the weights' sha256, later the
+  evaluation reports), ``args.yaml`` (timm's recipe file), ``last.safetensors`` + ``train_state.pth`` (optimizer,
   scheduler, EMA, epoch, step in epoch, RNG states; tensors and plain types only, read back with
-  ``weights_only=True``), ``model_ema.safetensors`` with ``--model-ema``, ``summary.csv`` (one row per
-  epoch), ``args.yaml``, ``results.json``. All writes are atomic; only rank 0 writes.
+  ``weights_only=True``), ``model_ema.safetensors`` with ``--model-ema``, ``summary.csv`` (one row per epoch),
+  ``results.json``. All writes are atomic; only rank 0 writes.
 - Exact resume: the training order is a function of (seed, epoch) (a seeded sampler, not the global
   RNG), a resumed epoch skips the steps already done at the sampler, and the RNG states are restored
   right where the checkpoint was taken. With ``--workers 0`` on CPU a run killed mid-epoch and resumed
   ends with bit-identical weights; with worker processes the data order is still exact but the
   augmentation draws of a resumed epoch differ.
 - Ctrl-C finishes the current step, writes a resumable checkpoint and exits (status 130); a second
-  Ctrl-C aborts at once. ``--resume DIR`` reads ``DIR/args.yaml`` as defaults, so
+  Ctrl-C aborts at once. ``--resume DIR`` takes the arguments of its run record as defaults, so
   ``titans-timm-train --resume DIR`` alone continues a run. The checkpoint pair is crash-safe: while a new
   pair is written the previous one stays as ``last.prev.safetensors`` + ``train_state.prev.pth``, and
   ``--resume`` takes the newest pair whose two files match and whose weights match the checksum stored in
@@ -97,7 +101,8 @@ except ImportError:  # Windows: no advisory file locks, run folders are not guar
 
 import titans_timm  # noqa: F401  (registers the titans-timm model names with timm)
 from titans_timm import checkpoint as ckpt
-from titans_timm import two_phase
+from titans_timm import run_record, two_phase
+from titans_timm.devices import device_problem
 
 __all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError', 'RunOutputError', 'RUN_FILES', 'LOCK_FILE']
 
@@ -111,7 +116,7 @@ _STRUCTURAL_ARGS = ('img_size', 'patch_size', 'depth', 'embed_dim', 'num_heads',
 _RUN_ONLY_ARGS = ('config', 'resume', 'eval_only', 'stop_after_steps', 'dump_rank_weights', 'force')
 # Arguments a resumed run cannot change: the optimizer and scheduler come back from train_state.pth as they
 # were built (timm schedulers save t_initial, warmup, base LRs, ...), and the batch size fixes the steps per
-# epoch the saved position counts in. A different value on --resume would run the old one while args.yaml
+# epoch the saved position counts in. A different value on --resume would run the old one while the run record
 # recorded the new one, so it is refused (see _check_resume_args).
 _RESUME_FIXED_ARGS = (
     'epochs', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'sched', 'sched_on_updates', 'warmup_epochs',
@@ -120,13 +125,15 @@ _RESUME_FIXED_ARGS = (
     'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay', 'opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay',
     'layer_decay', 'opt_kwargs', 'batch_size',
 )
-# The files a run writes into its folder (args.yaml aside: alone it only records a run that never reached its
+# The files a run writes into its folder (its records aside: alone they only describe a run that never reached its
 # first checkpoint). A new run refuses a folder that holds any of them rather than mixing two runs; tools that
 # retrain a run from scratch into the same folder (e.g. a sweep with --force) remove these first.
 RUN_FILES = ('last.safetensors', 'train_state.pth', 'last.prev.safetensors', 'train_state.prev.pth',
              'model.safetensors', 'model_ema.safetensors', 'summary.csv', 'results.json')
 # Held (flock) by the trainer that owns the run folder; removed when it lets go (see _RunFolderLock).
 LOCK_FILE = '.train.lock'
+# What a run writes at its start: timm's recipe file, the model's config.json, the run record.
+RECORD_FILES = (run_record.ARGS_NAME, ckpt.CONFIG_NAME, run_record.RECORD_NAME)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -311,16 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_yaml(path: str, what: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise TrainInputError(f'{what} not found: {path}')
     try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise TrainInputError(f'{what} {path} is not valid YAML: {str(e).splitlines()[0]}') from None
-    if not isinstance(cfg, dict):
-        raise TrainInputError(f'{what} {path} must be a mapping of option names to values')
-    return cfg
+        return run_record.read_args(path)
+    except run_record.RunRecordError as e:
+        raise TrainInputError(f'{what} {e}') from None
 
 
 def _check_keys(parser, cfg: Dict[str, Any], source: str) -> None:
@@ -391,7 +392,7 @@ def _check_types(parser, cfg: Dict[str, Any], source: str) -> None:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse ``argv`` with defaults from ``--resume DIR/args.yaml`` then ``-c recipe.yaml`` (CLI wins).
+    """Parse ``argv`` with defaults from ``--resume DIR``'s run record then ``-c recipe.yaml`` (CLI wins).
 
     Raises:
         TrainInputError: unreadable YAML or unknown YAML keys.
@@ -403,14 +404,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     known, _ = pre.parse_known_args(argv)
     saved_cfg = {}
     if known.resume:
-        saved = Path(known.resume) / 'args.yaml'
-        if not saved.is_file():
-            raise TrainInputError(f'--resume {known.resume}: no args.yaml there; pass the experiment directory '
-                                  f'a previous run wrote (OUTPUT/EXPERIMENT)')
-        saved_cfg = _read_yaml(str(saved), 'saved args')
-        saved_cfg = {k: v for k, v in saved_cfg.items() if k not in _RUN_ONLY_ARGS}
-        _check_keys(parser, saved_cfg, str(saved))
-        _check_types(parser, saved_cfg, str(saved))
+        try:
+            record = run_record.RunRecord.load(known.resume)
+        except run_record.RunRecordError as e:
+            raise TrainInputError(f'--resume: {e}') from None
+        if record is None:
+            raise TrainInputError(f'--resume {known.resume}: no run record ({run_record.RECORD_NAME}) there; pass '
+                                  f'the experiment directory a previous run wrote (OUTPUT/EXPERIMENT)')
+        saved = str(Path(known.resume) / run_record.RECORD_NAME)
+        saved_cfg = {k: v for k, v in record.args.items() if k not in _RUN_ONLY_ARGS}
+        _check_keys(parser, saved_cfg, saved)
+        _check_types(parser, saved_cfg, saved)
         parser.set_defaults(**saved_cfg)
     if known.config:
         cfg = _read_yaml(known.config, 'config file')
@@ -446,7 +450,7 @@ def _check_resume_args(args, saved_cfg: Dict[str, Any], run_dir: Path) -> None:
             flag = '--' + key.replace('_', '-')
             raise TrainInputError(
                 f'{flag} {getattr(args, key)} (from the command line or -c) differs from {saved_cfg[key]} of the '
-                f'run in {run_dir} (its args.yaml); a resumed run keeps its optimizer and LR schedule: drop {flag} to continue it, '
+                f'run in {run_dir} (its run record); a resumed run keeps its optimizer and LR schedule: drop {flag} to continue it, '
                 f'or start a new run from its weights with --pretrained-path {run_dir / "last.safetensors"}')
 
 
@@ -805,7 +809,7 @@ def _read_pair(directory: Path, names):
         detail = str(e).splitlines()[0][:200] if str(e) else ''
         return f'{state_path.name} is unreadable or corrupt ({type(e).__name__}: {detail})', None
     try:
-        meta = ckpt.read_metadata(weights_path)
+        meta = ckpt.read_metadata(weights_path, required=False)
     except ckpt.CheckpointError as e:
         return str(e), None
     # The checkpoint id pairs the two files exactly; checkpoints written before it existed compare update counts.
@@ -918,7 +922,7 @@ class _RunFolderLock:
 
 def _remove_orphan_temps(directory: Path) -> None:
     """Remove the temp files of trainer writes killed mid-way (only the folder's owner may call this)."""
-    for name in RUN_FILES + ('args.yaml',):
+    for name in RUN_FILES + RECORD_FILES:
         for tmp in directory.glob(f'.{name}.*.tmp'):   # checkpoint.atomic_write_bytes's and _keep_copy's names
             try:
                 tmp.unlink()
@@ -1027,6 +1031,7 @@ class Trainer:
         self.loader_eval = loader_eval
         self.device = device
         self.output_dir = output_dir
+        self.record: Optional[run_record.RunRecord] = None  # rank 0's, set with output_dir
         self.is_primary = args.rank == 0
         self.amp_autocast = _amp_autocast(args, device)
         # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
@@ -1119,7 +1124,7 @@ class Trainer:
         self.last_pair_complete = False
         position = dict(epoch=epoch, step_in_epoch=step_in_epoch, num_updates=self.num_updates,
                         checkpoint_id=uuid.uuid4().hex)
-        self._save_weights(last[0], position, checksum=True)
+        self._save_weights(last[0], metadata=position, checksum=True)
         state = dict(
             format_version=1, model=self.args.model, world_size=self.args.world_size, **position,
             optimizer=self.optimizer.state_dict(), scheduler=_scheduler_state(self.scheduler),
@@ -1143,15 +1148,15 @@ class Trainer:
         """Seconds this run has spent in fit(), over every invocation (a resumed run adds to the saved total)."""
         return self.time_before + (time.time() - self.fit_started if self.fit_started is not None else 0.0)
 
-    def _save_weights(self, path: Path, extra: Dict[str, Any], model: Optional[nn.Module] = None,
-                      checksum: bool = False) -> None:
-        ckpt.save_model(
-            unwrap_model(model if model is not None else self.model), path, architecture=self.args.model,
-            model_args=self.model_kwargs, label_names=self.label_names,
-            extra_metadata=dict(extra, dataset=self.args.dataset, pretrained_cfg=dict(
-                mean=list(self.data_config['mean']), std=list(self.data_config['std']),
-                interpolation=self.data_config['interpolation'], crop_pct=self.data_config['crop_pct'])),
-            checksum=checksum)
+    def _save_weights(self, path: Path, model: Optional[nn.Module] = None, **kwargs) -> None:
+        model = unwrap_model(model if model is not None else self.model)
+        ckpt.atomic_write_bytes(path, ckpt.weights_bytes(model, **kwargs))
+
+    def config_text(self) -> str:
+        """The run folder's config.json: this model as timm's ``save_for_hf`` describes it, with the label names
+        and the preprocessing it trains with."""
+        return ckpt.config_json(unwrap_model(self.model), model_args=self.model_kwargs, label_names=self.label_names,
+                                data_config=self.data_config)
 
     def load_checkpoint(self, directory: str, pair=None) -> None:
         """Restore model, optimizer, scheduler, EMA, position and RNG from a run directory.
@@ -1399,16 +1404,14 @@ class Trainer:
             checkpoint=None,
         )
         if self.is_primary and not interrupted:
-            path = self.output_dir / 'model.safetensors'
-            with _writing(path, self.output_dir):
-                self._save_weights(path, dict(epoch=self.num_epochs, num_updates=self.num_updates,
-                                              top1=summary['final_top1'], step0_top1=summary['step0_top1']))
+            path = self.output_dir / ckpt.WEIGHTS_NAME
             summary['checkpoint'] = str(path)
-            if self.ema is not None:
-                with _writing(self.output_dir / 'model_ema.safetensors', self.output_dir):
-                    self._save_weights(self.output_dir / 'model_ema.safetensors', dict(epoch=self.num_epochs),
-                                       model=self.ema.module)
-            with _writing(self.output_dir / 'results.json', self.output_dir):
+            with _writing(self.output_dir, self.output_dir):
+                self._save_weights(path)
+                if self.ema is not None:
+                    self._save_weights(self.output_dir / 'model_ema.safetensors', model=self.ema.module)
+                self.record.weights_sha256 = run_record.file_sha256(path)
+                self.record.save(self.output_dir)
                 ckpt.atomic_write_bytes(self.output_dir / 'results.json', json.dumps(summary, indent=2).encode())
         if interrupted:
             summary['checkpoint'] = str(self.output_dir / 'last.safetensors') if self.output_dir else None
@@ -1496,31 +1499,12 @@ def _shared_experiment_dir(args, data_config, lock: Optional[_RunFolderLock] = N
     return path
 
 
-def device_problem(name: str) -> Optional[str]:
-    """Why ``--device name`` cannot run here (not a torch device, none of its kind, an index out of range), or
-    None. The trainer and the evaluator check it before any work."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        return f'--device {name!r} is not a torch device; use cpu, cuda or cuda:N'
-    if device.type == 'cpu':
-        return None
-    backend = torch.backends.mps if device.type == 'mps' else getattr(torch, device.type, None)
-    is_available = getattr(backend, 'is_available', None)
-    if is_available is None or not is_available():
-        return f'--device {name}: no {device.type} device is available here; pass --device cpu'
-    count = getattr(backend, 'device_count', None)
-    if device.index is not None and count is not None and device.index >= count():
-        return f'--device {name}: only {count()} {device.type} device(s) here; use {device.type}:0 to {device.type}:{count() - 1}'
-    return None
-
-
 def _check_args(args) -> None:
     """Checks that need no data, model or process group; every failure is a :class:`TrainInputError`."""
     from titans_timm.data import BUILTIN_DATASETS
     problem = device_problem(args.device)
     if problem:
-        where = f' (from {Path(args.resume) / "args.yaml"})' if args.resume else ''
+        where = f' (from {Path(args.resume) / run_record.RECORD_NAME})' if args.resume else ''
         raise TrainInputError(problem.replace(f'--device {args.device}', f'--device {args.device}{where}', 1))
     for flag, value in (('--img-size', args.img_size), *(('--input-size', v) for v in args.input_size or ())):
         if value is not None and value < 1:
@@ -1551,11 +1535,12 @@ def _check_args(args) -> None:
         _check_new_experiment_dir(args)
 
 
-def _args_text(args) -> str:
+def _run_args(args) -> Dict[str, Any]:
+    """The arguments that describe the run (what args.yaml and the run record hold)."""
     d = {k: v for k, v in vars(args).items()
          if k not in _RUN_ONLY_ARGS + ('rank', 'world_size', 'local_rank', 'distributed', 'data')}
     d['device'] = str(d.get('device')) if d.get('device') is not None else None
-    return yaml.safe_dump(d, default_flow_style=False, sort_keys=True)
+    return d
 
 
 def _result_text(summary: Dict[str, Any]) -> str:
@@ -1656,7 +1641,8 @@ def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
         args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
     if args.rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        roles = {k: sum(p.numel() for _, p in v) for k, v in two_phase._split_parameters(model).items()}
+        role_of = two_phase.parameter_roles(model)
+        roles = {r: sum(p.numel() for p in model.parameters() if role_of[id(p)] == r) for r in two_phase.ROLES}
         _logger.info(f'model {args.model}: {n_params / 1e6:.2f}M params '
                      f'({", ".join(f"{k} {v / 1e6:.2f}M" for k, v in roles.items())}); '
                      f'data {data_config["input_size"]}, {args.num_classes} classes')
@@ -1688,8 +1674,14 @@ def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
             return done
     output_dir = _shared_experiment_dir(args, data_config, lock)
     if args.rank == 0:
-        with _writing(output_dir / 'args.yaml', output_dir):
-            ckpt.atomic_write_bytes(output_dir / 'args.yaml', _args_text(args).encode())
+        # A resumed run keeps its record (the versions it started with); a new run starts one.
+        run_args = _run_args(args)
+        trainer.record = (run_record.RunRecord.load(output_dir) if args.resume else None) or run_record.RunRecord.new()
+        trainer.record.args = run_args
+        with _writing(output_dir, output_dir):
+            ckpt.atomic_write_bytes(output_dir / run_record.ARGS_NAME, yaml.safe_dump(run_args).encode())
+            ckpt.atomic_write_bytes(output_dir / ckpt.CONFIG_NAME, trainer.config_text().encode())
+            trainer.record.save(output_dir)
     trainer.output_dir = output_dir
     summary = trainer.fit()
     if args.rank == 0:

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +93,7 @@ def main(argv=None) -> int:
 
     from titans_timm import checkpoint as ckpt
     from titans_timm import train
+    from titans_timm.run_record import RunRecord
 
     run_dir = args.output / EXPERIMENT
     train_argv = ['-c', str(RECIPE), '--data-dir', str(args.data_dir), '--output', str(args.output),
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         'command': 'python tools/pretrain_backbone.py' + ''.join(f' {a}' for a in (argv or sys.argv[1:])),
         'train_argv': ' '.join(train_argv).replace(f'{REPO}/', ''),  # paths relative to the repository
         'recipe_sha256': hashlib.sha256(RECIPE.read_bytes()).hexdigest(),
-        'seed': yaml.safe_load((run_dir / 'args.yaml').read_text()).get('seed'),
+        'seed': RunRecord.load(run_dir).seed,
         'validation_top1': round(summary['final_top1'], 2),
         'train_time_s': round(summary.get('train_time_s') or 0),
         'git_commit': _git_commit(),
@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     # normalisation in its metadata): timm's pretrained loader reads its tensors, and the trainer's
     # --pretrained-path inherits img_size/patch_size/depth from it.
     label_names = [n.split('_', 1)[-1] for n in meta['label_names']]  # folder '5_Sandal' -> 'Sandal'
-    model_args = {k: meta['model_args'][k] for k in ('img_size', 'patch_size', 'depth', 'num_classes')}
+    model_args = dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+                      depth=len(model.blocks), num_classes=model.num_classes)
     ckpt.save_model(model, args.weights, architecture=meta['architecture'], model_args=model_args,
                     label_names=label_names, extra_metadata=dict(provenance, pretrained_cfg=meta['pretrained_cfg']))
     print(f'wrote {args.weights} ({args.weights.stat().st_size / 1e6:.1f} MB): validation top-1 '
