@@ -47,10 +47,14 @@ def test_builtin_dataset_offline():
 
 def test_builtin_files_are_small_and_have_provenance():
     files = sorted(DATA_FILES_DIR.glob('*.parquet'))
-    assert [f.name for f in files] == ['fashion_mnist_mini_train.parquet', 'fashion_mnist_mini_validation.parquet']
-    assert sum(f.stat().st_size for f in files) < 3_000_000
+    assert [f.name for f in files] == ['fashion_mnist_mini_train.parquet', 'fashion_mnist_mini_validation.parquet',
+                                       'fashion_mnist_transfer_test.parquet', 'fashion_mnist_transfer_train.parquet',
+                                       'fashion_mnist_transfer_validation.parquet']
+    assert sum(f.stat().st_size for f in files if 'mini' in f.name) < 3_000_000
+    # the transfer set and the shipped backbone together: test_pretrained_tag.py (at most 30 MB)
     readme = (DATA_FILES_DIR / 'README.md').read_text()
     assert 'MIT' in readme and 'Zalando' in readme and 'dataset-fashion-mnist' in readme
+    assert 'fashion-mnist-transfer' in readme and 'tools/pretrain_backbone.py' in readme
 
 
 def test_train_and_validation_images_are_disjoint():

@@ -11,7 +11,11 @@ Flags and YAML keys follow timm's train.py (``-c recipe.yaml`` holds argparse de
 ``--memory-options``, ``--train-num-samples``, ``--eval-only``. The pieces are timm's: datasets
 through :mod:`titans_timm.data`, ``create_transform`` / ``create_loader`` / ``resolve_data_config`` /
 ``Mixup``, ``create_optimizer_v2`` with role-tagged param groups (:mod:`titans_timm.two_phase`),
-``create_scheduler_v2``, timm losses, ``ModelEmaV3``, ``accuracy`` / ``dispatch_clip_grad``.
+``create_scheduler_v2``, timm losses, ``ModelEmaV3``, ``NativeScaler``, ``accuracy`` / ``dispatch_clip_grad``,
+``ParseKwargs``, ``setup_default_logging``. Kept as our own where timm's would lose a guarantee: the training
+loader (timm's sampler cannot resume mid-epoch), ``summary.csv`` (``update_summary`` appends in place; ours
+rewrites it atomically and drops the rows of epochs a resumed run trains again) and the checkpoint pair
+(``CheckpointSaver`` is not crash-safe as a pair).
 
 Choices (what a timm user would expect, plus what exact resume needs):
 
@@ -24,11 +28,15 @@ Choices (what a timm user would expect, plus what exact resume needs):
   scheduler, EMA, epoch, step in epoch, RNG states; tensors and plain types only, read back with
   ``weights_only=True``), ``model_ema.safetensors`` with ``--model-ema``, ``summary.csv`` (one row per epoch),
   ``results.json``. All writes are atomic; only rank 0 writes.
-- Exact resume: the training order is a function of (seed, epoch) (a seeded sampler, not the global
-  RNG), a resumed epoch skips the steps already done at the sampler, and the RNG states are restored
-  right where the checkpoint was taken. With ``--workers 0`` on CPU a run killed mid-epoch and resumed
-  ends with bit-identical weights; with worker processes the data order is still exact but the
-  augmentation draws of a resumed epoch differ.
+- Exact resume: the training order is a function of (seed, epoch) (a seeded sampler), each image's augmentation
+  of (seed, epoch, sample index) (:class:`_SeededSamples`), evaluation leaves the RNGs alone, a resumed epoch
+  skips the steps already done at the sampler, and the RNG states (CUDA's too once CUDA is in use) are restored
+  where the checkpoint was taken. So on CPU a run killed mid-epoch and resumed ends with bit-identical weights,
+  with any ``--workers`` (default: up to 4 loader processes, a core left to training); GPU kernels that are not
+  deterministic can still differ slightly.
+- ``--grad-accum-steps N`` (timm's): N micro-batches of ``-b`` per optimizer update; the LR schedule, the base-LR
+  batch scaling, ``--log-interval`` and ``--checkpoint-interval`` count updates, and checkpoints fall between
+  updates. ``--torchcompile [BACKEND]`` compiles the model being trained and evaluated; ``--channels-last``.
 - Ctrl-C finishes the current step, writes a resumable checkpoint and exits (status 130); a second
   Ctrl-C aborts at once. ``--resume DIR`` takes the arguments of its run record as defaults, so
   ``titans-timm-train --resume DIR`` alone continues a run. The checkpoint pair is crash-safe: while a new
@@ -89,8 +97,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
-    AverageMeter, ModelEmaV3, ParseKwargs, accuracy, dispatch_clip_grad, init_distributed_device,
-    random_seed, reduce_tensor, unwrap_model,
+    AverageMeter, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad, init_distributed_device,
+    random_seed, reduce_tensor, setup_default_logging, unwrap_model,
 )
 from tqdm import tqdm
 
@@ -115,15 +123,15 @@ _STRUCTURAL_ARGS = ('img_size', 'patch_size', 'depth', 'embed_dim', 'num_heads',
 # Arguments that describe one invocation, not the run: never written to args.yaml, never inherited on resume.
 _RUN_ONLY_ARGS = ('config', 'resume', 'eval_only', 'stop_after_steps', 'dump_rank_weights', 'force')
 # Arguments a resumed run cannot change: the optimizer and scheduler come back from train_state.pth as they
-# were built (timm schedulers save t_initial, warmup, base LRs, ...), and the batch size fixes the steps per
-# epoch the saved position counts in. A different value on --resume would run the old one while the run record
-# recorded the new one, so it is refused (see _check_resume_args).
+# were built (timm schedulers save t_initial, warmup, base LRs, ...), and the batch size and accumulation fix the
+# updates per epoch the saved position counts in. A different value on --resume would run the old one while the run
+# record recorded the new one, so it is refused (see _check_resume_args).
 _RESUME_FIXED_ARGS = (
     'epochs', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'sched', 'sched_on_updates', 'warmup_epochs',
     'warmup_lr', 'warmup_prefix', 'min_lr', 'cooldown_epochs', 'patience_epochs', 'decay_epochs',
     'decay_milestones', 'decay_rate', 'lr_noise', 'lr_noise_pct', 'lr_noise_std', 'lr_cycle_mul',
     'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay', 'opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay',
-    'layer_decay', 'opt_kwargs', 'batch_size',
+    'layer_decay', 'opt_kwargs', 'batch_size', 'grad_accum_steps',
 )
 # The files a run writes into its folder (its records aside: alone they only describe a run that never reached its
 # first checkpoint). A new run refuses a folder that holds any of them rather than mixing two runs; tools that
@@ -217,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='memory options as a JSON object, passed to the model as memory_options')
     g.add_argument('--grad-checkpointing', action='store_true', default=False)
     g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N')
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                   help='micro-batches of --batch-size whose gradients are summed per optimizer update (default 1)')
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
 
     g = p.add_argument_group('Two-phase schedule')
@@ -290,15 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Misc')
     g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--log-interval', type=int, default=50, help='steps between log lines')
+    g.add_argument('--log-interval', type=int, default=50, help='optimizer updates between log lines')
     g.add_argument('--checkpoint-interval', type=int, default=0, metavar='K',
-                   help='also write a resumable checkpoint every K steps within an epoch (0: epoch ends only)')
-    g.add_argument('-j', '--workers', type=int, default=0,
-                   help='data loader processes (0: load in the training process; needed for exact resume)')
+                   help='also write a resumable checkpoint every K optimizer updates within an epoch (0: epoch '
+                        'ends only)')
+    g.add_argument('-j', '--workers', type=int, default=None, metavar='N',
+                   help='data loader processes per training process (0: load in the training process; default: '
+                        'min(4, its cores - 1)); batches and resume are exact for any N')
     g.add_argument('--amp', action='store_true', default=False,
                    help='mixed precision (autocast to --amp-dtype; float16 adds loss scaling)')
     g.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda if available)')
+    g.add_argument('--channels-last', action='store_true', default=False,
+                   help='model and inputs in channels_last memory format')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                   help='compile the model with torch.compile (default backend: inductor)')
+    g.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                   help='torch.compile mode, e.g. reduce-overhead, max-autotune (default: torch\'s)')
     g.add_argument('--dist-backend', default=None, help='default: nccl on cuda, gloo on cpu')
     g.add_argument('--dist-url', default=None)
     g.add_argument('--output', default='./output/train', metavar='DIR')
@@ -315,13 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--stop-after-steps', type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument('--dump-rank-weights', action='store_true', default=False, help=argparse.SUPPRESS)
     return p
-
-
-def _read_yaml(path: str, what: str) -> Dict[str, Any]:
-    try:
-        return run_record.read_args(path)
-    except run_record.RunRecordError as e:
-        raise TrainInputError(f'{what} {e}') from None
 
 
 def _check_keys(parser, cfg: Dict[str, Any], source: str) -> None:
@@ -417,7 +428,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         _check_types(parser, saved_cfg, saved)
         parser.set_defaults(**saved_cfg)
     if known.config:
-        cfg = _read_yaml(known.config, 'config file')
+        try:
+            cfg = run_record.read_args(known.config)
+        except run_record.RunRecordError as e:
+            raise TrainInputError(f'config file {e}') from None
         _check_keys(parser, cfg, known.config)
         _check_types(parser, cfg, known.config)
         parser.set_defaults(**cfg)
@@ -676,21 +690,64 @@ class _ResumableBatchSampler(torch.utils.data.BatchSampler):
     """Batches of a ``DistributedSampler`` (seeded by seed + epoch), optionally skipping the first batches.
 
     Used in single-process runs too (one replica), so the order is a function of (seed, epoch) only
-    and a resumed epoch can start at the step it stopped at without touching any RNG.
+    and a resumed epoch can start at the step it stopped at without touching any RNG. Each item is
+    ``(index, epoch)``, the key :class:`_SeededSamples` seeds that sample's augmentation with.
     """
 
     def __init__(self, sampler, batch_size: int):
         super().__init__(sampler, batch_size, drop_last=True)
         self.skip = 0
+        self.epoch = 0
 
     def set_epoch(self, epoch: int, skip: int = 0):
         self.sampler.set_epoch(epoch)
-        self.skip = skip
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         for i, batch in enumerate(super().__iter__()):
             if i >= self.skip:
-                yield batch
+                yield [(index, self.epoch) for index in batch]
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """``dataset[(index, epoch)]``: ``dataset[index]`` with the global python, numpy and torch (CPU) generators, which
+    timm's transforms draw from, seeded by (seed, epoch, index).
+
+    So an augmented image is the same whichever process loads it and whatever was loaded before, and a resumed
+    epoch draws what the uninterrupted one did. In the training process (``--workers 0``) the generators are
+    restored afterwards: mixup and drop-path draw from them there.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        sample_seed = int(np.random.SeedSequence([self.seed % 2 ** 64, epoch, index]).generate_state(1)[0])
+        torch.default_generator.manual_seed(sample_seed)  # the CPU generator only (torch.manual_seed seeds CUDA too)
+        np.random.seed(sample_seed)
+        random.seed(sample_seed)
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                torch.set_rng_state(saved[0])
+                np.random.set_state(saved[1])
+                random.setstate(saved[2])
+
+
+def _default_workers() -> int:
+    """Loader processes when ``--workers`` is not given: timm's 4, but at most the cores this training process
+    has (those of the machine shared by the processes torchrun starts on it) less one for training itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    per_process = cores // max(int(os.environ.get('LOCAL_WORLD_SIZE', 1)), 1)
+    return max(0, min(4, per_process - 1))
 
 
 def _train_loader(args, dataset, data_config):
@@ -714,11 +771,11 @@ def _train_loader(args, dataset, data_config):
     if len(batch_sampler) == 0:
         raise TrainInputError(f'the training set has {len(dataset)} samples, fewer than one batch of '
                               f'{args.batch_size} per process; lower --batch-size')
-    # The loader's own generator seeds worker processes, keeping the global RNG out of iterator creation.
+    # The loader's own generator draws the workers' base seed, keeping the global RNG out of iterator creation.
     generator = torch.Generator().manual_seed(args.seed + args.rank)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_sampler, num_workers=args.workers, generator=generator,
-        persistent_workers=False)
+        _SeededSamples(dataset, args.seed), batch_sampler=batch_sampler, num_workers=args.workers,
+        generator=generator, persistent_workers=args.workers > 0)
 
 
 def _eval_loader(args, dataset, data_config, device):
@@ -734,14 +791,18 @@ def _eval_loader(args, dataset, data_config, device):
 # ---------------------------------------------------------------------------------------------
 
 def _rng_state() -> Dict[str, Any]:
+    """The process's RNG states; CUDA's (every device's) only once CUDA is in use, so a CPU run never starts it."""
     np_state = np.random.get_state()
     py_state = random.getstate()
-    return dict(
+    state = dict(
         torch=torch.get_rng_state(),
         numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
                    has_gauss=int(np_state[3]), cached_gaussian=float(np_state[4])),
         python=[py_state[0], list(py_state[1]), py_state[2]],
     )
+    if torch.cuda.is_initialized():
+        state['cuda'] = list(torch.cuda.get_rng_state_all())
+    return state
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
@@ -751,6 +812,13 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
                          n['cached_gaussian']))
     py = state['python']
     random.setstate((py[0], tuple(py[1]), py[2]))
+    cuda = state.get('cuda')
+    if cuda and torch.cuda.is_initialized():  # a run resumed on CPU leaves CUDA alone
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            _logger.warning(f'the checkpoint holds the CUDA RNG states of {len(cuda)} devices, this process sees '
+                            f'{torch.cuda.device_count()}; they are not restored')
 
 
 def _scheduler_state(scheduler) -> Dict[str, Any]:
@@ -961,13 +1029,17 @@ def _writing(path: Path, run_dir: Optional[Path] = None):
 
 class _StopRequest:
     """Ctrl-C handling: the first SIGINT (or SIGTERM, as launchers and schedulers send) asks to stop after
-    the current step; a second one aborts."""
+    the current step; a second one aborts. Loader processes forked meanwhile inherit the handler and ignore both
+    (a terminal's Ctrl-C reaches them too): the trainer needs them to finish its step and shuts them down."""
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._pid = os.getpid()
 
     def _handler(self, signum, frame):
+        if os.getpid() != self._pid:
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -994,16 +1066,29 @@ def _amp_autocast(args, device):
     return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
 
 
+def _to_device(x: torch.Tensor, y: torch.Tensor, device, channels_last: bool):
+    """A batch on ``device``; the images in channels_last memory format with ``--channels-last``."""
+    x = x.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device)
+
+
 @torch.inference_mode()
+@torch.random.fork_rng(devices=[])
 def evaluate(model: nn.Module, loader, args, device, desc: str = 'eval') -> Dict[str, float]:
-    """Loss / top-1 / top-5 (percent) of ``model`` on ``loader``, averaged over processes when distributed."""
+    """Loss / top-1 / top-5 (percent) of ``model`` on ``loader``, averaged over processes when distributed.
+
+    Leaves the torch RNG as it was (``fork_rng``): a loader's iterator seeds its workers from it (``create_loader``
+    gives it no generator), a persistent one only once per process, which a resumed run would otherwise notice.
+    """
     model.eval()
     loss_fn = nn.CrossEntropyLoss()
     amp_autocast = _amp_autocast(args, device)
     losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
     k = min(5, args.num_classes)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=args.no_progress or args.rank != 0):
-        x, y = x.to(device), y.to(device)
+        x, y = _to_device(x, y, device, args.channels_last)
         with amp_autocast():
             out = model(x)
         out = out.float()
@@ -1035,7 +1120,7 @@ class Trainer:
         self.is_primary = args.rank == 0
         self.amp_autocast = _amp_autocast(args, device)
         # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none)
-        self.scaler = torch.amp.GradScaler(device.type) if args.amp and args.amp_dtype == 'float16' else None
+        self.scaler = NativeScaler(device.type) if args.amp and args.amp_dtype == 'float16' else None
 
         try:
             self.optimizer = create_optimizer_v2(
@@ -1045,11 +1130,13 @@ class Trainer:
         except (ValueError, TypeError, AssertionError) as e:
             raise TrainInputError(f'could not create optimizer --opt {args.opt} ({str(e)[:200]}); see '
                                   f'timm.optim.list_optimizers() and check --opt-kwargs') from None
+        # steps: loader batches (micro-batches); updates: optimizer steps, what the schedule counts (as in timm)
         self.steps_per_epoch = len(loader_train)
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / args.grad_accum_steps)
         try:
             self.scheduler, self.num_epochs = create_scheduler_v2(
                 self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-                updates_per_epoch=self.steps_per_epoch)
+                updates_per_epoch=self.updates_per_epoch)
         except (ValueError, TypeError, AssertionError) as e:
             raise TrainInputError(f'could not create scheduler --sched {args.sched} ({str(e)[:200]}); use one of '
                                   f'cosine, tanh, step, multistep, plateau, poly') from None
@@ -1068,11 +1155,19 @@ class Trainer:
         else:
             self.train_loss_fn = nn.CrossEntropyLoss()
 
-        self.train_model = model
+        self.train_model = self.eval_model = model
         if args.distributed:
             # No find_unused_parameters: every parameter (memory included) takes part in each forward.
             ddp_kwargs = dict(device_ids=[device]) if device.type == 'cuda' else {}
             self.train_model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        if args.torchcompile:
+            # After DDP, as timm does; self.model stays the plain module that checkpoints and the EMA read.
+            compile_ = partial(torch.compile, backend=args.torchcompile, mode=args.torchcompile_mode)
+            try:
+                self.train_model, self.eval_model = compile_(self.train_model), compile_(model)
+            except RuntimeError as e:  # an unknown backend or mode
+                raise TrainInputError(f'--torchcompile {args.torchcompile}: {str(e).splitlines()[0][:200]} (backends: '
+                                      f'{", ".join(torch._dynamo.list_backends())})') from None
 
         self.start_epoch = 0
         self.start_step = 0
@@ -1200,7 +1295,9 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, model: nn.Module, desc: str = 'eval') -> Dict[str, float]:
+    def evaluate(self, model: Optional[nn.Module] = None, desc: str = 'eval') -> Dict[str, float]:
+        """Metrics of ``model`` (default: the model being trained, compiled with --torchcompile)."""
+        model = self.eval_model if model is None else model
         return evaluate(model, self.loader_eval, self.args, self.device, desc=desc)
 
     def _no_bar(self) -> bool:
@@ -1216,7 +1313,7 @@ class Trainer:
             if self.scheduler.t_in_epochs:
                 self.scheduler.step(epoch)
             else:
-                self.scheduler.step_update(epoch * self.steps_per_epoch + step)
+                self.scheduler.step_update(epoch * self.updates_per_epoch + step // self.args.grad_accum_steps)
         return phase
 
     def _stop_now(self) -> bool:
@@ -1229,8 +1326,22 @@ class Trainer:
             stop = bool(flag.item())
         return stop
 
+    def _backward(self, loss: torch.Tensor, update: bool, clip_params) -> None:
+        """Add ``loss``'s gradients; on the last micro-batch of an update also clip and step (as timm does)."""
+        args = self.args
+        if self.scaler is not None:   # timm's NativeScaler: scaled backward, unscale before clipping, step, update
+            self.scaler(loss, self.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=clip_params, need_update=update)
+            return
+        loss.backward()
+        if update:
+            if args.clip_grad is not None:
+                dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
+            self.optimizer.step()
+
     def train_epoch(self, epoch: int, start_step: int) -> Optional[float]:
-        """Train one epoch from ``start_step``; returns the mean loss, or None if stopped early."""
+        """Train one epoch from loader step ``start_step`` (an update boundary); returns the mean loss, or None if
+        stopped early."""
         args = self.args
         if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and self.mixup_fn is not None:
             self.mixup_fn.mixup_enabled = False
@@ -1257,51 +1368,50 @@ class Trainer:
         if phase == 1:
             two_phase.freeze_backbone_norm_stats(self.model)
         clip_params = two_phase.active_parameters(self.optimizer)
-        bar = tqdm(total=self.steps_per_epoch, initial=start_step, desc=f'epoch {epoch + 1} phase {phase}',
+        accum, steps = args.grad_accum_steps, self.steps_per_epoch
+        bar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch + 1} phase {phase}',
                    leave=False, disable=self._no_bar())
-        for step in range(start_step, self.steps_per_epoch):
-            x, y = next(batches)
-            x, y = x.to(self.device), y.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for step in range(start_step, steps):
+            x, y = _to_device(*next(batches), self.device, args.channels_last)
             if self.mixup_fn is not None:
                 x, y = self.mixup_fn(x, y)
-            with self.amp_autocast():
-                out = self.train_model(x)
-            loss = self.train_loss_fn(out.float(), y)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or '
-                                         f'use --clip-grad')
+            update_idx = step // accum
+            update = (step + 1) % accum == 0 or step + 1 == steps
+            # the mean over the update's samples; the last update of an epoch may have fewer micro-batches
+            micro_batches = min(accum, steps - update_idx * accum)
+            # DDP averages gradients across processes only on the update's last backward
+            no_sync = self.train_model.no_sync if args.distributed and not update else nullcontext
+            with no_sync():
+                with self.amp_autocast():
+                    out = self.train_model(x)
+                loss = self.train_loss_fn(out.float(), y)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}; lower --lr or '
+                                             f'use --clip-grad')
+                self._backward(loss / micro_batches if micro_batches > 1 else loss, update, clip_params)
+            self.epoch_loss.update(loss.item(), x.shape[0])
+            bar.update(1)
+            if not update:
+                continue
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is None:
-                loss.backward()
-                if args.clip_grad is not None:
-                    dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
-                self.optimizer.step()
-            else:
-                self.scaler.scale(loss).backward()
-                if args.clip_grad is not None:
-                    self.scaler.unscale_(self.optimizer)  # clip the true gradients
-                    dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
-                self.scaler.step(self.optimizer)           # skipped when a gradient overflowed
-                self.scaler.update()
             self.num_updates += 1
             self.steps_run += 1
             if self.ema is not None:
                 self.ema.update(self.model, step=self.num_updates)
-            self.epoch_loss.update(loss.item(), x.shape[0])
             self.scheduler.step_update(num_updates=self.num_updates, metric=self.epoch_loss.avg)
-            bar.update(1)
-            if self.is_primary and (step % args.log_interval == 0 or step == self.steps_per_epoch - 1):
+            if self.is_primary and (update_idx % args.log_interval == 0 or step + 1 == steps):
                 lrs = two_phase.describe_lrs(self.optimizer)
                 bar.set_postfix(loss=f'{self.epoch_loss.avg:.4f}', **{f'lr_{k}': f'{v:.1e}' for k, v in lrs.items()})
                 if self._no_bar():
-                    _logger.info(f'epoch {epoch + 1} step {step + 1}/{self.steps_per_epoch} phase {phase} '
+                    _logger.info(f'epoch {epoch + 1} step {update_idx + 1}/{self.updates_per_epoch} phase {phase} '
                                  f'loss {loss.item():.4f} ({self.epoch_loss.avg:.4f})')
-            if step + 1 < self.steps_per_epoch:
+            if step + 1 < steps:
                 if self._stop_now():
                     bar.close()
                     self.save_checkpoint(epoch, step + 1)
                     return None
-                if args.checkpoint_interval and (step + 1) % args.checkpoint_interval == 0:
+                if args.checkpoint_interval and (update_idx + 1) % args.checkpoint_interval == 0:
                     self.save_checkpoint(epoch, step + 1)
         bar.close()
         loss_avg = self.epoch_loss.avg
@@ -1311,13 +1421,10 @@ class Trainer:
 
     def _dump_rank_weights(self, tag: str) -> None:
         if self.args.dump_rank_weights and self.output_dir is not None:
-            import safetensors.torch
-            models = [(f'rank{self.args.rank}_{tag}', unwrap_model(self.model))]
+            self._save_weights(self.output_dir / f'rank{self.args.rank}_{tag}.safetensors')
             if self.ema is not None:
-                models.append((f'rank{self.args.rank}_ema_{tag}', self.ema.module))
-            for name, model in models:
-                state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-                safetensors.torch.save_file(state, str(self.output_dir / f'{name}.safetensors'))
+                self._save_weights(self.output_dir / f'rank{self.args.rank}_ema_{tag}.safetensors',
+                                   model=self.ema.module)
 
     def _write_summary_row(self, row: Dict[str, Any]) -> None:
         path = self.output_dir / 'summary.csv'
@@ -1336,10 +1443,14 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         """Run (or continue) the schedule; returns the summary dict."""
+        with self.stop:   # from the start: loader processes forked under it ignore Ctrl-C (see _StopRequest)
+            return self._fit()
+
+    def _fit(self) -> Dict[str, Any]:
         args = self.args
         self.fit_started = time.time()
         if self.start_epoch == 0 and self.start_step == 0 and self.loader_eval is not None:
-            self.step0_metrics = self.evaluate(self.model, desc='step 0 eval')
+            self.step0_metrics = self.evaluate(desc='step 0 eval')
             if self.is_primary:
                 m = self.step0_metrics
                 _logger.info(f'step 0 (before training): top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} loss {m["loss"]:.4f}')
@@ -1348,53 +1459,52 @@ class Trainer:
         last_eval = None
         if self.start_epoch >= self.num_epochs and self.loader_eval is not None:
             # Resumed after the last epoch's checkpoint but before the final files were written.
-            last_eval = self.evaluate(self.model)
-        with self.stop:
-            for epoch in range(self.start_epoch, self.num_epochs):
-                t_epoch = time.time()
-                start_step = self.start_step if epoch == self.start_epoch else 0
-                # A second Ctrl-C raises KeyboardInterrupt mid-step: nothing is written then, the step
-                # may be half applied; the last checkpoint stays valid.
-                train_loss = self.train_epoch(epoch, start_step)
-                if train_loss is None:
-                    interrupted = True
-                    break
-                lrs = two_phase.describe_lrs(self.optimizer)
-                phase = two_phase.phase_of(epoch, args.freeze_epochs)
-                eval_metrics = self.evaluate(self.model) if self.loader_eval is not None else None
-                ema_metrics = (self.evaluate(self.ema.module, desc='eval (EMA)')
-                               if self.ema is not None and self.loader_eval is not None else None)
-                last_eval = eval_metrics
-                metric = (eval_metrics or {}).get(args.eval_metric, train_loss if args.eval_metric == 'loss' else None)
-                if metric is not None:
-                    better = self.best_metric is None or (
-                        metric < self.best_metric if args.eval_metric == 'loss' else metric > self.best_metric)
-                    if better:
-                        self.best_metric, self.best_epoch = metric, epoch
-                self._dump_rank_weights(f'epoch{epoch}')
-                if self.is_primary:
-                    row = dict(epoch=epoch, phase=phase,
-                               **{f'lr_{r}': f'{lrs[r]:.6g}' if r in lrs else '' for r in two_phase.ROLES},
-                               train_loss=round(train_loss, 6),
-                               eval_loss='', top1='', top5='', ema_top1='', time=round(time.time() - t_epoch, 2))
-                    if eval_metrics:
-                        row.update(eval_loss=round(eval_metrics['loss'], 6), top1=round(eval_metrics['top1'], 4),
-                                   top5=round(eval_metrics['top5'], 4))
-                    if ema_metrics:
-                        row['ema_top1'] = round(ema_metrics['top1'], 4)
-                    self._write_summary_row(row)
-                    msg = f'epoch {epoch + 1}/{self.num_epochs} phase {phase}: train loss {train_loss:.4f}'
-                    if eval_metrics:
-                        msg += f', eval loss {eval_metrics["loss"]:.4f} top1 {eval_metrics["top1"]:.2f} ' \
-                               f'top5 {eval_metrics["top5"]:.2f}'
-                    if ema_metrics:
-                        msg += f', EMA top1 {ema_metrics["top1"]:.2f}'
-                    _logger.info(msg + f' ({row["time"]:.1f}s)')
-                self.scheduler.step(epoch + 1, metric)
-                self.save_checkpoint(epoch + 1, 0)
-                if epoch + 1 < self.num_epochs and self._stop_now():
-                    interrupted = True
-                    break
+            last_eval = self.evaluate()
+        for epoch in range(self.start_epoch, self.num_epochs):
+            t_epoch = time.time()
+            start_step = self.start_step if epoch == self.start_epoch else 0
+            # A second Ctrl-C raises KeyboardInterrupt mid-step: nothing is written then, the step
+            # may be half applied; the last checkpoint stays valid.
+            train_loss = self.train_epoch(epoch, start_step)
+            if train_loss is None:
+                interrupted = True
+                break
+            lrs = two_phase.describe_lrs(self.optimizer)
+            phase = two_phase.phase_of(epoch, args.freeze_epochs)
+            eval_metrics = self.evaluate() if self.loader_eval is not None else None
+            ema_metrics = (self.evaluate(self.ema.module, desc='eval (EMA)')
+                           if self.ema is not None and self.loader_eval is not None else None)
+            last_eval = eval_metrics
+            metric = (eval_metrics or {}).get(args.eval_metric, train_loss if args.eval_metric == 'loss' else None)
+            if metric is not None:
+                better = self.best_metric is None or (
+                    metric < self.best_metric if args.eval_metric == 'loss' else metric > self.best_metric)
+                if better:
+                    self.best_metric, self.best_epoch = metric, epoch
+            self._dump_rank_weights(f'epoch{epoch}')
+            if self.is_primary:
+                row = dict(epoch=epoch, phase=phase,
+                           **{f'lr_{r}': f'{lrs[r]:.6g}' if r in lrs else '' for r in two_phase.ROLES},
+                           train_loss=round(train_loss, 6),
+                           eval_loss='', top1='', top5='', ema_top1='', time=round(time.time() - t_epoch, 2))
+                if eval_metrics:
+                    row.update(eval_loss=round(eval_metrics['loss'], 6), top1=round(eval_metrics['top1'], 4),
+                               top5=round(eval_metrics['top5'], 4))
+                if ema_metrics:
+                    row['ema_top1'] = round(ema_metrics['top1'], 4)
+                self._write_summary_row(row)
+                msg = f'epoch {epoch + 1}/{self.num_epochs} phase {phase}: train loss {train_loss:.4f}'
+                if eval_metrics:
+                    msg += f', eval loss {eval_metrics["loss"]:.4f} top1 {eval_metrics["top1"]:.2f} ' \
+                           f'top5 {eval_metrics["top5"]:.2f}'
+                if ema_metrics:
+                    msg += f', EMA top1 {ema_metrics["top1"]:.2f}'
+                _logger.info(msg + f' ({row["time"]:.1f}s)')
+            self.scheduler.step(epoch + 1, metric)
+            self.save_checkpoint(epoch + 1, 0)
+            if epoch + 1 < self.num_epochs and self._stop_now():
+                interrupted = True
+                break
         summary = dict(
             output_dir=str(self.output_dir) if self.output_dir else None, interrupted=interrupted,
             epochs=self.num_epochs, num_updates=self.num_updates,
@@ -1423,13 +1533,10 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 
 def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(message)s')
+    """timm's console logging (info lines bare, others ``WARNING: ...``), unless the caller set up logging."""
+    if not logging.getLogger().handlers:   # timm's adds a handler per call: main() may run many times in a process
+        setup_default_logging()
     _logger.setLevel(logging.INFO)
-
-
-def _held_run_files(directory: Path) -> List[str]:
-    return [n for n in RUN_FILES if (directory / n).exists()]
 
 
 def _check_new_experiment_dir(args) -> None:
@@ -1437,7 +1544,7 @@ def _check_new_experiment_dir(args) -> None:
     if args.resume or not args.experiment or args.force:
         return
     path = Path(args.output) / args.experiment
-    held = _held_run_files(path)
+    held = [n for n in RUN_FILES if (path / n).exists()]
     if held:
         raise TrainInputError(f'{path} already holds a run ({", ".join(held)}); continue it with --resume {path}, '
                               f'start over there with --force, or pick another --experiment')
@@ -1509,7 +1616,7 @@ def _check_args(args) -> None:
     for flag, value in (('--img-size', args.img_size), *(('--input-size', v) for v in args.input_size or ())):
         if value is not None and value < 1:
             raise TrainInputError(f'{flag} {value}: must be at least 1 (an image size in pixels)')
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise TrainInputError(f'-j/--workers {args.workers}: must be 0 (load in the training process) or more')
     if not (args.eval_only or args.resume) and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise TrainInputError(f'--output {args.output} is a file, not a folder; pass a folder for the runs')
@@ -1522,7 +1629,8 @@ def _check_args(args) -> None:
     if args.pretrained_path and not args.resume and not os.path.isfile(args.pretrained_path):
         raise TrainInputError(f'--pretrained-path not found: {args.pretrained_path}')
     for flag, value in (('--epochs', args.epochs), ('--batch-size', args.batch_size),
-                        ('--validation-batch-size', args.validation_batch_size)):
+                        ('--validation-batch-size', args.validation_batch_size),
+                        ('--grad-accum-steps', args.grad_accum_steps)):
         if value is not None and value < 1:
             raise TrainInputError(f'{flag} {value}: must be at least 1')
     if args.freeze_epochs < 0 or args.freeze_epochs > args.epochs:
@@ -1579,6 +1687,8 @@ def run(args) -> Dict[str, Any]:
     _check_args(args)  # what is cheap to validate, before touching processes or data
 
     device = init_distributed_device(args)
+    if args.workers is None:
+        args.workers = _default_workers()
     if args.rank == 0:
         threads = torch.get_num_threads()
         hint = '' if threads == 1 or os.environ.get('OMP_NUM_THREADS') else \
@@ -1600,7 +1710,7 @@ def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
         lock.acquire(existing, resume=bool(args.resume))
         _remove_orphan_temps(existing)
     # The same seed on every rank while the model is built, so randomly initialised parameters (and the EMA
-    # copy made from them) agree before DDP's broadcast; each rank then reseeds for its own augmentation draws.
+    # copy made from them) agree before DDP's broadcast; each rank then reseeds for its own mixup/drop-path draws.
     random_seed(args.seed, 0)
 
     dataset_train = None if args.eval_only else _create_dataset(args, args.train_split, True, args.train_num_samples)
@@ -1630,12 +1740,14 @@ def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
         if problem:
             raise TrainInputError(problem)
     model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     if args.rank:
         random_seed(args.seed, args.rank)  # rank 0 keeps its stream: single-process runs are unchanged
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     _check_input_size(args, model, data_config)
     if args.lr is None:
-        global_batch = args.batch_size * args.world_size
+        global_batch = args.batch_size * args.world_size * args.grad_accum_steps  # per update, as in timm
         scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         ratio = global_batch / args.lr_base_size
         args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
