@@ -18,11 +18,28 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def save_backbone(folder, struct, num_classes: int = 10):
+    """Write a plain timm ViT checkpoint (random weights, seed 0) with ``struct``; returns its path."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=num_classes, **struct)
+    path = folder / 'model.safetensors'
+    ckpt.save_model(model, path, architecture='vit_tiny_patch16_224', model_args=dict(struct, num_classes=num_classes))
+    return path
+
+
+def check_bad_input(capsys, main, argv, expect: str) -> str:
+    """``main(argv)`` exits with status 2 and prints exactly one ``error:`` line containing ``expect``."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: '), err
+    assert expect in err[0], err[0]
+    return err[0]
+
+
 @pytest.fixture(scope='module')
 def backbone(tmp_path_factory):
     """A plain timm ViT checkpoint (random weights) with the tiny structure, as the trainer writes them."""
-    torch.manual_seed(0)
-    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, **TINY_STRUCT)
-    path = tmp_path_factory.mktemp('backbone') / 'model.safetensors'
-    ckpt.save_model(model, path, architecture='vit_tiny_patch16_224', model_args=dict(TINY_STRUCT, num_classes=10))
-    return path
+    return save_backbone(tmp_path_factory.mktemp('backbone'), TINY_STRUCT)

@@ -19,6 +19,7 @@ import yaml
 
 from titans_timm import checkpoint as ckpt
 from titans_timm import run_record, train
+from conftest import check_bad_input
 from titans_timm.train import main, parse_args, TrainInputError
 from titans_timm.vit import split_parameters
 
@@ -135,36 +136,28 @@ def test_resume_mid_epoch_gives_identical_final_weights(backbone, tmp_path):
     assert [r['train_loss'] for r in rows_a] == [r['train_loss'] for r in rows_b]
 
 
-def _bad_input(capsys, argv, expect):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('error: '), err
-    assert expect in err[0], err[0]
-    return err[0]
 
 
 def test_bad_inputs_fail_with_one_line_before_work(capsys, tmp_path, backbone):
     out = ['--output', str(tmp_path / 'out'), '--experiment', 'x', *TINY]
-    line = _bad_input(capsys, ['--model', 'vit_tiny_mag_advancd', *out], 'unknown model')
+    line = check_bad_input(capsys, main, ['--model', 'vit_tiny_mag_advancd', *out], 'unknown model')
     assert 'vit_tiny_mag_advanced' in line
-    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--dataset', 'no-such-dataset', *out], 'no-such-dataset')
-    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--dataset', '', '--data-dir', str(tmp_path / 'missing'),
+    check_bad_input(capsys, main, ['--model', 'vit_tiny_mag_mlp', '--dataset', 'no-such-dataset', *out], 'no-such-dataset')
+    check_bad_input(capsys, main, ['--model', 'vit_tiny_mag_mlp', '--dataset', '', '--data-dir', str(tmp_path / 'missing'),
                         *out], 'data directory not found')
-    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--num-classes', '7', *out], 'disagrees with the dataset')
+    check_bad_input(capsys, main, ['--model', 'vit_tiny_mag_mlp', '--num-classes', '7', *out], 'disagrees with the dataset')
     corrupt = tmp_path / 'corrupt.safetensors'
     corrupt.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": garbage')
-    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(corrupt), *out], 'corrupt')
+    check_bad_input(capsys, main, ['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(corrupt), *out], 'corrupt')
     # A checkpoint of another architecture (no titans-timm metadata): the mismatch is named.
     other = tmp_path / 'resnet.safetensors'
     safetensors.torch.save_file(timm.create_model('resnet10t', num_classes=10).state_dict(), str(other))
-    _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(other), *out], 'does not fit')
+    check_bad_input(capsys, main, ['--model', 'vit_tiny_mag_mlp', '--pretrained-path', str(other), *out], 'does not fit')
     recipe = tmp_path / 'recipe.yaml'
     recipe.write_text(yaml.safe_dump(dict(model='vit_tiny_mag_mlp', batch_sise=8, freeze_epochs=1)))
-    line = _bad_input(capsys, ['-c', str(recipe), *out], 'unknown key')
+    line = check_bad_input(capsys, main, ['-c', str(recipe), *out], 'unknown key')
     assert 'batch_sise' in line and 'batch_size' in line
-    _bad_input(capsys, ['--resume', str(tmp_path / 'nothing-here')], '--resume')
+    check_bad_input(capsys, main, ['--resume', str(tmp_path / 'nothing-here')], '--resume')
     assert not (tmp_path / 'out').exists(), 'bad input must stop before any output is written'
 
 
@@ -173,7 +166,7 @@ def test_corrupt_resume_state_is_one_line_error(capsys, backbone, tmp_path):
                 '--freeze-epochs', '1', '--output', str(tmp_path), '--experiment', 'r', '--stop-after-steps', '1'])
     (Path(out['output_dir']) / 'train_state.pth').write_bytes(b'not a checkpoint')
     capsys.readouterr()
-    _bad_input(capsys, ['--resume', out['output_dir']], 'train_state.pth')
+    check_bad_input(capsys, main, ['--resume', out['output_dir']], 'train_state.pth')
 
 
 def test_yaml_recipe_sets_defaults_and_cli_wins(tmp_path):
@@ -226,7 +219,7 @@ def test_ctrl_c_writes_resumable_checkpoint(backbone, tmp_path):
 
 
 def test_bad_flag_is_one_line(capsys):
-    _bad_input(capsys, ['--epochs', 'two'], 'invalid int value')
+    check_bad_input(capsys, main, ['--epochs', 'two'], 'invalid int value')
 
 
 def test_float16_amp_scales_the_loss_and_resumes_the_scale(backbone, tmp_path):
@@ -321,11 +314,11 @@ def test_runs_without_evaluation_and_finished_runs_are_left_alone(backbone, tmp_
     assert resumed.grad_checkpointing   # a resumed run keeps the flag (and the memories' checkpointable write)
     assert _files(run) == before
     capsys.readouterr()
-    _bad_input(capsys, args, 'already holds a run')
-    line = _bad_input(capsys, ['--resume', str(run), '--epochs', '3'], '--epochs 3')
+    check_bad_input(capsys, main, args, 'already holds a run')
+    line = check_bad_input(capsys, main, ['--resume', str(run), '--epochs', '3'], '--epochs 3')
     assert '--pretrained-path' in line
-    _bad_input(capsys, ['--resume', str(run), '--lr', '0.1'], '--lr')
-    _bad_input(capsys, ['--resume', str(run), '--sched', 'step'], '--sched')
+    check_bad_input(capsys, main, ['--resume', str(run), '--lr', '0.1'], '--lr')
+    check_bad_input(capsys, main, ['--resume', str(run), '--sched', 'step'], '--sched')
     assert _files(run) == before
     # --force starts over there: the old run's files go (its eval report too), the new run's files come
     (run / 'eval_report.json').write_text('{}')
@@ -367,7 +360,7 @@ def test_pth_backbone_keeps_its_matching_head(backbone, tmp_path):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')),
 ])
 def test_more_bad_inputs_are_one_line_and_write_nothing(capsys, tmp_path, argv, expect):
-    line = _bad_input(capsys, ['--model', 'vit_tiny_mag_mlp', *TINY, '--epochs', '1', '--output',
+    line = check_bad_input(capsys, main, ['--model', 'vit_tiny_mag_mlp', *TINY, '--epochs', '1', '--output',
                                str(tmp_path / 'out'), '--experiment', 'x', *argv], expect)
     assert 'could not load weights' not in line
     assert not (tmp_path / 'out').exists()

@@ -16,6 +16,7 @@ import yaml
 
 from titans_timm import checkpoint as ckpt
 from titans_timm import train
+from conftest import check_bad_input, save_backbone
 from titans_timm.train import main
 
 try:
@@ -36,22 +37,9 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 @pytest.fixture(scope='module')
 def backbone28(tmp_path_factory):
     """A plain timm ViT checkpoint with the tiny structure used here."""
-    torch.manual_seed(0)
-    model = timm.create_model('vit_tiny_patch16_224', num_classes=10, **STRUCT)
-    path = tmp_path_factory.mktemp('backbone28') / 'model.safetensors'
-    ckpt.save_model(model, path, architecture='vit_tiny_patch16_224', model_args=dict(STRUCT, num_classes=10))
-    return path
+    return save_backbone(tmp_path_factory.mktemp('backbone28'), STRUCT)
 
 
-def _bad_input(capsys, argv, expect):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('error: '), err
-    assert expect in err[0], err[0]
-    return err[0]
 
 
 def _files(run_dir):
@@ -93,10 +81,10 @@ def test_a_run_folder_in_use_stops_a_second_trainer_before_it_writes(capsys, tmp
             fd = os.open(folder / train.LOCK_FILE, os.O_RDWR | os.O_CREAT)
             held.append(fd)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _bad_input(capsys, ['--resume', str(run)], 'in use by another trainer')
+        check_bad_input(capsys, main, ['--resume', str(run)], 'in use by another trainer')
         # --force must not delete the files of a run that is going on
-        _bad_input(capsys, [*TINY, '--output', str(tmp_path), '--experiment', 'r', '--force'], 'in use')
-        line = _bad_input(capsys, [*TINY, '--output', str(tmp_path), '--experiment', 'fresh'], 'in use')
+        check_bad_input(capsys, main, [*TINY, '--output', str(tmp_path), '--experiment', 'r', '--force'], 'in use')
+        line = check_bad_input(capsys, main, [*TINY, '--output', str(tmp_path), '--experiment', 'fresh'], 'in use')
         assert str(fresh) in line
     finally:
         for fd in held:
@@ -135,7 +123,7 @@ def test_damaged_checkpoint_without_fallback_is_one_error_naming_it(capsys, tmp_
     run = _stopped_run(tmp_path)
     _damage_tensor_bytes(run / 'last.safetensors', byte)
     before = _files(run)
-    line = _bad_input(capsys, ['--resume', str(run)], 'last.safetensors')
+    line = check_bad_input(capsys, main, ['--resume', str(run)], 'last.safetensors')
     assert 'corrupt' in line and '--lr' not in line
     assert _files(run) == before
 
@@ -211,7 +199,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(capsys, tmp_path, backbone28,
         'nan-weights': ([*TINY, '--pretrained-path', str(tmp_path / 'nan.safetensors'), *where], 'NaN'),
     }[case]
     (tmp_path / 'afile').write_bytes(b'a file')
-    line = _bad_input(capsys, argv, expect)
+    line = check_bad_input(capsys, main, argv, expect)
     assert '--lr' not in line
     assert not out.exists()
     assert (tmp_path / 'afile').read_bytes() == b'a file'
@@ -245,7 +233,7 @@ def _refuse_writes_under(monkeypatch, root, err):
 @pytest.mark.parametrize('err', [errno.EROFS, errno.EACCES])
 def test_unwritable_output_is_one_line(capsys, tmp_path, monkeypatch, err):
     _refuse_writes_under(monkeypatch, tmp_path / 'ro', err)
-    _bad_input(capsys, [*TINY, '--output', str(tmp_path / 'ro' / 'out'), '--experiment', 'x'], os.strerror(err))
+    check_bad_input(capsys, main, [*TINY, '--output', str(tmp_path / 'ro' / 'out'), '--experiment', 'x'], os.strerror(err))
     assert not (tmp_path / 'ro').exists()
 
 
@@ -254,7 +242,7 @@ def test_unwritable_run_folder_on_resume_keeps_its_checkpoint(capsys, tmp_path, 
     before = _files(run)
     with monkeypatch.context() as m:
         _refuse_writes_under(m, run, errno.EROFS)
-        line = _bad_input(capsys, ['--resume', str(run)], 'Read-only file system')
+        line = check_bad_input(capsys, main, ['--resume', str(run)], 'Read-only file system')
     assert f'--resume {run}' in line
     assert _files(run) == before
 
@@ -275,7 +263,7 @@ def test_full_disk_mid_run_keeps_the_last_checkpoint(capsys, tmp_path, monkeypat
 
     with monkeypatch.context() as m:
         m.setattr(ckpt, 'atomic_write_bytes', full_disk)
-        line = _bad_input(capsys, ['--resume', str(run)], 'No space left on device')
+        line = check_bad_input(capsys, main, ['--resume', str(run)], 'No space left on device')
     assert 'last.safetensors' in line and f'--resume {run}' in line
     assert {n: (run / n).read_bytes() for n in train.LAST_PAIR} == before
     assert _temps(run) == [] and not (run / train.LOCK_FILE).exists()

@@ -52,6 +52,15 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def missing_source_files(source: Path):
+    """What is missing from ``source`` (the Fashion-MNIST idx files) and how to get it, or ``None``."""
+    missing = [f for pair in SOURCE_FILES.values() for f in pair if not (source / f).is_file()]
+    if missing:
+        return (f'{source} lacks {", ".join(missing)}; install the Debian package dataset-fashion-mnist '
+                f'or pass --source DIR')
+    return None
+
+
 def balanced_round_robin(labels: np.ndarray, per_class: int, seed: int, classes=None, skip: int = 0) -> np.ndarray:
     """Indices of ``per_class`` random rows of each class, ordered class 0, 1, ..., 9, 0, 1, ...
 
@@ -117,10 +126,9 @@ def main(argv=None) -> int:
                         help='transfer: validation images per class, carved from the training pool')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    missing = [f for pair in SOURCE_FILES.values() for f in pair if not (args.source / f).is_file()]
-    if missing:
-        print(f'error: {args.source} lacks {", ".join(missing)}; install the Debian package '
-              f'dataset-fashion-mnist or pass --source DIR', file=sys.stderr)
+    problem = missing_source_files(args.source)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = []

@@ -34,7 +34,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tools'))
-from make_builtin_dataset import CLASS_NAMES, DEFAULT_SOURCE, SOURCE_FILES, read_idx  # noqa: E402
+from make_builtin_dataset import CLASS_NAMES, DEFAULT_SOURCE, SOURCE_FILES, missing_source_files, read_idx  # noqa: E402
 
 RECIPE = REPO / 'train_timm_hparams' / 'fashion_mnist_pretrain.yaml'
 WEIGHTS = REPO / 'titans_timm' / 'data_files' / 'vit_tiny_p4_28_fmnist5.safetensors'
@@ -81,10 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument('--device', default=None, help="the trainer's --device (default: cuda if available)")
     parser.add_argument('--epochs', type=int, default=None, help="override the recipe's epochs")
     args = parser.parse_args(argv)
-    missing = [f for pair in SOURCE_FILES.values() for f in pair if not (args.source / f).is_file()]
-    if missing:
-        print(f'error: {args.source} lacks {", ".join(missing)}; install the Debian package '
-              f'dataset-fashion-mnist or pass --source DIR', file=sys.stderr)
+    problem = missing_source_files(args.source)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
         return 2
 
     t0 = time.time()
