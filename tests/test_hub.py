@@ -219,7 +219,7 @@ def test_hf_hub_load_from_offline_cache_identical(mac_run, mac_export, tmp_path)
 def test_card_renders_real_numbers_and_parses(mac_export):
     card = ModelCard.load(mac_export / 'README.md')
     data = card.data
-    assert data.library_name == 'timm'
+    assert data.library_name == 'timm' and data.pipeline_tag == 'image-classification'
     assert data.license == 'apache-2.0'
     assert data.base_model == 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k'
     assert {'image-classification', 'timm', 'titans', 'neural-memory', 'mac', 'advanced-memory'} <= set(data.tags)
@@ -595,7 +595,7 @@ def test_bad_input_gives_one_clear_error(mac_run, tmp_path, capsys):
 def test_card_template_is_found_in_the_installed_layouts():
     """The shipped template is found from the source tree (editable installs) and from package data (wheels)."""
     text = hub.load_card_template()
-    assert text.startswith('---\nlibrary_name: timm\n')
+    assert text.startswith('---\n${card_data}\n---\n')  # front matter: huggingface_hub's ModelCardData
     candidates = [str(c) for c in hub._template_candidates('model_card.md')]
     assert any(c.endswith(os.path.join('titans_timm', 'hub_cards', 'model_card.md')) for c in candidates)
     assert any(Path(c).is_file() for c in candidates)

@@ -14,10 +14,10 @@ The repository holds exactly three files:
   so nothing is converted: the weights published are the weights trained. An older single-file checkpoint or a
   plain state dict (a ``.pth`` is read with ``torch.load(weights_only=True)``) is written in the same layout;
 - ``README.md``: a model card rendered from ``hub_cards/model_card.md`` (``string.Template``):
-  YAML front matter (``library_name: timm``, tags, datasets, metrics, ``base_model`` = the Hub
-  checkpoint training loaded, when the recipe shows one, license, and a ``model-index`` with the
-  evaluation results), then model details, the two-phase training recipe, a results table, usage
-  and citations.
+  YAML front matter (``${card_data}``, huggingface_hub's ``ModelCardData``: ``library_name: timm``, tags,
+  datasets, metrics, ``base_model`` = the Hub checkpoint training loaded, when the recipe shows one, license,
+  and a ``model-index`` of ``EvalResult`` entries with the evaluation results), then model details, the
+  two-phase training recipe, a results table, usage and citations.
 
 Choices made here (and why):
 
@@ -69,6 +69,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 import timm
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from timm.models._input import get_model_input_config
 
 from titans_timm.checkpoint import (
@@ -495,13 +496,11 @@ def _results_section(rows: List[Dict[str, Any]], dataset_fallback: str) -> str:
     return '\n'.join(lines)
 
 
-def _model_index(model_name: str, rows: List[Dict[str, Any]], dataset_ids: List[str], dataset_text: str) -> str:
+def _eval_results(rows: List[Dict[str, Any]], dataset_ids: List[str], dataset_text: str) -> List[EvalResult]:
+    """The ``model-index`` entries of the card: one :class:`EvalResult` per metric of each report row."""
     results = []
     for row in rows:
         ds_id = dataset_hub_id(row['dataset']) or (dataset_ids[0] if dataset_ids else None)
-        metrics = [dict(type='accuracy', value=round(row['top1'], 4), name='Top-1 accuracy (%)')]
-        if row['top5'] is not None:
-            metrics.append(dict(type='accuracy', value=round(row['top5'], 4), name=f'Top-{_topk(row)} accuracy (%)'))
         # The name says what was evaluated: the split and the number of images.
         name = str(row['dataset'] or dataset_text)
         split = str(row['split']) if row['split'] else None
@@ -514,14 +513,14 @@ def _model_index(model_name: str, rows: List[Dict[str, Any]], dataset_ids: List[
             name = f'{name} ({split} split)'
         if row['num_samples'] is not None:
             name += f", {row['num_samples']:,} images evaluated"
-        dataset = dict(name=name, type=ds_id or 'custom')
-        if split:
-            dataset['split'] = split
-        results.append(dict(task=dict(type='image-classification', name='Image Classification'),
-                            dataset=dataset, metrics=metrics))
-    if not results:
-        return ''
-    return yaml.safe_dump({'model-index': [dict(name=model_name, results=results)]}, sort_keys=False)
+        metrics = [(row['top1'], 'Top-1 accuracy (%)')]
+        if row['top5'] is not None:
+            metrics.append((row['top5'], f'Top-{_topk(row)} accuracy (%)'))
+        results += [EvalResult(task_type='image-classification', task_name='Image Classification',
+                               dataset_type=ds_id or 'custom', dataset_name=name, dataset_split=split,
+                               metric_type='accuracy', metric_value=round(value, 4), metric_name=metric_name)
+                    for value, metric_name in metrics]
+    return results
 
 
 def card_fields(
@@ -537,7 +536,12 @@ def card_fields(
         base_model: Optional[str] = None,
         datasets: Optional[Sequence[str]] = None,
 ) -> Dict[str, str]:
-    """Every ``${placeholder}`` value of the card template, as strings (see :func:`render_card`)."""
+    """Every ``${placeholder}`` value of the card template, as strings (see :func:`render_card`).
+
+    ``card_data`` is the YAML front matter, dumped by huggingface_hub's :class:`ModelCardData` (``library_name:
+    timm``, license, ``pipeline_tag``, tags, datasets, metrics, ``base_model`` when known, and a ``model-index`` of
+    :class:`EvalResult` entries when there are results); the others are markdown for the card body.
+    """
     rows = read_eval_report(eval_report)
     for row in rows:
         row['dataset'] = _dataset_label(row['dataset'])
@@ -578,13 +582,13 @@ def card_fields(
         preview = f" ({shown}{', ...' if len(label_names) > 10 else ''})"
     args_lines = ['| Argument | Value |', '|---|---|']
     args_lines += [f'| {k} | `{_md_escape(json.dumps(v))}` |' for k, v in sorted(model_args.items())]
+    eval_results = _eval_results(rows, datasets, dataset_text)
+    card_data = ModelCardData(
+        library_name='timm', license=license, pipeline_tag='image-classification', tags=tags, datasets=datasets,
+        metrics=['accuracy'], base_model=base_model or None,
+        model_name=model_name if eval_results else None, eval_results=eval_results or None)
     return dict(
-        license=license,
-        tags=json.dumps(tags),
-        datasets=json.dumps(datasets),
-        metrics=json.dumps(['accuracy']),
-        base_model_yaml=f'base_model: {json.dumps(base_model)}\n' if base_model else '',
-        model_index=_model_index(model_name, rows, datasets, dataset_text),
+        card_data=card_data.to_yaml(),
         model_name=model_name,
         repo_id=repo_id,
         summary=summary,
@@ -626,12 +630,18 @@ def render_card(model: nn.Module, *, template: Optional[PathLike] = None, **fiel
     text = load_card_template(template)
     values = card_fields(model, **fields)
     try:
-        return string.Template(text).substitute(values)
+        text = string.Template(text).substitute(values)
     except KeyError as e:
         raise HubError(f'card template placeholder ${{{e.args[0]}}} has no value; use only: '
                        f"{', '.join(sorted(values))}") from None
     except ValueError as e:
         raise HubError(f'card template is malformed ({e}); write a literal $ as $$') from None
+    try:
+        ModelCard(text)  # the front matter must parse as the Hub will parse it
+    except ValueError as e:
+        raise HubError(f'the rendered card has invalid front matter ({str(e).splitlines()[0]}); the card template '
+                       f'must open with ---, ${{card_data}}, --- and add no conflicting keys') from None
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------
