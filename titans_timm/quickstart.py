@@ -12,8 +12,9 @@
 3. **Pictures.** Evaluates the first seed's memory model again with the confusion matrix, per-class accuracy
    and surprise maps (``titans-timm-eval --visualize --surprise-maps``).
 
-Each part prints how long it took. A re-run reuses finished runs (``--force`` trains again). About 10 minutes
-on 2 idle CPU cores with the defaults.
+Each part prints how long it took. A re-run reuses finished runs (``--force`` trains again). With the defaults
+(6 runs of 2 epochs on 5,000 images, each evaluated on 5,000 test images) it took 18 minutes on 2 CPU cores with
+one torch thread; ``--seeds 2`` takes two thirds of that.
 """
 import argparse
 import os
