@@ -60,6 +60,7 @@ Where the code lives (the speed notes, what the write costs and what was tried, 
 * ``memory_fused.py``: the fused CPU write (dual form, one autograd node, scratch pool) with the speed notes
   (measured costs, what was tried) that justify it.
 """
+import abc
 import contextlib
 import math
 from collections import OrderedDict
@@ -151,7 +152,7 @@ def memory_read(memory: nn.Module, x: torch.Tensor, state: Optional[MemoryState]
     return memory._read_tokens(x, state)
 
 
-class TitansMemory(nn.Module):
+class TitansMemory(nn.Module, abc.ABC):
     """The interface every memory type implements, and the parts they share (input norm, head layout, the per-head
     memory MLP M0, the output projection).
 
@@ -281,19 +282,23 @@ class TitansMemory(nn.Module):
         self.proj.reset_parameters()
         self._init_views()
 
+    # What each memory type implements; the public forward / write / read wrap these as FX leaves.
+    @abc.abstractmethod
     def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> Tuple[torch.Tensor, MemoryStats]:
-        raise NotImplementedError
+        """Write ``x`` (keys/values from ``context`` where the type uses it), read every token: (output, stats)."""
 
+    @abc.abstractmethod
     def _write_tokens(self, x: torch.Tensor, state: Optional[MemoryState],
                       context: Optional[torch.Tensor]) -> Tuple[Optional[MemoryState], MemoryStats]:
-        raise NotImplementedError
+        """Write ``x`` into ``state`` (``None``: start from M0): (new state, stats)."""
 
+    @abc.abstractmethod
     def _read_tokens(self, x: torch.Tensor, state: Optional[MemoryState]) -> torch.Tensor:
-        raise NotImplementedError
+        """Read the memory ``state`` (``None``: M0) with queries from ``x``."""
 
+    @abc.abstractmethod
     def _init_views(self) -> None:
         """Initialise the subclass's projections and gates in place (construction and ``reset_parameters``)."""
-        raise NotImplementedError
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this hook before compiling anything: one clear error instead of a parse failure
