@@ -61,11 +61,12 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from titans_timm.checkpoint import CheckpointError, atomic_write_bytes, load_model
 from titans_timm.run_record import RunRecord, RunRecordError, file_sha256, read_args, run_folder
@@ -352,52 +353,67 @@ def compute_metrics(confusion: torch.Tensor, loss_sum: float, top5_correct: int,
     )
 
 
+@torch.inference_mode()
+@torch.random.fork_rng(devices=[])
 def evaluate_model(
         model: nn.Module,
         loader: Iterable,
         num_classes: int,
         label_names: Optional[Sequence[str]] = None,
-        device: str = 'cpu',
+        device: Union[str, torch.device] = 'cpu',
         amp: bool = False,
         progress: bool = True,
+        *,
+        amp_dtype: torch.dtype = torch.bfloat16,
+        channels_last: bool = False,
+        distributed: bool = False,
+        desc: str = 'eval',
 ) -> dict:
-    """Run ``model`` over ``loader`` in eval mode and return the metrics.
+    """Run ``model`` over ``loader`` in eval mode and return the metrics; the one evaluation loop of the
+    trainer and the evaluator.
 
     Returns a dict with ``top1``, ``top5`` (percent; top-k is clipped to the class count for fewer than
     5 classes), ``loss`` (mean cross-entropy), ``per_class`` (list of ``{index, name, count, accuracy}``),
     ``confusion_matrix`` (list of lists, rows true class, columns prediction), ``num_samples``,
-    ``img_per_sec`` (model forward time only) and ``elapsed_s`` (whole pass).
+    ``img_per_sec`` (model forward time only) and ``elapsed_s`` (whole pass). With ``distributed`` every
+    process evaluates its shard and the counts are summed over processes, so all ranks return the same numbers.
+    The torch RNG is left as it was: a loader's iterator seeds its workers from it, which a resumed training
+    run would otherwise notice.
     """
-    from tqdm import tqdm
     label_names = list(label_names) if label_names is not None else [str(i) for i in range(num_classes)]
     k = min(5, num_classes)
+    device = torch.device(device)
     model.eval().to(device)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    loss_sum, top5_correct, forward_s = 0.0, 0, 0.0
-    is_cuda = torch.device(device).type == 'cuda'
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-k hits
+    forward_s = 0.0
     start = time.perf_counter()
-    with torch.inference_mode():
-        for images, target in tqdm(loader, desc='eval', unit='batch', disable=not progress, leave=False):
-            images, target = images.to(device), target.to(device)
-            if int(target.max()) >= num_classes or int(target.min()) < 0:
-                raise EvalError(f'dataset label {int(target.max())} is outside the model\'s {num_classes} '
-                                f'classes; evaluate on the dataset the model was trained on')
-            t0 = time.perf_counter()
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(images)
-            if is_cuda:
-                torch.cuda.synchronize()
-            forward_s += time.perf_counter() - t0
-            logits = logits.float()
-            loss_sum += float(F.cross_entropy(logits, target, reduction='sum'))
-            pred = logits.topk(k, dim=1).indices  # [B, k]
-            top5_correct += int((pred == target[:, None]).any(1).sum())
-            idx = (target * num_classes + pred[:, 0]).cpu()
-            confusion += torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    for images, target in tqdm(loader, desc=desc, unit='batch', disable=not progress, leave=False):
+        images, target = images.to(device), target.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if int(target.max()) >= num_classes or int(target.min()) < 0:
+            raise EvalError(f'dataset label {int(target.max())} is outside the model\'s {num_classes} '
+                            f'classes; evaluate on the dataset the model was trained on')
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            logits = model(images)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        forward_s += time.perf_counter() - t0
+        logits = logits.float()
+        pred = logits.topk(k, dim=1).indices  # [B, k]
+        sums[0] += F.cross_entropy(logits, target, reduction='sum')
+        sums[1] += (pred == target[:, None]).any(1).sum()
+        confusion += torch.bincount(target * num_classes + pred[:, 0], minlength=num_classes * num_classes)
+    if distributed:
+        torch.distributed.all_reduce(confusion)
+        torch.distributed.all_reduce(sums)
     elapsed = time.perf_counter() - start
-    metrics = compute_metrics(confusion, loss_sum, top5_correct, label_names, topk=k)
+    metrics = compute_metrics(confusion.view(num_classes, num_classes).cpu(), float(sums[0]), int(sums[1]),
+                              label_names, topk=k)
     metrics.update(
-        confusion_matrix=confusion.tolist(),
+        confusion_matrix=confusion.view(num_classes, num_classes).tolist(),
         img_per_sec=metrics['num_samples'] / forward_s if forward_s > 0 else None,
         elapsed_s=elapsed,
     )
@@ -863,7 +879,6 @@ def _write_surprise_maps(model, loader, n, blocks, data_config, label_names, dev
                          progress: bool = True) -> List[str]:
     """Surprise maps of the first ``n`` images, one forward and one PNG per page of ``SURPRISE_ROWS_PER_PAGE``
     images; returns the page paths in order."""
-    from tqdm import tqdm
     n = min(n, len(loader.dataset)) if hasattr(loader, 'dataset') else n
     paths = []
     with tqdm(total=n, desc='surprise maps', unit='img', disable=not progress, leave=False) as bar:

@@ -97,7 +97,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
-    AverageMeter, ModelEmaV3, NativeScaler, ParseKwargs, accuracy, dispatch_clip_grad, init_distributed_device,
+    AverageMeter, ModelEmaV3, NativeScaler, ParseKwargs, dispatch_clip_grad, init_distributed_device,
     random_seed, reduce_tensor, setup_default_logging, unwrap_model,
 )
 from tqdm import tqdm
@@ -111,6 +111,7 @@ import titans_timm  # noqa: F401  (registers the titans-timm model names with ti
 from titans_timm import checkpoint as ckpt
 from titans_timm import run_record, two_phase
 from titans_timm.devices import device_problem
+from titans_timm.evaluate import evaluate_model
 
 __all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError', 'RunOutputError', 'RUN_FILES', 'LOCK_FILE']
 
@@ -1066,40 +1067,21 @@ def _amp_autocast(args, device):
     return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
 
 
+def _evaluate(model: nn.Module, loader, args, device, desc: str = 'eval') -> Dict[str, float]:
+    """Loss / top-1 / top-5 (percent) through the evaluator's loop, summed over processes when distributed."""
+    metrics = evaluate_model(
+        model, loader, args.num_classes, device=device, amp=args.amp, amp_dtype=getattr(torch, args.amp_dtype),
+        progress=not args.no_progress and args.rank == 0, channels_last=args.channels_last,
+        distributed=args.distributed, desc=desc)
+    return {k: metrics[k] for k in ('loss', 'top1', 'top5')}
+
+
 def _to_device(x: torch.Tensor, y: torch.Tensor, device, channels_last: bool):
     """A batch on ``device``; the images in channels_last memory format with ``--channels-last``."""
     x = x.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device)
-
-
-@torch.inference_mode()
-@torch.random.fork_rng(devices=[])
-def evaluate(model: nn.Module, loader, args, device, desc: str = 'eval') -> Dict[str, float]:
-    """Loss / top-1 / top-5 (percent) of ``model`` on ``loader``, averaged over processes when distributed.
-
-    Leaves the torch RNG as it was (``fork_rng``): a loader's iterator seeds its workers from it (``create_loader``
-    gives it no generator), a persistent one only once per process, which a resumed run would otherwise notice.
-    """
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss()
-    amp_autocast = _amp_autocast(args, device)
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
-    k = min(5, args.num_classes)
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=args.no_progress or args.rank != 0):
-        x, y = _to_device(x, y, device, args.channels_last)
-        with amp_autocast():
-            out = model(x)
-        out = out.float()
-        loss = loss_fn(out, y)
-        acc1, acc5 = accuracy(out, y, topk=(1, k))
-        if args.distributed:
-            loss, acc1, acc5 = (reduce_tensor(t, args.world_size) for t in (loss, acc1, acc5))
-        losses.update(loss.item(), x.shape[0])
-        top1.update(acc1.item(), x.shape[0])
-        top5.update(acc5.item(), x.shape[0])
-    return dict(loss=losses.avg, top1=top1.avg, top5=top5.avg)
 
 
 class Trainer:
@@ -1297,8 +1279,7 @@ class Trainer:
 
     def evaluate(self, model: Optional[nn.Module] = None, desc: str = 'eval') -> Dict[str, float]:
         """Metrics of ``model`` (default: the model being trained, compiled with --torchcompile)."""
-        model = self.eval_model if model is None else model
-        return evaluate(model, self.loader_eval, self.args, self.device, desc=desc)
+        return _evaluate(self.eval_model if model is None else model, self.loader_eval, self.args, self.device, desc)
 
     def _no_bar(self) -> bool:
         return self.args.no_progress or not self.is_primary
@@ -1766,7 +1747,7 @@ def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
     loader_eval = _eval_loader(args, dataset_eval, data_config, device) if dataset_eval is not None else None
 
     if args.eval_only:
-        metrics = evaluate(model, loader_eval, args, device)
+        metrics = _evaluate(model, loader_eval, args, device)
         if args.rank == 0:
             _logger.info(f'eval {args.model}: top1 {metrics["top1"]:.2f} top5 {metrics["top5"]:.2f} '
                          f'loss {metrics["loss"]:.4f}')
