@@ -114,6 +114,21 @@ def test_a_head_for_other_classes_starts_at_zero():
     assert not model.head.weight.any() and not model.head.bias.any()
 
 
+
+def test_a_head_for_other_classes_starts_at_zero_with_pretrained_path():
+    # the class names come from the weights file itself (its metadata), as the trainer reads --pretrained-path
+    args = train.build_parser().parse_args(['--model', 'vit_tiny_mal_mlp', '--pretrained-path',
+                                            str(vit.FMNIST5_WEIGHTS)])
+    args.rank = 0
+    model = train._create_model(args, train._model_kwargs(args, 5))
+    assert list(model.pretrained_cfg['label_names']) == ['Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+    before = model.head.weight.clone()
+    assert before.any()
+    train._zero_head_for_other_classes(args, model, ['Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'])
+    assert torch.equal(model.head.weight, before)
+    train._zero_head_for_other_classes(args, model, ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat'])
+    assert not model.head.weight.any() and not model.head.bias.any()
+
 @pytest.mark.parametrize('name', ['vit_small_mac_simple', 'vit_tiny_mag_advanced'])
 def test_hub_tag_offline_fails_at_once_with_the_routes(name, offline):
     with pytest.raises(vit.PretrainedWeightsUnavailable) as e:

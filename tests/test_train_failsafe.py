@@ -282,3 +282,12 @@ def test_log_says_how_many_threads_torch_uses(caplog, monkeypatch):
         torch.set_num_threads(1)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('torch threads')]
     assert lines == ['torch threads: 2 (set OMP_NUM_THREADS=1 on a machine shared with other jobs)']
+
+
+def test_resume_with_another_model_or_class_count_is_one_error(capsys, tmp_path):
+    run = _stopped_run(tmp_path)
+    before = _files(run)
+    check_bad_input(capsys, main, ['--resume', str(run), '--model', 'vit_tiny_mal_mlp'],
+                    'holds vit_tiny_patch16_224, not --model vit_tiny_mal_mlp; drop --model')
+    check_bad_input(capsys, main, ['--resume', str(run), '--num-classes', '3'], '--num-classes 3 disagrees')
+    assert _files(run) == before

@@ -1,59 +1,16 @@
 """Evaluate a titans-timm (or any timm) classifier: accuracy report, confusion matrix, surprise maps.
 
-``titans-timm-eval`` / ``python -m titans_timm.evaluate`` / :func:`main` evaluates
+``titans-timm-eval`` / :func:`main` evaluates a run folder of ``titans-timm-train`` (``--checkpoint RUN``), any
+state dict in a named architecture (``--model NAME --checkpoint FILE``, as timm's validate.py), or a timm model
+(``--model local-dir:DIR`` / ``hf-hub:ORG/NAME`` / a name with ``--pretrained``), on a dataset given with the
+training CLI's dataset flags, a recipe (``-c``) or the run's record. Images are prepared with the model's own data
+config (``resolve_data_config`` + ``create_transform``, eval mode).
 
-* ``--checkpoint RUN``: a run folder of ``titans-timm-train`` (or its ``model.safetensors``, or an older
-  single-file checkpoint; :func:`titans_timm.checkpoint.load_model`: architecture, model args and label names come
-  from it). Its run record supplies the dataset defaults: the data the run validated on;
-* ``--model NAME --checkpoint FILE``: any state dict loaded strictly into architecture NAME (as in
-  timm's validate.py); a file of another architecture fails naming the mismatched keys;
-* ``--model local-dir:DIR`` or ``--model hf-hub:ORG/NAME``: a model exported with timm's
-  ``save_for_hf`` / ``push_to_hf_hub`` (``timm.create_model(name, pretrained=True)``); a plain timm
-  name with ``--pretrained`` works too;
-
-on a dataset given with the training CLI's dataset flags (``--dataset``, ``--data-dir``, ``--split`` /
-``--val-split``, ``--input-key``, ``--target-key``, ``-b``, ``--img-size``, ``--workers``, ``--num-samples`` /
-``--val-num-samples``), or taken from a recipe / a run's ``args.yaml`` with ``-c``, or from the run record. Images are prepared with the model's own data
-config (timm ``resolve_data_config`` + ``create_transform``, eval mode), so mean/std, input size and
-crop follow the checkpoint.
-
-It reports top-1 and top-5 accuracy (percent, as timm's validate does), the mean cross-entropy loss,
-per-class accuracy, the confusion matrix and throughput, and writes ``OUTPUT/eval_report.json``.
-``--visualize`` adds ``confusion_matrix.png`` (row-normalised: each row is the distribution of
-predictions for one true class) and ``per_class_accuracy.png``. ``--surprise-maps N`` adds
-``surprise_maps.png``: for the first N images, the memory's per-patch surprise (the inner associative
-loss of Titans' neural memory, eq. 12) at each memory block, as heatmaps over the image
-(:func:`surprise_maps` and :func:`plot_surprise_maps` in Python), 16 images per page: beyond 16 the pages
-are ``surprise_maps_002.png``, ``surprise_maps_003.png``, ... (:func:`surprise_page_name`; the report's
-``files.surprise_maps_pages`` lists them all); above 256 images the CLI warns.
-
-Choices (the issue is silent on them):
-
-* A report says exactly what it evaluated: the sha256 of the weights file (``checkpoint_sha256``), the dataset,
-  split, requested sample count (``num_samples_requested``) and image/label columns (:func:`report_data`). The
-  report of a run's weights also goes into its run record (:class:`titans_timm.run_record.RunRecord`, without the
-  confusion matrix and per-class numbers), where the sweep and ``titans-timm-push`` find it and use it only for the
-  weights and data it describes (:func:`titans_timm.run_record.report_mismatch`).
-* The device and the output folder are checked before the model is loaded: ``--device cuda`` without
-  CUDA, an unknown device or an unwritable ``--output`` is one ``error:`` line, not a traceback after
-  the whole evaluation.
-* Throughput ``img_per_sec`` counts model forward time only (data loading excluded), so it measures
-  the model, not the disk; ``elapsed_s`` is the wall time of the whole pass.
-* Without ``--output`` the report goes into the run folder (next to ``--checkpoint``) or to
-  ``output/eval/<model name>/``.
-* The dataset's label names are the class names; a checkpoint trained on other classes (a different
-  count or different names) is refused with one clear error instead of reporting nonsense.
-* Classes with no sample in the evaluated split have accuracy ``null`` in the report.
-* The report and the printed summary come first, the pictures after: a slow or failing plot never costs
-  the numbers. Output that cannot be written (disk full, read-only file system) is one ``error:`` line; an
-  earlier ``eval_report.json`` stays whole (written atomically), and the report of this run stays when only
-  a plot fails.
-* Plots: the confusion matrix shows class names up to 60 classes and every n-th class index beyond
-  (figure size grows with the class count, capped at 21 x 20 inches); values are printed in the cells
-  up to 15 classes. Surprise heatmaps share one colour scale per block column on each page (each page is
-  its own forward pass, so memory is bounded whatever N is).
-* ``mlp`` memories are never written at test time, so they have no surprise; asking for their maps is
-  an error rather than a picture of zeros.
+It reports top-1/top-5 accuracy (percent), mean cross-entropy, per-class accuracy, the confusion matrix and
+throughput in ``OUTPUT/eval_report.json`` (also added to the run's record), with the sha256 of the weights and the
+data it evaluated. ``--visualize`` adds ``confusion_matrix.png`` and ``per_class_accuracy.png``;
+``--surprise-maps N`` adds pages of per-patch surprise heatmaps (Titans' inner associative loss, eq. 12) at each
+memory block. The numbers are written before any picture is drawn. docs/evaluation.md has the details.
 """
 import argparse
 import json

@@ -5,67 +5,19 @@
         --freeze-epochs 2 --epochs 4 --output output --experiment mag
     torchrun --nproc_per_node 2 -m titans_timm.train -c recipe.yaml        # or: accelerate launch -m ...
 
-Flags and YAML keys follow timm's train.py (``-c recipe.yaml`` holds argparse dests such as
-``batch_size``), so one recipe runs here and in timm's train.py with
-``--device-modules titans_timm.two_phase``. Ours on top: ``--freeze-epochs``, ``--backbone-lr-scale``,
-``--memory-options``, ``--train-num-samples``, ``--eval-only``. The pieces are timm's: datasets
-through :mod:`titans_timm.data`, ``create_transform`` / ``create_loader`` / ``resolve_data_config`` /
-``Mixup``, ``create_optimizer_v2`` with role-tagged param groups (:mod:`titans_timm.two_phase`),
-``create_scheduler_v2``, timm losses, ``ModelEmaV3``, ``NativeScaler``, ``accuracy`` / ``dispatch_clip_grad``,
-``ParseKwargs``, ``setup_default_logging``. Kept as our own where timm's would lose a guarantee: the training
-loader (timm's sampler cannot resume mid-epoch), ``summary.csv`` (``update_summary`` appends in place; ours
-rewrites it atomically and drops the rows of epochs a resumed run trains again) and the checkpoint pair
-(``CheckpointSaver`` is not crash-safe as a pair).
+Flags and YAML keys follow timm's train.py, so one recipe runs here and in timm's train.py with
+``--device-modules titans_timm.two_phase``; ours on top: ``--freeze-epochs``, ``--backbone-lr-scale``,
+``--memory-options``, ``--train-num-samples``, ``--eval-only``, ``--force``. The parts are timm's (transforms,
+``create_loader``, ``Mixup``, ``create_optimizer_v2`` with role-tagged groups from :mod:`titans_timm.two_phase`,
+``create_scheduler_v2``, losses, ``ModelEmaV3``, ``NativeScaler``). Our own where timm's would lose a guarantee:
+the training loader (timm's sampler cannot resume mid-epoch), ``summary.csv`` (rewritten atomically, dropping the
+rows of epochs a resumed run trains again) and the checkpoint pair (crash-safe as a pair, unlike
+``CheckpointSaver``).
 
-Choices (what a timm user would expect, plus what exact resume needs):
-
-- Output ``OUTPUT/EXPERIMENT/`` is a model folder in timm's own layout: ``config.json`` (architecture, resolved
-  model args, label names, the normalisation and input size trained with; written at the start) and, once
-  training finishes, ``model.safetensors``, so ``timm.create_model('local-dir:OUTPUT/EXPERIMENT',
-  pretrained=True)`` loads the trained model (see :mod:`titans_timm.checkpoint`). Beside them: ``run.json``
-  (:class:`titans_timm.run_record.RunRecord`: arguments, package versions, the weights' sha256, later the
-  evaluation reports), ``args.yaml`` (timm's recipe file), ``last.safetensors`` + ``train_state.pth`` (optimizer,
-  scheduler, EMA, epoch, step in epoch, RNG states; tensors and plain types only, read back with
-  ``weights_only=True``), ``model_ema.safetensors`` with ``--model-ema``, ``summary.csv`` (one row per epoch),
-  ``results.json``. All writes are atomic; only rank 0 writes.
-- Exact resume: the training order is a function of (seed, epoch) (a seeded sampler), each image's augmentation
-  of (seed, epoch, sample index) (:class:`_SeededSamples`), evaluation leaves the RNGs alone, a resumed epoch
-  skips the steps already done at the sampler, and the RNG states (CUDA's too once CUDA is in use) are restored
-  where the checkpoint was taken. So on CPU a run killed mid-epoch and resumed ends with bit-identical weights,
-  with any ``--workers`` (default: up to 4 loader processes, a core left to training); GPU kernels that are not
-  deterministic can still differ slightly.
-- ``--grad-accum-steps N`` (timm's): N micro-batches of ``-b`` per optimizer update; the LR schedule, the base-LR
-  batch scaling, ``--log-interval`` and ``--checkpoint-interval`` count updates, and checkpoints fall between
-  updates. ``--torchcompile [BACKEND]`` compiles the model being trained and evaluated; ``--channels-last``.
-- Ctrl-C finishes the current step, writes a resumable checkpoint and exits (status 130); a second
-  Ctrl-C aborts at once. ``--resume DIR`` takes the arguments of its run record as defaults, so
-  ``titans-timm-train --resume DIR`` alone continues a run. The checkpoint pair is crash-safe: while a new
-  pair is written the previous one stays as ``last.prev.safetensors`` + ``train_state.prev.pth``, and
-  ``--resume`` takes the newest pair whose two files match and whose weights match the checksum stored in
-  them (zeroed or overwritten bytes fall back to the previous pair, which is only removed once the new pair
-  reads back intact). A resumed run keeps its optimizer and LR
-  schedule, so a different ``--epochs``/``--lr``/``--sched``/... is refused, not ignored; resuming a
-  finished run changes nothing.
-- ``DIR`` / ``--data-dir DIR`` without ``--dataset`` is an image folder (as in timm); with neither, the
-  built-in Fashion-MNIST subset trains. A new run refuses a folder that already holds a run's files
-  (:data:`RUN_FILES`); the default timestamped name gets a ``-1``, ``-2`` suffix when taken.
-- One trainer owns a run folder at a time: it holds an ``flock`` on ``DIR/.train.lock`` (:data:`LOCK_FILE`)
-  while it runs (the kernel drops it when the process dies, so a killed run never leaves the folder stuck), and
-  a second trainer on the same folder stops with one ``error:`` line before writing anything there. The owner
-  removes temp files that killed writes left behind, so a finished or resumed run leaves none.
-- A write that fails (disk full, read-only folder, a file where a folder should be) is one ``error:`` line,
-  exit status 2; every write is atomic, so the files already there, the last checkpoint included, are intact.
-- ``--img-size`` also sets the model's ``img_size`` (ViTs need it; models without one, e.g. ResNets, are
-  built without it) unless ``--model-kwargs`` does. In phase 1 the backbone's BatchNorm layers run in eval
-  mode, so their running statistics stay frozen too.
-  With ``--pretrained-path`` to a titans-timm checkpoint, its structural model args (img_size,
-  patch_size, depth, ...) are inherited unless given, its head is kept when the class count matches,
-  and its normalisation is used, so a memory model built from a backbone checkpoint starts exactly
-  as accurate as that backbone (evaluated and logged at step 0).
-- Gradient clipping sees only the parameters that move in the current phase.
-- Threads: torch uses one thread per core (the log says how many at start). On a machine shared with other
-  jobs, ``OMP_NUM_THREADS=1`` is often several times faster (oversubscribed OpenMP threads spin); under
-  torchrun set it to cores / processes.
+A run folder is timm's layout (``config.json`` + ``model.safetensors``) plus ``run.json``, the resumable
+``last.safetensors`` + ``train_state.pth`` pair, ``summary.csv`` and ``results.json``; every write is atomic,
+resume is exact, one trainer owns a folder at a time (``flock``), and bad input or a failed write is one
+``error:`` line with exit status 2. docs/training.md describes each of these.
 """
 import argparse
 import csv
@@ -545,9 +497,10 @@ def _pretrained_overlay(args, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     # timm drops the checkpoint's head when its class count differs from the model's, keeps it otherwise.
     overlay['num_classes'] = head if head is not None else -1
     cfg = meta.get('pretrained_cfg') or {}
-    for k in ('mean', 'std', 'interpolation', 'crop_pct'):
-        if cfg.get(k) is not None:
-            overlay[k] = tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]
+    for k in ('mean', 'std', 'interpolation', 'crop_pct', 'label_names'):
+        value = meta.get(k) if k == 'label_names' and meta.get(k) else cfg.get(k)
+        if value is not None:
+            overlay[k] = tuple(value) if isinstance(value, list) else value
     return overlay
 
 
@@ -596,10 +549,8 @@ def _zero_head_for_other_classes(args, model: nn.Module, label_names: List[str])
     one function."""
     if not (args.pretrained or args.pretrained_path):
         return
-    if args.pretrained_path:
-        pretrained_names = ckpt.read_metadata(args.pretrained_path, required=False).get('label_names')
-    else:
-        pretrained_names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    # the names the weights were trained on: timm's cfg for a tag, the file's (via the overlay) for --pretrained-path
+    pretrained_names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
     head = model.get_classifier() if hasattr(model, 'get_classifier') else None
     if not pretrained_names or not isinstance(head, nn.Linear) or list(pretrained_names) == list(label_names):
         return
@@ -632,16 +583,15 @@ def _check_input_size(args, model: nn.Module, data_config: Dict[str, Any]) -> No
 def _model_from_run(args, weights: Path):
     """The model of a run being resumed, rebuilt from its checkpoint weights (exact model args, its weights)."""
     try:
-        meta = ckpt.read_metadata(weights)
-        if meta.get('architecture') != args.model:
-            raise TrainInputError(f'--resume {args.resume} holds {meta.get("architecture")}, not --model {args.model}; '
-                                  f'drop --model to continue that run')
-        if (meta.get('model_args') or {}).get('num_classes') != args.num_classes:
-            raise TrainInputError(f'--resume {args.resume} was trained for '
-                                  f'{meta["model_args"].get("num_classes")} classes, the dataset has {args.num_classes}')
         model, meta = ckpt.load_model(weights)
     except ckpt.CheckpointError as e:
         raise TrainInputError(f'--resume: {e}') from None
+    if meta.get('architecture') != args.model:
+        raise TrainInputError(f'--resume {args.resume} holds {meta.get("architecture")}, not --model {args.model}; '
+                              f'drop --model to continue that run')
+    if model.num_classes != args.num_classes:
+        raise TrainInputError(f'--resume {args.resume} was trained for {model.num_classes} classes, the dataset '
+                              f'has {args.num_classes}')
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.train(), dict(meta['model_args'])
