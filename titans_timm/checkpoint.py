@@ -1,45 +1,27 @@
-"""Model files: a run folder in timm's own layout, the single-file checkpoints before it, and safe reads of both.
+"""Model files: a run folder in timm's layout, the single-file checkpoint before it, and safe, strict reads of both.
 
-A model is a folder as timm's ``save_for_hf`` / ``push_to_hf_hub`` write one, which
-``timm.create_model('local-dir:DIR', pretrained=True)`` loads and ``titans-timm-push`` uploads unchanged:
-
-- ``config.json`` (:func:`config_json`): ``architecture``, ``num_classes``, ``num_features``, ``label_names``, the
-  resolved ``model_args`` (every memory argument pinned, see ``TitansVisionTransformer.resolved_model_args``) and a
-  ``pretrained_cfg`` with the mean/std/input size/crop the model was trained with;
-- ``model.safetensors`` (:func:`weights_bytes`): the weights, with safetensors metadata ``{'format': 'pt'}`` as
-  transformers and huggingface_hub write it.
-
-Before run folders, :func:`save_model` wrote one ``.safetensors`` file whose header metadata carried the recipe
-under the key ``"titans_timm"`` (architecture, model_args, label_names, pretrained_cfg); the shipped backbone is
-one. :func:`read_metadata` and :func:`load_model` read both kinds (and, for weights files in a folder with a
-``config.json``, such as the trainer's ``last.safetensors``, the folder's config) into one dict::
+A model is a folder as timm's ``save_for_hf`` writes one (``timm.create_model('local-dir:DIR', pretrained=True)``
+loads it, ``titans-timm-push`` uploads it unchanged): ``config.json`` (:func:`config_json`: architecture, resolved
+``model_args``, label names, the ``pretrained_cfg`` it was trained with) and ``model.safetensors``
+(:func:`weights_bytes`, metadata ``{'format': 'pt'}``). The older single file (:func:`save_model`, the shipped
+backbone) keeps the same recipe in its safetensors metadata under ``"titans_timm"``. :func:`read_metadata` and
+:func:`load_model` read both into one dict::
 
     {"architecture": "vit_tiny_mal_simple", "model_args": {...}, "label_names": [...] or None,
      "pretrained_cfg": {"mean": [...], "std": [...], "input_size": [3, 32, 32], ...}, ...}
 
-Choices made here (and why):
-
-- Writes are atomic (temp file in the same directory, fsync, ``os.replace``) and get the mode of a new file
-  (0o666 less the umask): a crash mid-write never leaves a truncated file where a good one used to be.
-- Weights are only ever read with safetensors or ``torch.load(weights_only=True)``; reading a ``.pth`` never
-  runs pickled code. timm train.py checkpoints (whose ``args`` entry is an ``argparse.Namespace``) are accepted.
-- Every failure to read or match a checkpoint raises :class:`CheckpointError` with one message that says what is
-  wrong and what to do, so CLIs can print it as a single ``error:`` line.
-- :func:`load_model` loads strictly (a missing or extra key is an error naming it) and returns the model in eval
-  mode.
-- ``weights_bytes(..., checksum=True)`` also stores ``"tensors_sha256"`` (:func:`tensors_sha256`) in the header,
-  and every read of such a file checks it: zeroed or overwritten tensor bytes under an intact header are an error
-  naming the file. The trainer's resumable checkpoint carries one.
+Writes are atomic, reads never unpickle code, loads are strict, and a file saved with a checksum is verified on
+every read; each failure is one :class:`CheckpointError` line that says what to do (docs/hub.md, "Model files").
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import pickle
-import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,6 +30,7 @@ import safetensors.torch
 import timm
 from timm.models import clean_state_dict
 from timm.models._hub import save_config_for_hf
+from timm.models._input import get_model_input_config
 
 __all__ = [
     'CheckpointError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'METADATA_KEY', 'FORMAT_VERSION', 'CHECKSUM_KEY', 'config_json',
@@ -60,94 +43,51 @@ CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 METADATA_KEY = 'titans_timm'
 FORMAT_VERSION = 1
-# The metadata entry holding :func:`tensors_sha256` of the file's tensors (only files saved with checksum=True).
 CHECKSUM_KEY = 'tensors_sha256'
 # The pretrained_cfg entries an evaluator needs to rebuild the eval transform and head.
 PRETRAINED_CFG_KEYS = ('mean', 'std', 'input_size', 'interpolation', 'crop_pct', 'num_classes')
 # The preprocessing a config.json records (timm's data config keys).
 DATA_CONFIG_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
-# How many mismatched key names an error message lists before summarising the rest.
+# Model arguments only titans-timm architectures take: they describe the stored architecture, not another one.
+MEMORY_MODEL_ARGS = ('approach', 'memory_type', 'memory_blocks', 'memory_interval', 'memory_options',
+                     'num_persistent_tokens', 'num_memory_tokens')
 _MAX_KEYS_SHOWN = 5
 
 PathLike = Union[str, os.PathLike]
-
-
-# model arguments that only titans-timm architectures take (pinned by :func:`resolved_model_args`)
-MEMORY_MODEL_ARGS = ('approach', 'memory_type', 'memory_blocks', 'memory_interval', 'memory_options',
-                     'num_persistent_tokens', 'num_memory_tokens')
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model it should load into."""
 
 
-def _jsonable(value: Any) -> Any:
-    """Turn tuples into lists so JSON round trips compare equal to what ``json.loads`` returns."""
-    return json.loads(json.dumps(value))
-
-
-def _check_json(value: Any, what: str) -> Any:
+def _json(value: Any, what: str) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), or an error naming the entries that are not JSON."""
     try:
-        return _jsonable(value)
+        return json.loads(json.dumps(value))
     except (TypeError, ValueError) as e:
         bad = []
-        if isinstance(value, dict):
-            for k, v in value.items():
-                try:
-                    json.dumps(v)
-                except (TypeError, ValueError):
-                    bad.append(f'{k}={type(v).__name__}')
-        detail = f" (not JSON-serialisable: {', '.join(bad)})" if bad else f' ({e})'
-        raise CheckpointError(
-            f'{what} must be JSON-serialisable (numbers, strings, lists, dicts){detail}; '
-            f'pass plain values, e.g. a layer name instead of a layer class') from None
+        for k, v in value.items() if isinstance(value, dict) else ():
+            try:
+                json.dumps(v)
+            except (TypeError, ValueError):
+                bad.append(f'{k}={type(v).__name__}')
+        raise CheckpointError(f"{what} must be JSON-serialisable (numbers, strings, lists, dicts), not "
+                              f"{', '.join(bad) or e}; pass plain values, e.g. a layer name instead of a layer "
+                              f"class") from None
 
 
 def pretrained_cfg_subset(model: nn.Module) -> Dict[str, Any]:
-    """The part of ``model.pretrained_cfg`` an evaluator needs, corrected for the built image size.
-
-    timm keeps the pretrained ``input_size`` (e.g. 224) in ``pretrained_cfg`` even when the model
-    was built with another ``img_size``; the checkpoint records the size the model actually takes,
-    so ``timm.data.resolve_data_config`` on the reloaded model gives the right transform.
-    """
-    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    """The ``pretrained_cfg`` entries an evaluator needs, with the input size the model was built for (timm keeps
+    the pretrained one, e.g. 224, when a model is built with another ``img_size``)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
     out = {k: cfg[k] for k in PRETRAINED_CFG_KEYS if cfg.get(k) is not None}
-    patch_embed = getattr(model, 'patch_embed', None)
-    img_size = getattr(patch_embed, 'img_size', None)
-    if img_size is not None:
-        proj = getattr(patch_embed, 'proj', None)
-        in_chans = getattr(proj, 'in_channels', None) or (out.get('input_size') or (3,))[0]
-        out['input_size'] = [int(in_chans), int(img_size[0]), int(img_size[1])]
-    num_classes = getattr(model, 'num_classes', None)
-    if isinstance(num_classes, int):
-        out['num_classes'] = num_classes
-    return _jsonable(out)
-
-
-def _state_dict_for_saving(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Contiguous CPU tensors; tensors sharing storage are cloned, which safetensors requires."""
-    if isinstance(model, dict):
-        state = model
-    else:
-        state = model.state_dict()
-    out, seen = {}, set()
-    for name, tensor in state.items():
-        t = tensor.detach().cpu()
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
-        if key is not None and key in seen:
-            t = t.clone()
-        elif key is not None:
-            seen.add(key)
-        out[name] = t.contiguous()
-    return out
+    out.update(input_size=get_model_input_config(model)['input_size'], num_classes=model.num_classes)
+    return _json(out, 'pretrained_cfg')
 
 
 def tensors_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
-    """sha256 (hex) over every tensor's name, dtype, shape and bytes, in name order.
-
-    It depends on the tensors only, not on how a file lays them out, so the digest of the tensors saved equals
-    the digest of the tensors read back unless their bytes changed on the way.
-    """
+    """sha256 (hex) over every tensor's name, dtype, shape and bytes, in name order: it depends on the tensors only,
+    not on how a file lays them out."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
@@ -157,16 +97,14 @@ def tensors_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
 
 
 def resolved_model_args(model: nn.Module, model_args: Dict[str, Any]) -> Dict[str, Any]:
-    """``model_args`` with every memory argument at the value ``model`` was built with (placement as block indices),
-    so a later change of a default (placement interval, chunk size, heads, ...) cannot change what a saved model
-    rebuilds into (see ``TitansVisionTransformer.resolved_model_args``). Raises :class:`CheckpointError` for values
-    that are not JSON."""
+    """``model_args`` with every memory argument at the value ``model`` was built with (see
+    ``TitansVisionTransformer.resolved_model_args``), so a later change of a default cannot change what a saved
+    model rebuilds into. Raises :class:`CheckpointError` for values that are not JSON."""
     args = dict(model_args or {})
-    resolved = getattr(model, 'resolved_model_args', None)
-    if callable(resolved):
+    if callable(getattr(model, 'resolved_model_args', None)):
         args.pop('memory_interval', None)  # memory_blocks states the same placement, and overrides it
-        args.update(resolved())
-    return _check_json(args, 'model_args')
+        args.update(model.resolved_model_args())
+    return _json(args, 'model_args')
 
 
 def weights_bytes(model: Union[nn.Module, Dict[str, torch.Tensor]], *, metadata: Optional[Dict[str, Any]] = None,
@@ -176,9 +114,14 @@ def weights_bytes(model: Union[nn.Module, Dict[str, torch.Tensor]], *, metadata:
     ``metadata`` (JSON values) goes under the ``"titans_timm"`` key; ``checksum`` adds :func:`tensors_sha256` of the
     weights to it, which every read of the file then verifies.
     """
-    tensors = _state_dict_for_saving(model)
+    tensors, storages = {}, set()
+    for name, t in (model if isinstance(model, dict) else model.state_dict()).items():
+        t = t.detach().cpu()
+        storage = t.untyped_storage().data_ptr() if t.numel() else None
+        tensors[name] = (t.clone() if storage in storages else t).contiguous()  # safetensors refuses shared storage
+        storages.add(storage)
     # a checksum copied from another file's metadata would not describe these tensors
-    meta = {k: v for k, v in _check_json(dict(metadata or {}), 'metadata').items() if k != CHECKSUM_KEY}
+    meta = {k: v for k, v in _json(dict(metadata or {}), 'metadata').items() if k != CHECKSUM_KEY}
     if checksum:
         meta[CHECKSUM_KEY] = tensors_sha256(tensors)
     return safetensors.torch.save(tensors, metadata=dict(format='pt', **({METADATA_KEY: json.dumps(meta)} if meta else {})))
@@ -186,15 +129,11 @@ def weights_bytes(model: Union[nn.Module, Dict[str, torch.Tensor]], *, metadata:
 
 def config_json(model: nn.Module, *, model_args: Dict[str, Any], label_names: Optional[Sequence[str]] = None,
                 data_config: Optional[Dict[str, Any]] = None) -> str:
-    """The ``config.json`` text of ``model``, written by timm's own ``save_config_for_hf`` (so timm reads it back).
+    """The ``config.json`` text of ``model`` (unwrapped), written by timm's own ``save_config_for_hf``.
 
-    Args:
-        model: the model (unwrapped).
-        model_args: the kwargs it was created with; stored resolved (:func:`resolved_model_args`), with what
-            timm's factory recorded.
-        label_names: class names in label order.
-        data_config: the preprocessing it was trained with (``input_size``, ``mean``, ``std``, ``interpolation``,
-            ``crop_pct``): the ``pretrained_cfg`` that ``resolve_data_config`` gives an evaluator.
+    ``model_args`` are stored resolved (:func:`resolved_model_args`); ``label_names`` in label order;
+    ``data_config`` is the preprocessing it was trained with (``input_size``, ``mean``, ``std``, ...), which
+    ``resolve_data_config`` then gives an evaluator.
     """
     if label_names and len(label_names) != model.num_classes:
         raise CheckpointError(f'{len(label_names)} label names for a model with {model.num_classes} classes; pass '
@@ -211,29 +150,14 @@ def config_json(model: nn.Module, *, model_args: Dict[str, Any], label_names: Op
     model.pretrained_cfg = {k: v for k, v in cfg.items() if k != 'tag'}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, CONFIG_NAME)
-            save_config_for_hf(model, path, model_config=model_config, model_args=args, data_config=data_config)
-            with open(path) as f:
-                return f.read()
+            save_config_for_hf(model, os.path.join(tmp, CONFIG_NAME), model_config=model_config, model_args=args,
+                               data_config=data_config)
+            return Path(tmp, CONFIG_NAME).read_text()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f'timm cannot write config.json for this model ({e}); use JSON values (numbers, '
                               f'strings, lists) for every model argument') from None
     finally:
         model.pretrained_cfg = cfg
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every OS/filesystem, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _new_file_mode() -> int:
@@ -242,18 +166,16 @@ def _new_file_mode() -> int:
         with open('/proc/self/status') as f:
             umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
     except (OSError, StopIteration, ValueError, IndexError):
-        # elsewhere it can only be read by setting it: set it straight back (a thread creating a file in
-        # between would get 0o022)
+        # elsewhere it is read by setting it and setting it straight back (a thread creating a file in between
+        # would get 0o022)
         umask = os.umask(0o022)
         os.umask(umask)
     return 0o666 & ~umask
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the complete new one.
-
-    The file gets the usual mode of a new file (0o666 less the umask), not mkstemp's private 0o600.
-    """
+    """Write ``data`` to ``path`` so readers see either the old file or the complete new one (temp file in the same
+    folder, fsync, rename), with the mode of a new file (0o666 less the umask), not mkstemp's private 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
@@ -265,69 +187,43 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        # BaseException so Ctrl-C mid-write also cleans up the temp file.
-        try:
+    except BaseException:  # Ctrl-C mid-write cleans up too
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
-    _fsync_dir(path.parent)
+    # makes the rename itself durable; not possible on every OS and filesystem, hence best effort
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def save_model(
-        model: nn.Module,
-        path: PathLike,
-        *,
-        architecture: str,
-        model_args: Dict[str, Any],
-        label_names: Optional[Sequence[str]] = None,
-        extra_metadata: Optional[Dict[str, Any]] = None,
-        checksum: bool = False,
-) -> Path:
-    """Save ``model``'s weights and the recipe to rebuild it as one safetensors file, atomically.
+def save_model(model: nn.Module, path: PathLike, *, architecture: str, model_args: Dict[str, Any],
+               label_names: Optional[Sequence[str]] = None, extra_metadata: Optional[Dict[str, Any]] = None,
+               checksum: bool = False) -> Path:
+    """Save ``model`` (unwrapped) and the recipe to rebuild it as one safetensors file, atomically: the single-file
+    format of the shipped backbone (``tools/pretrain_backbone.py``); training writes a run folder instead.
 
-    The single-file format of the shipped backbone (``tools/pretrain_backbone.py``); training writes a run folder
-    instead (:func:`config_json` + :func:`weights_bytes`).
-
-    Args:
-        model: the model (unwrap DDP / torch.compile first, or pass ``model.module``).
-        path: destination ``.safetensors`` file; parent directories are created.
-        architecture: timm model name, e.g. ``'vit_tiny_mal_simple'``.
-        model_args: keyword arguments for ``timm.create_model`` (stored resolved, :func:`resolved_model_args`).
-        label_names: class names in label order, stored so evaluators can label their plots.
-        extra_metadata: more JSON-serialisable entries (e.g. ``seed``, ``dataset``). A ``'pretrained_cfg'`` dict in
-            it updates the recorded pretrained_cfg (e.g. the normalisation the model was actually trained with).
-        checksum: also store :func:`tensors_sha256` of the weights, which every read of the file then verifies.
-
-    Raises:
-        CheckpointError: if ``architecture`` is not a string or any metadata is not JSON.
+    ``architecture`` is the timm model name, ``model_args`` its ``create_model`` kwargs (stored resolved),
+    ``label_names`` the class names in label order. ``extra_metadata`` adds JSON entries (``seed``, ``dataset``...);
+    a ``'pretrained_cfg'`` dict in it updates the recorded one (e.g. the normalisation actually trained with).
+    ``checksum`` stores :func:`tensors_sha256`, which every read verifies. Raises :class:`CheckpointError` for a
+    missing architecture or metadata that is not JSON.
     """
     if not isinstance(architecture, str) or not architecture:
         raise CheckpointError(f'architecture must be a timm model name string, got {architecture!r}')
-    extra = _check_json(dict(extra_metadata or {}), 'extra_metadata')
+    from titans_timm import __version__
+    extra = _json(dict(extra_metadata or {}), 'extra_metadata')
     pretrained_cfg = pretrained_cfg_subset(model) if isinstance(model, nn.Module) else {}
     pretrained_cfg.update(extra.pop('pretrained_cfg', None) or {})
-    meta = dict(
-        format_version=FORMAT_VERSION,
-        titans_timm_version=_package_version(),
-        architecture=architecture,
-        model_args=resolved_model_args(model, model_args),
-        label_names=[str(n) for n in label_names] if label_names is not None else None,
-        pretrained_cfg=pretrained_cfg,
-    )
-    for k, v in extra.items():
-        meta.setdefault(k, v)  # the core keys above are not overridable, loaders rely on them
+    meta = dict(format_version=FORMAT_VERSION, titans_timm_version=__version__, architecture=architecture,
+                model_args=resolved_model_args(model, model_args), pretrained_cfg=pretrained_cfg,
+                label_names=[str(n) for n in label_names] if label_names is not None else None)
+    meta.update({k: v for k, v in extra.items() if k not in meta})  # loaders rely on the core keys
     atomic_write_bytes(path, weights_bytes(model, metadata=meta, checksum=checksum))
     return Path(path)
-
-
-def _package_version() -> str:
-    try:
-        from titans_timm import __version__
-        return __version__
-    except ImportError:
-        return 'unknown'
 
 
 def _check_file(path: PathLike) -> Path:
@@ -337,31 +233,38 @@ def _check_file(path: PathLike) -> Path:
                               f'OUTPUT/EXPERIMENT/model.safetensors)')
     if path.is_dir():
         raise CheckpointError(f'checkpoint path is a directory: {path}; pass the .safetensors file inside it '
-                              f'(e.g. {path / "model.safetensors"})')
+                              f'(e.g. {path / WEIGHTS_NAME})')
     return path
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    # safetensors layout: 8-byte little-endian header length, then a JSON header starting with '{'.
+def _is_safetensors(path: Path) -> bool:
+    """By name, or by content: an 8-byte little-endian header length, then the JSON header's ``{``."""
+    if path.suffix == '.safetensors':
+        return True
     with open(path, 'rb') as f:
         head = f.read(9)
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack('<Q', head[:8])
-    return head[8:9] == b'{' and 0 < n <= path.stat().st_size
+    return len(head) == 9 and head[8:] == b'{' and 0 < int.from_bytes(head[:8], 'little') <= path.stat().st_size
 
 
-def _safetensors_header_metadata(path: Path) -> Dict[str, str]:
+def _read_safetensors(path: Path, tensors: bool = False) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The file's ``"titans_timm"`` metadata (``{}`` if none) and, if asked, its tensors."""
     try:
         with safetensors.safe_open(str(path), framework='pt') as f:
-            return f.metadata() or {}
-    except Exception as e:  # SafetensorError is not importable under a stable name across versions
-        raise CheckpointError(f'{path} is not a valid safetensors file ({e}); it may be truncated or '
-                              f'corrupt: re-save or re-download it') from None
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            state = f.get_tensors() if tensors else {}
+    except Exception as e:  # SafetensorError has no stable import path across versions
+        raise CheckpointError(f'{path} is not a valid safetensors file ({e}); it may be truncated or corrupt: '
+                              f're-save or re-download it') from None
+    meta = None
+    with contextlib.suppress(json.JSONDecodeError):
+        meta = json.loads(raw or '{}')
+    if not isinstance(meta, dict):
+        raise CheckpointError(f'{path}: its titans_timm metadata is not a JSON object; the file is corrupt')
+    return meta, state
 
 
 def _config_metadata(folder: Path) -> Dict[str, Any]:
-    """What ``folder/config.json`` (timm's layout) says about its model, in the shape :func:`read_metadata` gives."""
+    """What ``folder/config.json`` says about its model, in the shape :func:`read_metadata` gives."""
     path = folder / CONFIG_NAME
     try:
         config = json.loads(path.read_text())
@@ -375,22 +278,13 @@ def _config_metadata(folder: Path) -> Dict[str, Any]:
 
 
 def read_metadata(path: PathLike, *, required: bool = True) -> Dict[str, Any]:
-    """What a model folder or weights file says about its model.
+    """What a model folder or weights file says about its model: ``architecture``, ``model_args``, ``label_names``,
+    ``pretrained_cfg``, and whatever else the file's ``"titans_timm"`` metadata holds.
 
-    Args:
-        path: a model folder (config.json + model.safetensors), a weights file in one (model.safetensors, the
-            trainer's last.safetensors: the folder's config.json describes it, its own header adds to that), a
-            single file written by :func:`save_model`, or any weights file.
-        required: if False, a file that names no model gives what it has (``{}`` for a plain state dict) instead
-            of an error.
-
-    Returns:
-        ``architecture``, ``model_args``, ``label_names``, ``pretrained_cfg``, and whatever else the file's
-        ``"titans_timm"`` header metadata holds.
-
-    Raises:
-        CheckpointError: missing file, not safetensors / corrupt, bad metadata JSON or config.json, or (when
-            ``required``) nothing that names the model.
+    ``path`` is a model folder, a weights file in one (``model.safetensors``, the trainer's ``last.safetensors``:
+    the folder's config.json describes it, the file's own metadata adds to that), a :func:`save_model` file, or
+    any weights file. With ``required=False`` a file that names no model gives what it has (``{}`` for a plain
+    state dict) instead of a :class:`CheckpointError`.
     """
     path = Path(path)
     if path.is_dir():
@@ -399,18 +293,7 @@ def read_metadata(path: PathLike, *, required: bool = True) -> Dict[str, Any]:
                                   f'model.safetensors) or a weights file')
         return _config_metadata(path)
     path = _check_file(path)
-    meta = {}
-    if _looks_like_safetensors(path):
-        raw = _safetensors_header_metadata(path).get(METADATA_KEY)
-        try:
-            meta = json.loads(raw) if raw else {}
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f'{path}: titans_timm metadata is not valid JSON ({e}); the file is corrupt') from None
-        if not isinstance(meta, dict):
-            raise CheckpointError(f'{path}: titans_timm metadata is not a JSON object; the file is corrupt')
-    elif path.suffix == '.safetensors':
-        raise CheckpointError(f'{path} is not a valid safetensors file (bad header); it may be corrupt: '
-                              f're-save or re-download it')
+    meta = _read_safetensors(path)[0] if _is_safetensors(path) else {}
     if 'architecture' not in meta and (path.parent / CONFIG_NAME).is_file():
         meta = {**_config_metadata(path.parent), **meta}
     if 'architecture' not in meta and required:
@@ -421,32 +304,32 @@ def read_metadata(path: PathLike, *, required: bool = True) -> Dict[str, Any]:
 
 
 def read_state_dict(path: PathLike, *, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a ``.pth``/``.pt``/``.bin`` file, never unpickling code.
+    """Read a state dict from safetensors (checking its stored checksum) or a ``.pth``/``.pt``/``.bin`` file,
+    never unpickling code (``torch.load(weights_only=True)``).
 
-    ``.pth`` files are read with ``torch.load(weights_only=True)``; timm training checkpoints
-    (``{'state_dict': ..., 'state_dict_ema': ..., 'args': Namespace}``) are unwrapped, taking the EMA
-    weights if ``use_ema`` and present. DDP / torch.compile prefixes (``module.``, ``_orig_mod.``)
-    are removed.
+    timm training checkpoints (``{'state_dict', 'state_dict_ema', 'args': Namespace}``) are unwrapped, taking the
+    EMA weights if ``use_ema`` and present; DDP / torch.compile prefixes are removed.
     """
     path = _check_file(path)
-    if path.suffix == '.safetensors' or _looks_like_safetensors(path):
-        header = _safetensors_header_metadata(path)  # clear error for a corrupt header
-        try:
-            state = safetensors.torch.load_file(str(path), device='cpu')
-        except Exception as e:
-            raise CheckpointError(f'{path} is not a valid safetensors file ({e}); it may be truncated or '
-                                  f'corrupt: re-save or re-download it') from None
-        _verify_checksum(path, header, state)
+    if _is_safetensors(path):
+        meta, state = _read_safetensors(path, tensors=True)
+        if meta.get(CHECKSUM_KEY) and tensors_sha256(state) != meta[CHECKSUM_KEY]:
+            raise CheckpointError(f'{path} is corrupt: its tensor bytes do not match the checksum stored in its '
+                                  f'header ({CHECKSUM_KEY}), so its weights were overwritten or zeroed after it was '
+                                  f'written; use an intact copy')
     else:
         try:
-            # argparse.Namespace is a plain attribute container; timm train.py stores its args in one.
+            # timm train.py stores its args in an argparse.Namespace, a plain attribute container
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(str(path), map_location='cpu', weights_only=True)
         except pickle.UnpicklingError:
+            names = ''
+            with contextlib.suppress(Exception):
+                names = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))[:_MAX_KEYS_SHOWN])
             raise CheckpointError(
-                f'{path} holds pickled objects other than tensors{_unsafe_globals(path)}, which are never '
-                f'unpickled (weights_only=True); re-save only its state_dict with torch.save, or as '
-                f'safetensors') from None
+                f"{path} holds pickled objects other than tensors{f' ({names})' if names else ''}, which are never "
+                f'unpickled (weights_only=True); re-save only its state_dict with torch.save, or as safetensors'
+            ) from None
         except Exception as e:
             raise CheckpointError(f'{path} is neither a safetensors file nor a readable PyTorch checkpoint '
                                   f'({type(e).__name__}: {str(e)[:200]}); it may be corrupt') from None
@@ -460,77 +343,37 @@ def read_state_dict(path: PathLike, *, use_ema: bool = False) -> Dict[str, torch
     return clean_state_dict(state)
 
 
-def _verify_checksum(path: Path, header: Dict[str, str], state: Dict[str, torch.Tensor]) -> None:
-    """Check the tensors read from ``path`` against the checksum its metadata stores, if it stores one."""
-    try:
-        expected = json.loads(header.get(METADATA_KEY) or '{}').get(CHECKSUM_KEY)
-    except (json.JSONDecodeError, AttributeError):
-        return  # read_metadata reports bad metadata JSON
-    if expected is not None and tensors_sha256(state) != expected:
-        raise CheckpointError(f'{path} is corrupt: its tensor bytes do not match the checksum stored in its header '
-                              f'({CHECKSUM_KEY}), so its weights were overwritten or zeroed after it was written; '
-                              f'use an intact copy')
-
-
-def _unsafe_globals(path: Path) -> str:
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:
-        return ''
-    return f" ({', '.join(names[:_MAX_KEYS_SHOWN])})" if names else ''
-
-
-def _list_keys(keys: List[str]) -> str:
-    shown = ', '.join(keys[:_MAX_KEYS_SHOWN])
-    more = len(keys) - _MAX_KEYS_SHOWN
-    return shown + (f' (+{more} more)' if more > 0 else '')
-
-
 def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, source: str = 'checkpoint',
-                     architecture: Optional[str] = None) -> None:
-    """Raise :class:`CheckpointError` naming the first mismatched keys if ``state_dict`` does not fit ``model``."""
+                     architecture: Optional[str] = None, strict: bool = True) -> None:
+    """Raise :class:`CheckpointError` naming the first mismatched keys if ``state_dict`` does not fit ``model``
+    (with ``strict=False``, only shape mismatches count)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
-              for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or shapes):
-        return
+    problems = {
+        'missing keys': [k for k in expected if k not in state_dict] if strict else [],
+        'unexpected keys': [k for k in state_dict if k not in expected] if strict else [],
+        'shape mismatches': [f'{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+                             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]}
     parts = []
-    if missing:
-        parts.append(f'{len(missing)} missing keys: {_list_keys(missing)}')
-    if unexpected:
-        parts.append(f'{len(unexpected)} unexpected keys: {_list_keys(unexpected)}')
-    if shapes:
-        parts.append(f'{len(shapes)} shape mismatches: {_list_keys(shapes)}')
-    arch = f' ({architecture})' if architecture else ''
-    raise CheckpointError(
-        f'{source} does not match the model{arch}: ' + '; '.join(parts) +
-        '. Check the model name and its kwargs (num_classes, img_size, depth, memory options).')
+    for what, keys in problems.items():
+        more = len(keys) - _MAX_KEYS_SHOWN
+        shown = ', '.join(keys[:_MAX_KEYS_SHOWN]) + (f' (+{more} more)' if more > 0 else '')
+        if keys:
+            parts.append(f'{len(keys)} {what}: {shown}')
+    if parts:
+        raise CheckpointError(f"{source} does not match the model{f' ({architecture})' if architecture else ''}: "
+                              f"{'; '.join(parts)}. Check the model name and its kwargs (num_classes, img_size, "
+                              f"depth, memory options).")
 
 
 def load_state_dict_file(model: nn.Module, path: PathLike, *, strict: bool = True, use_ema: bool = False):
-    """Load weights from a safetensors or ``.pth`` file into an existing ``model``.
+    """Load weights from a safetensors or ``.pth`` file into ``model`` and return ``load_state_dict``'s result.
 
-    Args:
-        model: the model to fill (its architecture must match the file when ``strict``).
-        path: safetensors file (with or without titans_timm metadata) or ``.pth``/``.pt``/``.bin``.
-        strict: if True (default), any missing/unexpected key or shape mismatch raises
-            :class:`CheckpointError` naming them and the model is left untouched; if False, matching
-            keys are loaded and ``(missing_keys, unexpected_keys)`` returned, shape mismatches still raise.
-        use_ema: for timm training checkpoints, take the EMA weights when present.
-
-    Returns:
-        The ``load_state_dict`` result (missing and unexpected keys).
+    With ``strict`` (default) any missing/unexpected key or shape mismatch raises :class:`CheckpointError` naming
+    them and leaves the model untouched; without it, shape mismatches still raise. ``use_ema`` takes the EMA
+    weights of a timm training checkpoint when present.
     """
     state = read_state_dict(path, use_ema=use_ema)
-    if strict:
-        check_state_dict(model, state, source=str(path))
-    else:
-        expected = model.state_dict()
-        shapes = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-        if shapes:
-            raise CheckpointError(f'{path}: {len(shapes)} shape mismatches with the model: {_list_keys(shapes)}')
+    check_state_dict(model, state, source=str(path), strict=strict)
     return model.load_state_dict(state, strict=strict)
 
 
@@ -538,56 +381,46 @@ def load_model(path: PathLike, **overrides) -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild a model from a model folder or checkpoint and load its weights strictly.
 
     Args:
-        path: a model folder (config.json + model.safetensors, as training writes it) or a weights file in
-            one, a file written by :func:`save_model`, or a plain safetensors / ``.pth`` state dict (then pass
-            ``architecture=`` and the model kwargs).
-        **overrides: ``architecture=NAME`` replaces the stored timm model name; every other keyword
-            updates the stored ``model_args`` (e.g. ``drop_path_rate=0.0``). Weights must still fit.
+        path: a model folder or a weights file in one, a :func:`save_model` file, or a plain safetensors / ``.pth``
+            state dict (then pass ``architecture=`` and the model kwargs).
+        **overrides: ``architecture=NAME`` replaces the stored timm model name (and drops the stored memory
+            arguments, which describe the stored one); every other keyword updates the stored ``model_args``
+            (e.g. ``drop_path_rate=0.0``). Weights must still fit.
 
     Returns:
-        ``(model, meta)``: the model in eval mode, its ``pretrained_cfg`` updated with the stored
-        mean/std/input_size/...; ``meta`` is :func:`read_metadata`'s with overrides applied (plus ``'path'``, the
-        weights file read). For files without metadata, ``meta`` holds what was passed.
+        ``(model, meta)``: the model in eval mode with the stored mean/std/input size... in its ``pretrained_cfg``;
+        ``meta`` is :func:`read_metadata`'s with the overrides applied, plus ``'path'``, the weights file read.
 
     Raises:
-        CheckpointError: missing or corrupt file, no metadata and no ``architecture``, an unknown
-        architecture, or weights that do not fit (naming the first mismatched keys).
+        CheckpointError: a missing or corrupt file, no architecture, an unknown architecture or bad model_args,
+        or weights that do not fit (naming the first mismatched keys).
     """
     architecture = overrides.pop('architecture', None)
     meta = dict(read_metadata(path, required=architecture is None))
     path = Path(path) / WEIGHTS_NAME if Path(path).is_dir() else Path(path)
     model_args = dict(meta.get('model_args') or {})
     if architecture is not None and architecture != meta.get('architecture'):
-        # the stored memory arguments describe the stored architecture, not the one asked for
-        for key in MEMORY_MODEL_ARGS:
-            model_args.pop(key, None)
+        model_args = {k: v for k, v in model_args.items() if k not in MEMORY_MODEL_ARGS}
         meta['architecture'] = architecture
-    architecture = meta.get('architecture')
-    if not isinstance(architecture, str):
-        raise CheckpointError(f'{path}: metadata has no architecture; pass architecture=NAME')
+    architecture = meta['architecture']
     model_args.update(overrides)
-    meta['model_args'] = model_args
+    meta.update(model_args=model_args, path=str(path))
     meta.setdefault('label_names', None)
     meta.setdefault('pretrained_cfg', {})
-    meta['path'] = str(path)
 
     state = read_state_dict(path)
-    import titans_timm  # noqa: F401  (registers the titans-timm architectures with timm)
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise CheckpointError(f"{path}: architecture {architecture!r} is not a registered timm model; check the "
+                              f"name (titans-timm names look like vit_tiny_mal_simple) or import the package that "
+                              f"registers it")
     try:
         model = timm.create_model(architecture, pretrained=False, **model_args)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise CheckpointError(f"{path}: architecture '{architecture}' is not a registered timm model; "
-                                  f'check the name (titans-timm names look like vit_tiny_mal_simple) or '
-                                  f'import the package that registers it') from None
-        raise CheckpointError(f"{path}: could not build '{architecture}' with {model_args}: {e}") from None
-    except TypeError as e:
-        raise CheckpointError(f"{path}: '{architecture}' does not accept these model_args ({e}); "
-                              f'drop or rename the offending argument') from None
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: '{architecture}' cannot be built with model_args {model_args} ({e}); drop "
+                              f"or rename the offending argument") from None
     check_state_dict(model, state, source=str(path), architecture=architecture)
     model.load_state_dict(state, strict=True)
     if meta['pretrained_cfg']:
-        cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-        cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in meta['pretrained_cfg'].items()})
-        model.pretrained_cfg = cfg
+        model.pretrained_cfg = {**(model.pretrained_cfg or {}), **{
+            k: tuple(v) if isinstance(v, list) else v for k, v in meta['pretrained_cfg'].items()}}
     return model.eval(), meta
