@@ -17,16 +17,23 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import create_transform, resolve_data_config
 from tqdm import tqdm
 
+from titans_timm import __version__
+from titans_timm import data as tdata
 from titans_timm.checkpoint import CheckpointError, atomic_write_bytes, load_model
+from titans_timm.devices import device_problem
 from titans_timm.run_record import RunRecord, RunRecordError, file_sha256, read_args, run_folder
+from titans_timm.vit import memory_modules
 
 __all__ = [
     'EvalError', 'build_parser', 'report_data', 'load_model_for_eval', 'evaluate_model', 'compute_metrics',
@@ -170,9 +177,6 @@ def load_model_for_eval(
         EvalError: no source given, a missing/corrupt checkpoint, a checkpoint that does not fit the named
             architecture (naming the mismatched keys), an unknown model.
     """
-    import timm
-    import titans_timm  # noqa: F401  (registers the memory models with timm)
-
     if checkpoint is None and model_name is None:
         raise EvalError('nothing to evaluate: pass --checkpoint FILE (from titans-timm-train) or --model NAME '
                         '(local-dir:DIR, hf-hub:ORG/NAME)')
@@ -236,7 +240,6 @@ def load_model_for_eval(
 def _create_eval_dataset(args: argparse.Namespace):
     """The dataset named by the training flags (``--num-samples``: the same class-balanced subset training
     takes), without a transform yet."""
-    from titans_timm import data as tdata
     name = _dataset_name(args)
     if args.num_samples is not None and args.num_samples < 1:
         raise EvalError(f'--num-samples must be at least 1, got {args.num_samples}')
@@ -256,14 +259,12 @@ def _label_names(dataset) -> List[str]:
 
 
 def _data_config(model: nn.Module, img_size: Optional[int]) -> dict:
-    from timm.data import resolve_data_config
     args = {} if img_size is None else dict(img_size=img_size)
     return resolve_data_config(args, model=model)
 
 
 def _make_loader(dataset, data_config: dict, batch_size: int, workers: int):
     """Eval transform from the model's data config (as timm's validate.py), ordered loader."""
-    from timm.data import create_transform
     dataset.transform = create_transform(**data_config, is_training=False)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
@@ -521,7 +522,6 @@ def surprise_maps(
         EvalError: the model has no memory, its memory is never written (``mlp``: no surprise), or ``blocks``
             names a block without memory.
     """
-    from titans_timm.vit import memory_modules
     found = list(memory_modules(model))
     if not found:
         raise EvalError(f'{type(model).__name__} has no memory modules, so it has no surprise to map; use a '
@@ -666,7 +666,6 @@ def _check_device(name: Optional[str]) -> str:
     """The device to run on; an unknown or unavailable one is an :class:`EvalError` before any work."""
     if name is None:
         return 'cuda' if torch.cuda.is_available() else 'cpu'
-    from titans_timm.devices import device_problem
     problem = device_problem(name)
     if problem:
         raise EvalError(problem)
@@ -675,7 +674,6 @@ def _check_device(name: Optional[str]) -> str:
 
 def _check_output(output: str):
     """Create ``output`` and make sure files can be written there, before the (long) evaluation."""
-    import tempfile
     try:
         os.makedirs(output, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output, prefix='.write_test_'):
@@ -726,8 +724,6 @@ def run(args: argparse.Namespace, on_report: Optional[Callable[[dict], None]] = 
 
     metrics = evaluate_model(model, loader, len(label_names), label_names, device=device, amp=args.amp,
                              progress=not args.no_progress)
-    import timm
-    import titans_timm
     report = dict(
         model=info['architecture'],
         source=info['source'],
@@ -741,7 +737,7 @@ def run(args: argparse.Namespace, on_report: Optional[Callable[[dict], None]] = 
         batch_size=args.batch_size,
         device=str(device),
         amp=bool(args.amp),
-        versions=dict(titans_timm=titans_timm.__version__, timm=timm.__version__, torch=torch.__version__),
+        versions=dict(titans_timm=__version__, timm=timm.__version__, torch=torch.__version__),
         date=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
         **metrics,
     )
@@ -803,10 +799,9 @@ def _record(report: dict, folder) -> None:
 def _dataset_name(args: argparse.Namespace) -> str:
     """``--dataset``; without it, as titans-timm-train reads it: a data directory is an image folder (''),
     no directory the built-in set."""
-    from titans_timm.data import BUILTIN_DATASET
     if args.dataset is not None:
         return args.dataset
-    return '' if args.data_dir else BUILTIN_DATASET
+    return '' if args.data_dir else tdata.BUILTIN_DATASET
 
 
 def surprise_page_name(page: int) -> str:

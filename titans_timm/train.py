@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+import safetensors
 import torch
 import torch.nn as nn
 import yaml
@@ -59,8 +60,8 @@ try:
 except ImportError:  # Windows: no advisory file locks, run folders are not guarded
     fcntl = None
 
-import titans_timm  # noqa: F401  (registers the titans-timm model names with timm)
 from titans_timm import checkpoint as ckpt
+from titans_timm import data as tdata
 from titans_timm import run_record, two_phase
 from titans_timm.devices import device_problem
 from titans_timm.evaluate import evaluate_model
@@ -138,7 +139,6 @@ class _ParseKwargs(ParseKwargs):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; flag names and dests follow timm's train.py."""
-    from titans_timm.data import BUILTIN_DATASET
     p = _Parser(
         prog='titans-timm-train', description='Two-phase fine-tuning of (memory-augmented) timm models.')
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe; keys are argparse dests')
@@ -147,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (positional, as in timm)')
     g.add_argument('--data-dir', metavar='DIR', help='path to dataset root (image folders or HF datasets cache)')
     g.add_argument('--dataset', default=None, metavar='NAME',
-                   help=f'dataset: {BUILTIN_DATASET} (built in), a preset (cifar10, imagenet, ...), hf:ORG/NAME '
+                   help=f'dataset: {tdata.BUILTIN_DATASET} (built in), a preset (cifar10, imagenet, ...), hf:ORG/NAME '
                         f'or hfds/ORG/NAME, or "" for an image folder in --data-dir (default: the image folder '
-                        f'given by DIR / --data-dir, else {BUILTIN_DATASET})')
+                        f'given by DIR / --data-dir, else {tdata.BUILTIN_DATASET})')
     g.add_argument('--train-split', default='train', metavar='NAME')
     g.add_argument('--val-split', default='validation', metavar='NAME', help='evaluation split ("" for none)')
     g.add_argument('--train-num-samples', type=int, default=None, metavar='N',
@@ -402,8 +402,7 @@ def _resolve_dataset(args) -> None:
     if getattr(args, 'data', None) and not args.data_dir:
         args.data_dir = args.data
     if args.dataset is None:
-        from titans_timm.data import BUILTIN_DATASET
-        args.dataset = '' if args.data_dir else BUILTIN_DATASET
+            args.dataset = '' if args.data_dir else tdata.BUILTIN_DATASET
 
 
 def _check_resume_args(args, saved_cfg: Dict[str, Any], run_dir: Path) -> None:
@@ -440,7 +439,6 @@ def _checkpoint_head_size(path: str, meta: Dict[str, Any], classifier: str) -> O
         return int(nc)
     key = f'{classifier}.weight'
     if path.endswith('.safetensors'):
-        import safetensors
         with safetensors.safe_open(path, framework='pt') as f:
             if key in f.keys():
                 return int(f.get_slice(key).get_shape()[0])
@@ -598,7 +596,6 @@ def _model_from_run(args, weights: Path):
 
 
 def _create_dataset(args, split: str, is_training: bool, num_samples: Optional[int]):
-    from titans_timm import data as tdata
     try:
         # num_samples: a fixed, class-balanced subset chosen by the data module (not per epoch).
         dataset = tdata.create_dataset(
@@ -1539,7 +1536,6 @@ def _shared_experiment_dir(args, data_config, lock: Optional[_RunFolderLock] = N
 
 def _check_args(args) -> None:
     """Checks that need no data, model or process group; every failure is a :class:`TrainInputError`."""
-    from titans_timm.data import BUILTIN_DATASETS
     problem = device_problem(args.device)
     if problem:
         where = f' (from {Path(args.resume) / run_record.RECORD_NAME})' if args.resume else ''
@@ -1553,7 +1549,7 @@ def _check_args(args) -> None:
         raise TrainInputError(f'--output {args.output} is a file, not a folder; pass a folder for the runs')
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise TrainInputError(f'data directory not found: {args.data_dir}; check --data-dir')
-    if args.data_dir and args.dataset.strip().lower().replace('_', '-') in BUILTIN_DATASETS:
+    if args.data_dir and args.dataset.strip().lower().replace('_', '-') in tdata.BUILTIN_DATASETS:
         raise TrainInputError(f'dataset {args.dataset!r} is built in and reads no data directory; to train on the '
                               f'image folder {args.data_dir}, pass --dataset "" (or no --dataset)')
     _check_model_name(args.model)
