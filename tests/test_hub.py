@@ -10,10 +10,12 @@
   preupload, commit) that records what arrives; failed uploads give one clear error.
 """
 import base64
+import hashlib
 import http.server
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -189,12 +191,20 @@ print(model.pretrained_cfg['source'], model.pretrained_cfg.get('label_names')[0]
 '''
 
 
+def _as_downloaded(folder: Path, cache: Path, repo_id: str) -> Path:
+    """Put ``folder``'s files into a Hugging Face cache the way a download of ``repo_id`` would leave them:
+    ``models--ORG--NAME/refs/main`` holds a 40-hex commit, ``snapshots/<commit>/`` the files."""
+    sha = hashlib.sha1(b''.join(p.name.encode() + p.read_bytes() for p in sorted(folder.iterdir()))).hexdigest()
+    repo = cache / ('models--' + repo_id.replace('/', '--'))
+    shutil.copytree(folder, repo / 'snapshots' / sha)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(sha)
+    return repo / 'snapshots' / sha
+
+
 def test_hf_hub_load_from_offline_cache_identical(mac_run, mac_export, tmp_path):
     cache = tmp_path / 'hf_cache'
-    snapshot = hub.populate_cache(mac_export, 'titans-org/tiny-mac', cache_dir=cache)
-    repo = cache / 'models--titans-org--tiny-mac'
-    sha = (repo / 'refs' / 'main').read_text()
-    assert re.fullmatch(r'[0-9a-f]{40}', sha) and snapshot == repo / 'snapshots' / sha
+    snapshot = _as_downloaded(mac_export, cache, 'titans-org/tiny-mac')
     assert {'config.json', 'model.safetensors'} <= {p.name for p in snapshot.iterdir()}
 
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
@@ -603,7 +613,6 @@ def test_card_template_is_found_in_the_installed_layouts():
 
 def test_wheel_ships_the_card_template(tmp_path):
     """``pip install titans-timm`` (a wheel, no source tree) must still find hub_cards/model_card.md."""
-    import shutil
     import zipfile
     root = Path(__file__).resolve().parent.parent
     src = tmp_path / 'src'
