@@ -21,6 +21,13 @@ Choices (the issue is silent on them):
   state, which also makes the train time comparable. Its output goes to ``OUTPUT/NAME/train.log``
   (``--verbose`` streams it instead); on failure the log's tail is printed, the sweep moves on and the
   run is listed as failed (exit status 1 at the end).
+* ``-j/--jobs N`` trains up to N runs at once, each with ``OMP_NUM_THREADS=max(1, cores // N)`` unless the user
+  set it; every run gets the same thread count whatever order the slots free up in, so a run's weights do not
+  depend on N beyond that count (which is recorded as ``omp_num_threads`` in its ``sweep_run.json``). Output then
+  always goes to the logs, the sweep prints a line as each run starts and ends, and the runs are evaluated in plan
+  order once all have trained. Ctrl-C (or SIGTERM) reaches only the sweep (each run has its own session); it
+  passes one SIGINT to every run still training, which finishes its step and writes its resumable checkpoint, and
+  exits 130.
 * A run is finished when ``OUTPUT/NAME/model.safetensors`` and training's final summary
   ``OUTPUT/NAME/results.json`` exist (training writes both only when it completes). A re-run skips
   finished runs; an interrupted run (one with ``train_state.pth`` but no final summary) continues with
@@ -51,6 +58,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -61,7 +69,7 @@ from titans_timm.run_record import ARGS_NAME, RECORD_NAME, RunRecord, file_sha25
 
 __all__ = ['SIZES', 'APPROACHES', 'SweepError', 'SweepRun', 'build_parser', 'plan_runs', 'is_finished',
            'trained_with', 'settings_difference', 'eval_argv', 'summarize', 'results_markdown', 'write_results',
-           'main', 'cli', 'RESULT_COLUMNS', 'SUMMARY_COLUMNS']
+           'main', 'cli', 'cpu_cores', 'training_threads', 'RESULT_COLUMNS', 'SUMMARY_COLUMNS']
 
 SIZES = ('tiny', 'small', 'base')
 APPROACHES = ('mal', 'mac', 'mag')
@@ -77,6 +85,7 @@ SUMMARY_COLUMNS = ('name', 'size', 'approach', 'memory_type', 'status', 'seeds',
                    'top1_ci_low', 'top1_ci_high', 'test_se', 'delta_mean', 'delta_sd', 'delta_ci_low',
                    'delta_ci_high', 'delta_excludes_zero', 'pairs', 'train_time_s', 'img_per_sec')
 CONFIDENCE = 0.95
+EXIT_INTERRUPTED = 130  # Ctrl-C, as the trainer exits
 
 
 class SweepError(Exception):
@@ -131,8 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train every variant and the baseline with N seeds (the recipe's seed, +1, ...; "
                              "default 1: the recipe's seed) and report means, 95%% t-intervals and the paired "
                              "difference to the baseline")
+    parser.add_argument('-j', '--jobs', type=int, default=1, metavar='N',
+                        help='train up to N runs at once, each a subprocess with OMP_NUM_THREADS=max(1, cores // N) '
+                             'unless you set OMP_NUM_THREADS (the thread count is part of what a run reproduces: '
+                             '-j 2 on 2 cores gives the weights of OMP_NUM_THREADS=1 -j 1). With N > 1 every run '
+                             'writes its output to OUTPUT/NAME/train.log and the sweep prints one line as each '
+                             'starts and ends; the runs are evaluated one by one once all have trained. '
+                             'Default 1: one run at a time, each evaluated as it ends')
     parser.add_argument('--verbose', action='store_true', default=False,
-                        help='stream training output instead of writing OUTPUT/NAME/train.log')
+                        help='stream training output instead of writing OUTPUT/NAME/train.log (-j 1 only)')
     return parser
 
 
@@ -281,6 +297,11 @@ def _train_command(config: str, run: SweepRun, output: str, passthrough: Sequenc
             *(['--resume', os.path.join(output, run['name'])] if resume else ['--force'])]
 
 
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f'{minutes}:{seconds:02d}'
+
+
 def _tail(path: str, lines: int = 15) -> str:
     try:
         with open(path, errors='replace') as f:
@@ -289,26 +310,125 @@ def _tail(path: str, lines: int = 15) -> str:
         return ''
 
 
-def _train(config: str, run: SweepRun, output: str, passthrough: Sequence[str], verbose: bool,
-           resume: bool = False) -> dict:
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as ``taskset`` or a container sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def training_threads(jobs: int) -> Optional[str]:
+    """``OMP_NUM_THREADS`` each training subprocess gets: the user's own setting if there is one, else
+    ``max(1, cores // jobs)`` for ``jobs`` above 1, else ``None`` (torch's default, as one job at a time always had).
+
+    Torch's thread count changes how sums are split, so it is part of what a run reproduces: ``-j 2`` on 2 cores
+    gives every run one thread, and so gives the same weights as ``OMP_NUM_THREADS=1`` with ``-j 1``."""
+    if os.environ.get('OMP_NUM_THREADS'):
+        return os.environ['OMP_NUM_THREADS']
+    return str(max(1, cpu_cores() // jobs)) if jobs > 1 else None
+
+
+def _prepare_run_dir(config: str, run: SweepRun, output: str, passthrough: Sequence[str], cmd: List[str],
+                     threads: Optional[str]) -> str:
     run_dir = os.path.join(output, run['name'])
     os.makedirs(run_dir, exist_ok=True)
     # Stale markers of an earlier attempt must not make a failed run look finished.
     for name in (CHECKPOINT, RUN_SUMMARY, EVAL_REPORT):
         if os.path.isfile(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
-    cmd = _train_command(config, run, output, passthrough, resume=resume)
     # Recorded before training, so an interrupted run is resumed only with the same settings too.
-    _write_record(run_dir, dict(run, trained_with=trained_with(config, run, passthrough), command=cmd))
-    log_path = os.path.join(run_dir, 'train.log')
-    start = time.perf_counter()
-    if verbose:
-        rc = subprocess.call(cmd)
-    else:
-        with open(log_path, 'w') as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-    elapsed = time.perf_counter() - start
-    return dict(returncode=rc, train_time_s=elapsed, command=cmd, log=None if verbose else log_path)
+    _write_record(run_dir, dict(run, trained_with=trained_with(config, run, passthrough), command=cmd,
+                                omp_num_threads=threads))
+    return run_dir
+
+
+class _Slots:
+    """Up to ``jobs`` training subprocesses at once, each in its own session so that a terminal's Ctrl-C reaches
+    only the sweep, which passes it on once (:meth:`stop`). Output goes to ``OUTPUT/NAME/train.log``, or to the
+    terminal with ``to_terminal`` (one job only: bars of two runs would overwrite each other).
+
+    Used as a context manager: leaving it by an exception (Ctrl-C, SIGTERM) stops the trainings still running."""
+
+    def __init__(self, jobs: int, threads: Optional[str], to_terminal: bool = False):
+        self.jobs = jobs
+        self.env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=threads)
+        self.to_terminal = to_terminal and jobs == 1
+        self.running: List[dict] = []
+        self._previous_sigterm = None
+
+    def __enter__(self):
+        try:  # a scheduler's SIGTERM stops the trainings the way Ctrl-C does
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if self.running:
+                self.stop()
+        finally:
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+                self._previous_sigterm = None
+
+    def full(self) -> bool:
+        return len(self.running) >= self.jobs
+
+    def start(self, cmd: List[str], log_path: str, **info) -> dict:
+        """Start ``cmd``; ``info`` (the run, its index ...) comes back with it from :meth:`wait`."""
+        log = None if self.to_terminal else open(log_path, 'w')
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=None if log is None else subprocess.STDOUT,
+                                    env=self.env, start_new_session=True)
+        except BaseException:
+            if log is not None:
+                log.close()
+            raise
+        job = dict(info, proc=proc, log_file=log, command=cmd, log=None if log is None else log_path,
+                   start=time.perf_counter())
+        self.running.append(job)
+        return job
+
+    def wait(self) -> List[dict]:
+        """Block until at least one training has ended; return the ended ones (``returncode``, ``train_time_s``:
+        wall time) in the order they were started. Empty when none is running."""
+        while self.running:
+            ended = [job for job in self.running if job['proc'].poll() is not None]
+            if ended:
+                now = time.perf_counter()
+                for job in ended:
+                    if job['log_file'] is not None:
+                        job['log_file'].close()
+                    job.update(returncode=job['proc'].returncode, train_time_s=now - job['start'])
+                self.running = [job for job in self.running if job not in ended]
+                return ended
+            time.sleep(0.1)
+        return []
+
+    def stop(self):
+        """Ctrl-C: one SIGINT to every running training (it finishes its step, writes its resumable checkpoint and
+        exits 130), then wait for them; a second Ctrl-C sends another (they abort), a third kills them."""
+        for attempt in range(3):
+            for job in self.running:
+                if attempt < 2:
+                    job['proc'].send_signal(signal.SIGINT)
+                else:
+                    job['proc'].kill()
+            if attempt == 0 and self.running:
+                print(f'stopping {len(self.running)} training run(s); each writes its resumable checkpoint '
+                      f'(Ctrl-C again aborts them)', file=sys.stderr, flush=True)
+            try:
+                while self.running:
+                    self.wait()
+                return
+            except KeyboardInterrupt:
+                continue
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _write_record(run_dir: str, record: dict):
@@ -518,6 +638,8 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
     memory_types = _split_list(args.memory_types, _memory_types(), '--memory-types')
     if args.seeds < 1:
         raise SweepError(f'--seeds must be at least 1, got {args.seeds}')
+    if args.jobs < 1:
+        raise SweepError(f'--jobs must be at least 1, got {args.jobs}')
     owned_flags = ('--model', '--output', '--experiment', '-c', '--config') + (('--seed',) if args.seeds > 1 else ())
     owned = [a for a in passthrough if a.split('=')[0] in owned_flags]
     if owned:
@@ -548,6 +670,8 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
                 (stale if finished else restart)[run['name']] = why
 
     if args.dry_run:
+        # The thread count the sweep sets is part of each command (it shapes the weights); the user's own is theirs.
+        threads = None if os.environ.get('OMP_NUM_THREADS') else training_threads(args.jobs)
         print(f'plan: {total} runs, recipe {args.config}, output {output}' +
               (f', seeds {", ".join(map(str, seeds))}' if seeds else ''))
         for i, run in enumerate(runs, 1):
@@ -563,8 +687,8 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
             else:
                 state = 'resume + eval'
             print(f'[{i}/{total}] {run["name"]} ({run["model"]}): {state}')
-            print('    ' + shlex.join(_train_command(args.config, run, output, passthrough,
-                                                     resume=state == 'resume + eval')))
+            print('    ' + (f'OMP_NUM_THREADS={threads} ' if threads else '') +
+                  shlex.join(_train_command(args.config, run, output, passthrough, resume=state == 'resume + eval')))
         return dict(plan=runs, rows=[], files={}, failed=[])
     if stale:
         name, why = next(iter(stale.items()))
@@ -573,48 +697,93 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
                          f'would use ({why}); pass --force to retrain, or a new --output to keep both')
 
     os.makedirs(output, exist_ok=True)
+    threads = training_threads(args.jobs)
+    if args.jobs > 1:
+        print(f'{args.jobs} trainings at a time, OMP_NUM_THREADS={threads} each ({cpu_cores()} cores); each '
+              f'writes OUTPUT/NAME/train.log', flush=True)
     rows, failed = [], []
-    for i, run in enumerate(runs, 1):
-        run_dir = os.path.join(output, run['name'])
-        prefix = f'[{i}/{total}] {run["name"]}'
-        if is_finished(run_dir) and not args.force:
-            status = 'skipped'
-            print(f'{prefix}: finished earlier, skipping', flush=True)
-        else:
-            resume = not args.force and os.path.isfile(os.path.join(run_dir, TRAIN_STATE))
-            if resume and run['name'] in restart:
-                print(f'{prefix}: the interrupted run had other settings ({restart[run["name"]]}); starting it '
-                      f'over', flush=True)
-                resume = False
-            print(f'{prefix}: ' + ('resuming the interrupted run' if resume else 'training'), flush=True)
-            result = _train(args.config, run, output, passthrough, args.verbose, resume=resume)
-            if result['returncode'] != 0 or not is_finished(run_dir):
-                failed.append(run['name'])
-                why = f'exit status {result["returncode"]}' if result['returncode'] else \
-                    f'no {CHECKPOINT} + {RUN_SUMMARY} written'
-                print(f'{prefix}: training failed ({why}); log: {result["log"]}', flush=True)
-                if result['log']:
-                    print(_tail(result['log']), end='', flush=True)
-                rows.append(_result_row(run, run_dir, 'failed'))
-                continue
-            _write_record(run_dir, dict(run, trained_with=trained_with(args.config, run, passthrough),
-                                        wall_time_s=result['train_time_s'], command=result['command'],
-                                        finished_at=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
-            status = 'done'
+    trained: Dict[int, Optional[str]] = {}  # plan index -> 'skipped', 'done' or 'failed' once training is over
+    t0 = time.perf_counter()
+
+    def training_ended(job: dict):
+        run, run_dir, prefix = job['run'], job['run_dir'], job['prefix']
+        if job['returncode'] != 0 or not is_finished(run_dir):
+            trained[job['index']] = 'failed'
+            why = f'exit status {job["returncode"]}' if job['returncode'] else \
+                f'no {CHECKPOINT} + {RUN_SUMMARY} written'
+            took = f' after {job["train_time_s"]:.0f} s' if args.jobs > 1 else ''
+            print(f'{prefix}: training failed ({why}){took}; log: {job["log"]}', flush=True)
+            if job['log']:
+                print(_tail(job['log']), end='', flush=True)
+            return
+        _write_record(run_dir, dict(run, trained_with=trained_with(args.config, run, passthrough),
+                                    omp_num_threads=threads, wall_time_s=job['train_time_s'],
+                                    command=job['command'],
+                                    finished_at=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
+        trained[job['index']] = 'done'
+        if args.jobs > 1:
+            print(f'{prefix}: trained in {job["train_time_s"]:.0f} s ({_clock(time.perf_counter() - t0)} '
+                  f'into the sweep)', flush=True)
+
+    def report(i: int, run: SweepRun):
+        """The run's row, in plan order: failed, or evaluated (see _evaluate)."""
+        run_dir, prefix = os.path.join(output, run['name']), f'[{i}/{total}] {run["name"]}'
+        status = trained[i]
+        if status == 'failed':
+            failed.append(run['name'])
+            rows.append(_result_row(run, run_dir, 'failed'))
+            return
         from titans_timm.evaluate import EvalError
         try:
-            report = _evaluate(run_dir, args.eval_split, prefix)
+            result = _evaluate(run_dir, args.eval_split, prefix)
         except (EvalError, SystemExit) as e:  # SystemExit: argparse rejected the run's args
             failed.append(run['name'])
             print(f'{prefix}: evaluation failed: {e}', flush=True)
             rows.append(_result_row(run, run_dir, 'eval failed'))
-            continue
-        row = _result_row(run, run_dir, status, report)
+            return
+        row = _result_row(run, run_dir, status, result)
         rows.append(row)
         print(f'{prefix}: top-1 {_fmt(row["top1"], ".2f")}%  top-5 {_fmt(row["top5"], ".2f")}%  '
               f'train {_fmt(row["train_time_s"], ".0f")} s  {_fmt(row["img_per_sec"], ".1f")} img/s', flush=True)
         _add_deltas(rows)
         write_results(rows, output)  # after every run, so an interrupted sweep still has its table
+
+    # One job: train a run, evaluate it, next run (the table grows as the sweep goes). More jobs: the runs train
+    # in plan order as slots free up, then all are evaluated in plan order, in this process, with no training
+    # beside it (img/s stays comparable; the evaluator's results do not depend on --jobs).
+    with _Slots(args.jobs, threads, to_terminal=args.verbose) as slots:
+        for i, run in enumerate(runs, 1):
+            run_dir = os.path.join(output, run['name'])
+            prefix = f'[{i}/{total}] {run["name"]}'
+            if is_finished(run_dir) and not args.force:
+                trained[i] = 'skipped'
+                print(f'{prefix}: finished earlier, skipping', flush=True)
+            else:
+                while slots.full():
+                    for job in slots.wait():
+                        training_ended(job)
+                resume = not args.force and os.path.isfile(os.path.join(run_dir, TRAIN_STATE))
+                if resume and run['name'] in restart:
+                    print(f'{prefix}: the interrupted run had other settings ({restart[run["name"]]}); starting it '
+                          f'over', flush=True)
+                    resume = False
+                cmd = _train_command(args.config, run, output, passthrough, resume=resume)
+                _prepare_run_dir(args.config, run, output, passthrough, cmd, threads)
+                log = os.path.join(run_dir, 'train.log')
+                print(f'{prefix}: ' + ('resuming the interrupted run' if resume else 'training') +
+                      (f' ({_clock(time.perf_counter() - t0)} into the sweep, log: {log})' if args.jobs > 1 else ''),
+                      flush=True)
+                slots.start(cmd, log, index=i, run=run, run_dir=run_dir, prefix=prefix)
+            if args.jobs == 1:
+                for job in slots.wait():
+                    training_ended(job)
+                report(i, run)
+        while slots.running:
+            for job in slots.wait():
+                training_ended(job)
+    if args.jobs > 1:
+        for i, run in enumerate(runs, 1):
+            report(i, run)
 
     _add_deltas(rows)
     files = write_results(rows, output)
@@ -630,7 +799,8 @@ def main(argv: Optional[Sequence[str]] = None):
 
     Returns ``{'plan', 'rows', 'files', 'failed'}``. Called without ``argv`` (the console script, which hands
     the return value to ``sys.exit``) it returns the exit status instead: 0, or 1 if any run failed. Bad input
-    prints ``error: ...`` and raises ``SystemExit(2)``.
+    prints ``error: ...`` and raises ``SystemExit(2)``; Ctrl-C (or SIGTERM) stops the trainings under way, each
+    writing its resumable checkpoint, and raises ``SystemExit(130)``.
     """
     as_cli = argv is None
     own, passthrough = _split_argv(sys.argv[1:] if as_cli else argv)
@@ -640,6 +810,10 @@ def main(argv: Optional[Sequence[str]] = None):
     except SweepError as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; the trainings still running were stopped (_Slots.stop)
+        print('interrupted: run the same command again to resume the stopped runs and skip the finished ones',
+              file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     if as_cli:
         return 1 if result['failed'] else 0
     return result
