@@ -344,3 +344,99 @@ def test_missing_recipe(tmp_path, capsys):
         sweep.main(['-c', str(tmp_path / 'nope.yaml'), '--output', str(tmp_path / 'out')])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and err.startswith('error: ') and 'not found' in err
+
+
+def test_jobs_threads_follow_cores_unless_set(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(sweep, 'cpu_cores', lambda: 8)
+    assert [sweep.training_threads(j) for j in (1, 2, 3, 16)] == [None, '4', '2', '1']  # -j 1: torch's default
+    sweep.main(['-c', recipe, '--approaches', 'mag', '--memory-types', 'mlp', '--output', str(tmp_path / 'out'),
+                '-j', '2', '--dry-run'])
+    # the printed command is the one the sweep runs, thread count included
+    command = next(line.strip() for line in capsys.readouterr().out.splitlines() if 'titans_timm.train' in line)
+    assert shlex.split(command)[:2] == ['OMP_NUM_THREADS=4', sys.executable]
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')  # the user's own setting wins
+    assert [sweep.training_threads(j) for j in (1, 2, 16)] == ['3', '3', '3']
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(['-c', recipe, '--output', str(tmp_path / 'out'), '--jobs', '0'])
+    assert exc.value.code == 2 and '--jobs must be at least 1' in capsys.readouterr().err
+
+
+def _weights_and_top1(out, names):
+    from titans_timm.run_record import file_sha256
+    return {n: (file_sha256(out / n / 'model.safetensors'),
+                json.loads((out / n / 'eval_report.json').read_text())['top1']) for n in names}
+
+
+def test_two_jobs_give_the_runs_of_one_job(recipe, tmp_path, monkeypatch, capsys):
+    """Runs trained two at a time equal runs trained one after another with the same thread count: weights
+    (sha256), top-1, the table's order and the records."""
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    argv = ['-c', recipe, '--approaches', 'mag', '--memory-types', 'mlp']
+    names = ['vit_tiny_baseline', 'vit_tiny_mag_mlp']
+    one = sweep.main(argv + ['--output', str(tmp_path / 'one')])
+    capsys.readouterr()
+    two = sweep.main(argv + ['--output', str(tmp_path / 'two'), '--jobs', '2'])
+    printed = capsys.readouterr().out
+    assert one['failed'] == two['failed'] == []
+    assert [r['name'] for r in two['rows']] == [r['name'] for r in one['rows']] == names
+    assert _weights_and_top1(tmp_path / 'two', names) == _weights_and_top1(tmp_path / 'one', names)
+    # one line as each run starts and as it ends; the children's own output is in their logs
+    assert '[1/2] vit_tiny_baseline: training (0:0' in printed and '[2/2] vit_tiny_mag_mlp: trained in ' in printed
+    assert 'Train:' not in printed
+    for n in names:
+        record = json.loads((tmp_path / 'two' / n / 'sweep_run.json').read_text())
+        assert record['omp_num_threads'] == '1' and record['trained_with'] == \
+            json.loads((tmp_path / 'one' / n / 'sweep_run.json').read_text())['trained_with']
+        assert (tmp_path / 'two' / n / 'train.log').stat().st_size > 0
+    again = sweep.main(argv + ['--output', str(tmp_path / 'two'), '--jobs', '2'])
+    assert [r['status'] for r in again['rows']] == ['skipped'] * 2
+
+
+def test_a_failed_run_does_not_stop_the_other_slot(recipe, tmp_path, monkeypatch, capsys):
+    train_command = sweep._train_command
+
+    def fails_for_seed0(config, run, output, passthrough, resume=False):
+        if run['seed'] == 0:
+            return [sys.executable, '-c', 'import sys; print("no such luck"); sys.exit(3)']
+        return train_command(config, run, output, passthrough, resume)
+
+    monkeypatch.setattr(sweep, '_train_command', fails_for_seed0)
+    out = tmp_path / 'sweep'
+    result = sweep.main(['-c', recipe, '--approaches', 'mag', '--memory-types', 'mlp', '--no-baseline', '--seeds',
+                         '2', '--output', str(out), '-j', '2'])
+    printed = capsys.readouterr().out
+    assert result['failed'] == ['vit_tiny_mag_mlp-seed0']
+    assert '[1/2] vit_tiny_mag_mlp-seed0: training failed (exit status 3)' in printed and 'no such luck' in printed
+    assert [r['status'] for r in result['rows']] == ['failed', 'done'] and result['rows'][1]['top1'] is not None
+    assert sweep.is_finished(str(out / 'vit_tiny_mag_mlp-seed1'))
+
+
+def test_ctrl_c_stops_every_slot_resumably(recipe, tmp_path, capsys):
+    """Ctrl-C on the terminal reaches the sweep's process group only; the sweep passes one SIGINT to each
+    training, which writes its resumable checkpoint, and exits 130. A re-run resumes both."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+    out = tmp_path / 'sweep'
+    names = ['vit_tiny_mag_mlp-seed0', 'vit_tiny_mag_mlp-seed1']
+    own = ['-c', recipe, '--approaches', 'mag', '--memory-types', 'mlp', '--no-baseline', '--seeds', '2',
+           '--output', str(out), '-j', '2']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, '-m', 'titans_timm.sweep', *own, '--', '--epochs', '500'], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not all((out / n / 'train_state.pth').is_file() for n in names):  # both past their first epoch
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    printed, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, printed
+    assert 'Traceback' not in printed and 'stopping 2 training run(s)' in printed and 'interrupted: ' in printed
+    for n in names:
+        log = (out / n / 'train.log').read_text()
+        assert 'writing a resumable checkpoint' in log and 'Traceback' not in log, log[-2000:]
+        assert not (out / n / 'model.safetensors').exists()
+    sweep.main(own + ['--dry-run', '--', '--epochs', '500'])
+    assert capsys.readouterr().out.count('resume + eval') == 2
