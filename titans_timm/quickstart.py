@@ -13,8 +13,10 @@
    and surprise maps (``titans-timm-eval --visualize --surprise-maps``).
 
 Each part prints how long it took. A re-run reuses finished runs (``--force`` trains again). With the defaults
-(6 runs of 2 epochs on 5,000 images, each evaluated on 5,000 test images) it took 18 minutes on 2 CPU cores with
-one torch thread; ``--seeds 2`` takes two thirds of that.
+(6 runs of 2 epochs on 5,000 images, each evaluated on 5,000 test images) one run at a time (``-j 1``) took 18
+minutes on 2 CPU cores with one torch thread; ``--seeds 2`` takes two thirds of that. On a machine with 2 or more
+cores the default is ``-j 2``: two runs train at once, each with half the cores as torch threads (one each on 2
+cores, so the same weights as ``-j 1`` with ``OMP_NUM_THREADS=1``), their output in ``OUTPUT/NAME/train.log``.
 """
 import argparse
 import os
@@ -53,7 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--output', default='output/quickstart', metavar='DIR', help='where runs and pictures go')
     parser.add_argument('--surprise-maps', type=int, default=8, metavar='N', help='surprise maps of N test images')
     parser.add_argument('--force', action='store_true', default=False, help='train every run again')
+    parser.add_argument('-j', '--jobs', type=int, default=default_jobs(), metavar='N',
+                        help='train up to N runs at once (titans-timm-sweep --jobs; default: 2 on a machine with 2 or '
+                             f'more cores, else 1; here {default_jobs()}); with N > 1 each run writes its output to '
+                             'OUTPUT/NAME/train.log')
     return parser
+
+
+def default_jobs() -> int:
+    """Two trainings at once where there are 2 cores for them (each gets half the cores as torch threads), else 1."""
+    from titans_timm.sweep import cpu_cores
+    return 2 if cpu_cores() >= 2 else 1
 
 
 def check_step0(model_name: str, num_images: int = 256) -> float:
@@ -114,10 +126,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     times['backbone'] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    print(f'== 2/3 transfer: {args.model} vs the plain fine-tune, {args.seeds} seeds each ==', flush=True)
+    print(f'== 2/3 transfer: {args.model} vs the plain fine-tune, {args.seeds} seeds each, '
+          f'{args.jobs} run(s) at a time ==', flush=True)
     sweep_argv = ['-c', args.config, '--model-sizes', 'tiny', '--approaches', approach, '--memory-types',
                   memory_type, '--seeds', str(args.seeds), '--eval-split', 'test', '--output', args.output,
-                  '--verbose'] + (['--force'] if args.force else [])
+                  '--jobs', str(args.jobs), '--verbose'] + (['--force'] if args.force else [])
     try:
         result = sweep.main(sweep_argv)
     except SystemExit as e:
