@@ -57,10 +57,11 @@ peak training memory <= 2x; numbers in the README):
   than 16-token chunks at 197 tokens. Titans' multi-chunk momentum path stays one option away
   (``memory_options={'chunk_size': 16}``).
 """
+import contextlib
 import json
 import logging
-import math
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
@@ -68,6 +69,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import Attention, AttentionRope, DropPath, LayerNorm, LayerScale, trunc_normal_
@@ -75,9 +77,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, named_apply
-from timm.models.vision_transformer import Block, VisionTransformer, get_init_weights_vit
+from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from .memory import MEMORY_TYPES, MemoryState, NotScriptableError, TitansMemory, create_memory
@@ -300,6 +300,55 @@ def _project_qkv(attn: nn.Module, h: torch.Tensor, ctx: torch.Tensor) -> Tuple[t
     return q, k, v, kc, vc
 
 
+class _MemoryPass:
+    """The MAC memory state of one call of the model's ``forward_features`` / ``forward_intermediates``.
+
+    timm's ``VisionTransformer`` runs its blocks as ``x = blk(x)`` (``self.blocks(x)``, ``checkpoint_seq``, the
+    ``forward_intermediates`` loop), so the state that recurs through depth cannot travel as an argument. The model
+    opens a pass around timm's own forward (``TitansVisionTransformer._memory_pass``); each MAC block reads the state
+    the earlier MAC blocks left and advances it. A pass starts from M0 and is closed when the call ends, however it
+    ends, so no state outlives the call or reaches another image or call. Passes are per thread.
+    """
+
+    def __init__(self, memory: TitansMemory, record: bool = False) -> None:
+        """
+        Args:
+            memory: The model's shared memory module.
+            record: Keep the state each MAC block reads for gradient checkpointing's recompute (see
+                ``MemoryContextBlock.forward``): True while the model checkpoints with gradients enabled.
+        """
+        self.memory = memory
+        self.state: Optional[MemoryState] = None   # None: M0
+        self.record = record
+
+
+# the open pass of each thread (an object attribute, not a ContextVar: torch.compile traces threading.local)
+_OPEN_PASS = threading.local()
+
+# Gradient checkpointing recomputes a block in the backward pass, after the call's pass has closed, calling it again
+# with the same input tensor (timm's default, non-reentrant checkpoint, hands the saved tensor back). The recompute
+# must see the state the first run saw, so under checkpointing each MAC block's (memory, state) is kept here against
+# its input tensor. An entry lives exactly as long as that tensor (held by the autograd graph until backward): a
+# later call's blocks get new tensors and never find one.
+_RECOMPUTE_STATES = WeakTensorKeyDictionary()
+
+
+def _open_pass() -> Optional[_MemoryPass]:
+    return getattr(_OPEN_PASS, 'current', None)
+
+
+@contextlib.contextmanager
+def _memory_pass_scope(memory_pass: _MemoryPass):
+    # the previous pass is restored, not cleared: a pass opened inside another (one model calling another's forward)
+    # leaves the outer one as it was
+    outer = _open_pass()
+    _OPEN_PASS.current = memory_pass
+    try:
+        yield memory_pass
+    finally:
+        _OPEN_PASS.current = outer
+
+
 class MemoryContextBlock(Block):
     """MAC: persistent tokens and tokens read from a (shared, recurrent) memory join the block's attention.
 
@@ -315,8 +364,9 @@ class MemoryContextBlock(Block):
     Other attention layers (e.g. ``DiffAttention``) are refused at construction; MAL and MAG, which call the
     attention as a whole, take any.
 
-    The memory module is owned by the model (``TitansVisionTransformer.memory``) and passed in with its state;
-    ``forward`` returns ``(x, state)``.
+    The memory module is owned by the model (``TitansVisionTransformer.memory``); ``forward(x)`` takes it and the
+    state left by earlier MAC blocks from the model's open ``_MemoryPass``, so timm's block loops call it like any
+    ``Block``. It takes no attention mask (the retrieved tokens see every token).
     """
 
     def __init__(
@@ -401,24 +451,38 @@ class MemoryContextBlock(Block):
     def forward(
             self,
             x: torch.Tensor,
-            memory: TitansMemory,
-            state: Optional[MemoryState] = None,
-    ) -> Tuple[torch.Tensor, Optional[MemoryState]]:
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
         """
         Args:
             x: Tokens ``[B, N, D]``.
-            memory: The model's shared memory module.
-            state: Memory state left by earlier MAC blocks (``None``: start from M0).
+            attn_mask, is_causal: timm's block arguments; MAC refuses both (``ValueError``).
 
         Returns:
-            ``(x, state)``: the block output and the memory state after writing this block's tokens (``mlp``, never
-            written, hands its state back unchanged).
+            The block output ``[B, N, D]``. The open pass's state advances to the state after writing this block's
+            tokens (``mlp``, never written, leaves it unchanged).
         """
+        _check_no_attn_mask(attn_mask, is_causal)
+        memory_pass = _open_pass()
+        if memory_pass is not None:
+            memory, state = memory_pass.memory, memory_pass.state
+            if memory_pass.record:
+                _RECOMPUTE_STATES[x] = (memory, state)
+        elif x in _RECOMPUTE_STATES:   # checkpointing's recompute in the backward pass
+            memory, state = _RECOMPUTE_STATES[x]
+        else:
+            raise RuntimeError(
+                'a MAC block reads the memory state of its model\'s forward: call the model (forward, '
+                'forward_features, forward_intermediates), not the block alone; under gradient checkpointing use '
+                'timm\'s default non-reentrant checkpoint (TIMM_REENTRANT_CKPT unset)')
         state = memory.write(x, state)  # the memory layer-norms its input itself
         ctx = self._read_context(x, memory, state)
         x = x + self.drop_path1(self.ls1(self._attention(self.norm1(x), ctx)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, state
+        if memory_pass is not None:
+            memory_pass.state = state
+        return x
 
 
 class TitansVisionTransformer(VisionTransformer):
@@ -519,7 +583,7 @@ class TitansVisionTransformer(VisionTransformer):
 
     @torch.jit.ignore
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
-        """timm's ViT init for the backbone; memory modules and gates get their own init (gates zero).
+        """timm's ViT init for the backbone, then the memory's own init (gates zero).
 
         Args:
             mode: Weight initialization mode ('jax', 'jax_nlhb', 'moco', 'reset' or '').
@@ -529,21 +593,20 @@ class TitansVisionTransformer(VisionTransformer):
         mode = mode or self.weight_init_mode
         if mode not in ('jax', 'jax_nlhb', 'moco', 'reset', ''):
             raise ValueError(f'unknown weight init mode {mode!r}')
-        head_bias = -math.log(self.num_classes) if 'nlhb' in mode and self.num_classes > 0 else 0.
-        if self.pos_embed is not None:
-            trunc_normal_(self.pos_embed, std=.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        if self.reg_token is not None:
-            nn.init.normal_(self.reg_token, std=1e-6)
-        backbone_init = get_init_weights_vit(mode, head_bias, needs_reset=needs_reset)
-
-        def init_backbone_only(module: nn.Module, name: str = '') -> None:
-            # timm's init would overwrite the memory's own init (and our zero gates) with trunc_normal
-            if not is_memory_param(name):
-                backbone_init(module, name=name)
-
-        named_apply(init_backbone_only, self)
+        if mode == 'jax_nlhb' and self.num_classes == 0:
+            mode = 'jax'    # timm biases the head by -log(num_classes); without a head there is nothing to bias
+        # timm's init would draw its own weights for the memory's linear layers, and every backbone weight after
+        # them would then come from a shifted random stream (a seed would no longer give the same backbone):
+        # detach the memory modules while it runs (assigning None keeps each one's place in the module order)
+        hidden = [(parent, name, child) for parent in self.modules() for name, child in parent.named_children()
+                  if is_memory_param(name)]
+        for parent, name, _ in hidden:
+            setattr(parent, name, None)
+        try:
+            super().init_weights(mode, needs_reset)
+        finally:
+            for parent, name, child in reversed(hidden):
+                setattr(parent, name, child)
         if needs_reset:
             # every memory parameter too (new random values from its own init, zero gates): after to_empty()
             # (e.g. a model built with device='meta') they hold no values either. At construction timm passes
@@ -553,8 +616,6 @@ class TitansVisionTransformer(VisionTransformer):
                     blk.reset_memory_params()
             if getattr(self, 'memory', None) is not None:   # unset while timm's __init__ runs
                 self.memory.reset_parameters()
-        if self.fix_init:
-            self.fix_init_weight()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -601,92 +662,28 @@ class TitansVisionTransformer(VisionTransformer):
             return [('memory', self.memory)]
         return [(f'blocks.{i}.memory', self.blocks[i].memory) for i in self.memory_blocks if i < len(self.blocks)]
 
-    def _run_block(
-            self,
-            blk: nn.Module,
-            x: torch.Tensor,
-            state: Optional[MemoryState],
-            attn_mask: Optional[torch.Tensor],
-            is_causal: bool,
-    ) -> Tuple[torch.Tensor, Optional[MemoryState]]:
-        ckpt = self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled()
-        if isinstance(blk, MemoryContextBlock):
-            _check_no_attn_mask(attn_mask, is_causal)
-            if ckpt:
-                return checkpoint(blk, x, self.memory, state)
-            return blk(x, self.memory, state)
-        if attn_mask is not None or is_causal:
-            return blk(x, attn_mask=attn_mask, is_causal=is_causal), state
-        if ckpt:
-            return checkpoint(blk, x), state
-        return blk(x), state
+    def _memory_pass(self) -> contextlib.AbstractContextManager:
+        """The MAC state scope of one forward call (see ``_MemoryPass``); MAL and MAG keep their state inside
+        each block and need none."""
+        if self.memory is None:
+            return contextlib.nullcontext()
+        record = self.grad_checkpointing and torch.is_grad_enabled()
+        return _memory_pass_scope(_MemoryPass(self.memory, record=record))
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
-
-    def forward_features(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        """Patch embed, blocks (threading the MAC memory state through depth), final norm: ``[B, N, D]``."""
-        x = self._embed(x)
-        state = None
-        for blk in self.blocks:
-            x, state = self._run_block(blk, x, state, attn_mask, is_causal)
-        return self.norm(x)
+    def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """timm's ``VisionTransformer.forward_features`` (same arguments), in one memory pass: ``[B, N, D]``."""
+        with self._memory_pass():
+            return super().forward_features(x, *args, **kwargs)
 
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-            output_dict: bool = False,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
+            *args,
+            **kwargs,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
-        """Features of selected blocks, same arguments and outputs as timm's ``VisionTransformer``."""
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
-        x = self._embed(x)
-        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        intermediates = []
-        state = None
-        for i, blk in enumerate(blocks):
-            x, state = self._run_block(blk, x, state, attn_mask, is_causal)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-
-        prefix_tokens = None
-        if self.num_prefix_tokens:
-            prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
-            intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if output_fmt == 'NCHW':
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-
-        if output_dict:
-            out = {'image_intermediates': intermediates}
-            if prefix_tokens is not None and return_prefix_tokens:
-                out['image_intermediates_prefix'] = prefix_tokens
-            if not intermediates_only:
-                out['image_features'] = self.norm(x)
-            return out
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        """timm's ``VisionTransformer.forward_intermediates`` (same arguments and outputs), in one memory pass."""
+        with self._memory_pass():
+            return super().forward_intermediates(x, *args, **kwargs)
 
 
 def split_parameters(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
