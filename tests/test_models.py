@@ -388,6 +388,84 @@ def test_timm_model_api(approach):
 
 
 @pytest.mark.parametrize('approach', APPROACHES)
+def test_intermediates_are_the_blocks_outputs_and_prune_keeps_them(approach):
+    """timm's forward_intermediates returns what each block hands the next (the MAC memory recurring through depth
+    as in forward), and timm's prune_intermediate_layers leaves a model whose intermediates are unchanged."""
+    model = _open_gates(timm.create_model(f'vit_tiny_{approach}_simple', img_size=32, patch_size=8, depth=4,
+                                          memory_blocks=[1, 3], num_classes=3)).eval()
+    x = _images(2)
+    outputs = []
+    handles = [blk.register_forward_hook(lambda m, args, out: outputs.append(out)) for blk in model.blocks]
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        for h in handles:
+            h.remove()
+        final, inter = model.forward_intermediates(x, output_fmt='NLC', return_prefix_tokens=True)
+        assert torch.equal(final, feats)
+        for (spatial, prefix), out in zip(inter, outputs, strict=True):
+            assert torch.equal(torch.cat([prefix, spatial], dim=1), out)
+        assert model.prune_intermediate_layers(indices=[1, 2]) == [1, 2]
+        assert len(model.blocks) == 3
+        pruned = model.forward_intermediates(x, indices=[1, 2], output_fmt='NLC', intermediates_only=True)
+    assert all(torch.equal(a, b[:, model.num_prefix_tokens:]) for a, b in zip(pruned, outputs[1:3], strict=True))
+
+
+def test_mac_memory_state_never_outlives_a_call():
+    """The MAC state lives in a pass the model opens per call: closed even when the call fails half-way (the next
+    call starts from M0 again), one per thread, and a MAC block cannot run outside its model's forward."""
+    from titans_timm import vit
+    model = _open_gates(timm.create_model('vit_tiny_mac_simple', img_size=32, patch_size=8, depth=3,
+                                          memory_blocks=[0, 2], num_classes=3)).eval()
+    x = _images(2)
+    with torch.no_grad():
+        ref = model(x)
+        with pytest.raises(ValueError, match='attn_mask'):   # refused by block 2, after block 0 wrote the state
+            model.forward_features(x, is_causal=True)
+        assert vit._open_pass() is None
+        assert torch.equal(model(x), ref)
+        with pytest.raises(RuntimeError, match='call the model'):
+            model.blocks[0](model.patch_embed(x))
+
+    import threading
+    results = []
+
+    def work():
+        with torch.no_grad():
+            results.extend(model(x) for _ in range(3))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and all(torch.equal(r, ref) for r in results)
+
+
+def test_mac_grad_checkpointing_intermediates_recompute_the_same_state():
+    """Under timm's checkpointing the backward pass recomputes each MAC block after the call has returned: it sees
+    the state the forward saw (same gradients as without checkpointing), and what it kept is gone with the graph."""
+    import gc
+    from titans_timm import vit
+    torch.manual_seed(0)
+    model = _open_gates(timm.create_model('vit_tiny_mac_advanced', img_size=32, patch_size=8, depth=3,
+                                          memory_blocks=[0, 2], num_classes=3))
+    x = _images(2)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        final, inter = model.forward_intermediates(x, indices=[0, 2])
+        (final.square().sum() + sum(t.square().sum() for t in inter)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        del final, inter
+    assert grads[1].keys() == grads[0].keys() and any('memory' in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+    gc.collect()
+    assert len(vit._RECOMPUTE_STATES) == 0
+
+
+@pytest.mark.parametrize('approach', APPROACHES)
 def test_group_matcher_puts_memory_with_its_block(approach):
     model = timm.create_model(f'vit_tiny_{approach}_simple', img_size=32, patch_size=8, depth=4,
                               memory_blocks=[1, 3])

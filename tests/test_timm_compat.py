@@ -105,6 +105,27 @@ def test_meta_device_build_forward_and_materialise(name, one_thread):
     torch.testing.assert_close(model(x), backbone(x))
 
 
+@pytest.mark.parametrize('approach', APPROACHES)
+def test_init_weights_is_timms_init_for_the_backbone(approach, one_thread):
+    """init_weights runs timm's ViT init for every weight init mode with the memory out of its reach: from the same
+    seed the backbone gets exactly the weights timm gives a plain ViT, and every memory gate is zero again."""
+    kwargs = dict(SMALL, depth=3)
+    model = timm.create_model(f'vit_tiny_{approach}_advanced', memory_blocks=[0, 2], **kwargs)
+    vit = timm.create_model('vit_tiny_patch16_224', **kwargs)
+    for mode in ('', 'jax', 'jax_nlhb', 'moco', 'reset'):
+        for m in (model, vit):
+            torch.manual_seed(0)
+            m.init_weights(mode)
+        ours = {k: v for k, v in model.state_dict().items() if 'memory' not in k}
+        assert ours.keys() == vit.state_dict().keys()
+        assert all(torch.equal(v, vit.state_dict()[k]) for k, v in ours.items()), mode
+        assert all((p == 0).all() for n, p in model.named_parameters() if 'memory_ls' in n or 'memory_gate' in n)
+    with pytest.raises(ValueError, match='unknown weight init mode'):
+        model.init_weights('xavier')
+    headless = timm.create_model(f'vit_tiny_{approach}_mlp', **{**kwargs, 'num_classes': 0})
+    headless.init_weights('jax_nlhb')   # timm's -log(num_classes) head bias has no head to go to
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_bfloat16_model_returns_bfloat16(name, one_thread):
     """The memory's inner loop runs in float32; what it hands back is in the model's dtype."""
