@@ -75,7 +75,7 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import Attention, AttentionRope, DropPath, LayerNorm, LayerScale, trunc_normal_
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
@@ -837,13 +837,12 @@ def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
     return None
 
 
-def _check_hub_weights(variant: str, pretrained_cfg: Any, pretrained_cfg_overlay: Optional[Dict[str, Any]],
-                       cache_dir: Optional[str] = None) -> None:
-    """Fail in seconds, with the offline routes, when the weights must come from an unreachable Hub.
+def _check_hub_weights(variant: str, cfg: PretrainedCfg, cache_dir: Optional[str] = None) -> None:
+    """Fail in seconds, with the offline routes, when the weights of the resolved ``cfg`` must come from an
+    unreachable Hub.
 
     Without this, huggingface_hub retries for about a minute and ends in an error that does not say how to
     load the weights offline."""
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     load_from, hub_id = _resolve_pretrained_source(cfg.to_dict())
     if load_from != 'hf-hub':
         return
@@ -874,8 +873,11 @@ def _create_titans_vit(
     tag_args = TAG_MODEL_ARGS.get(_requested_tag(variant, kwargs.get('pretrained_cfg')), {})
     kwargs = {**(model_args or {}), **tag_args, **kwargs}
     if pretrained:
-        _check_hub_weights(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'),
-                           kwargs.get('cache_dir'))
+        # resolved once: timm takes a resolved cfg as it is instead of resolving the tag and overlay again
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
+                                     pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
+        _check_hub_weights(variant, cfg, kwargs.get('cache_dir'))
+        kwargs['pretrained_cfg'] = cfg.to_dict()
     model = build_model_with_cfg(
         TitansVisionTransformer,
         variant,
