@@ -424,8 +424,9 @@ def test_ctrl_c_stops_every_slot_resumably(recipe, tmp_path, capsys):
     own = ['-c', recipe, '--approaches', 'mag', '--memory-types', 'mlp', '--no-baseline', '--seeds', '2',
            '--output', str(out), '-j', '2']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, '-m', 'titans_timm.sweep', *own, '--', '--epochs', '500'], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, '-m', 'titans_timm.sweep', *own, '--', '--epochs', '500'],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not all((out / n / 'train_state.pth').is_file() for n in names):  # both past their first epoch
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
