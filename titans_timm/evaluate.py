@@ -160,22 +160,19 @@ def load_model_for_eval(
     """Build the model to evaluate and describe where it came from.
 
     Args:
-        checkpoint: a run folder of titans-timm-train or a weights file in one, or a single-file checkpoint of
-            :func:`titans_timm.checkpoint.save_model` (they name their architecture), or, with ``model_name``, any
-            safetensors / ``.pth`` state dict to load into that architecture (as in timm's validate.py:
-            ``--model NAME --checkpoint FILE``).
+        checkpoint: a run folder of titans-timm-train or a weights file that names its architecture, or, with
+            ``model_name``, any safetensors / ``.pth`` state dict for that architecture (as timm's validate.py).
         model_name: a timm name: ``local-dir:DIR``, ``hf-hub:ORG/NAME`` or a registered name.
         pretrained: load pretrained weights for a registered name (always on for ``local-dir:``/``hf-hub:``).
         img_size: build the model for this input size instead of its own.
         num_classes: build the model with this many classes (for state dicts without metadata).
 
     Returns:
-        ``(model, info)``; ``info`` holds ``source``, ``architecture``, ``model_args``, ``label_names`` (``None``
-        when the model does not record them) and ``weights`` (the weights file read, for ``checkpoint``).
+        ``(model, info)``; ``info`` holds ``source``, ``architecture``, ``model_args``, ``label_names`` (or
+        ``None``) and, for ``checkpoint``, ``weights`` (the file read).
 
     Raises:
-        EvalError: no source given, a missing/corrupt checkpoint, a checkpoint that does not fit the named
-            architecture (naming the mismatched keys), an unknown model.
+        EvalError: no source, a missing, corrupt or non-fitting checkpoint, an unknown model.
     """
     if checkpoint is None and model_name is None:
         raise EvalError('nothing to evaluate: pass --checkpoint FILE (from titans-timm-train) or --model NAME '
@@ -496,18 +493,11 @@ def surprise_maps(
 ):
     """Per-patch surprise of the memory at chosen blocks, from one ordinary forward pass.
 
-    The surprise is what the memory module reports as ``stats['surprise']``: the per-token inner associative
-    loss ``||M(k_t) - v_t||^2`` (Titans eq. 12) at the weights the token was written with. During the forward
-    a stats hook on each memory module (``TitansMemory.register_stats_hook``, removed afterwards) receives the
-    stats of every write: the model runs once, exactly as without the hooks (the logits are the same), and the
-    maps are the surprise of that pass.
-
-    * MAL / MAG: one memory per memory block; its surprise when the block writes its tokens.
-    * MAC: one memory shared by the MAC blocks, written by each in turn (a recurrence over depth); the map
-      of block ``l`` is the surprise of block ``l``'s tokens against the memory left by earlier blocks.
-
-    Prefix tokens (class and register tokens, which precede the patches) are dropped by keeping the last
-    ``H' * W'`` tokens of each write.
+    The surprise is the memory's ``stats['surprise']``: the per-token inner loss ``||M(k_t) - v_t||^2`` (Titans
+    eq. 12) at the weights the token was written with, received by a stats hook on each memory
+    (``TitansMemory.register_stats_hook``, removed afterwards); the logits are those of a forward without hooks.
+    MAC's one shared memory is written by each MAC block in turn, so block ``l``'s map is its tokens' surprise
+    against the memory the earlier blocks left. Prefix tokens are dropped (the last ``H' * W'`` tokens are kept).
 
     Args:
         model: a titans-timm model (anything :func:`titans_timm.vit.memory_modules` finds memory in).
@@ -863,13 +853,9 @@ def _print_files(report: dict):
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    """``titans-timm-eval``: evaluate a model and write ``OUTPUT/eval_report.json`` (plus plots on request).
-
-    Returns the report dict (also written as JSON: metrics, per-class accuracy, confusion matrix, data
-    config, source). Called without ``argv`` (the console script, which hands the return value to
-    ``sys.exit``) it returns exit status 0 instead, as ``titans_timm.train.main`` does. Bad input prints
-    ``error: ...`` and raises ``SystemExit(2)``.
-    """
+    """``titans-timm-eval``: evaluate a model, write ``OUTPUT/eval_report.json`` (plus plots on request) and return
+    the report; without ``argv`` (the console script) return exit status 0. Bad input prints ``error: ...`` and
+    raises ``SystemExit(2)``."""
     as_cli = argv is None
     try:
         args = parse_args(sys.argv[1:] if as_cli else list(argv))

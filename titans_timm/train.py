@@ -70,16 +70,13 @@ __all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError', 'RunO
 
 _logger = logging.getLogger('titans_timm.train')
 
-# Model args a memory model inherits from a backbone checkpoint given by --pretrained-path (unless set):
-# they fix the shapes of the backbone weights, so the two must agree for the weights to load unchanged.
+# Model args inherited from a --pretrained-path checkpoint unless set: they fix the shapes of its weights.
 _STRUCTURAL_ARGS = ('img_size', 'patch_size', 'depth', 'embed_dim', 'num_heads', 'mlp_ratio', 'in_chans',
                     'global_pool', 'class_token', 'reg_tokens', 'no_embed_class', 'qkv_bias')
 # Arguments that describe one invocation, not the run: never written to args.yaml, never inherited on resume.
 _RUN_ONLY_ARGS = ('config', 'resume', 'eval_only', 'stop_after_steps', 'dump_rank_weights', 'force')
-# Arguments a resumed run cannot change: the optimizer and scheduler come back from train_state.pth as they
-# were built (timm schedulers save t_initial, warmup, base LRs, ...), and the batch size and accumulation fix the
-# updates per epoch the saved position counts in. A different value on --resume would run the old one while the run
-# record recorded the new one, so it is refused (see _check_resume_args).
+# Arguments a resumed run cannot change: the optimizer and scheduler come back as they were built, and the batch
+# size and accumulation fix the updates per epoch the saved position counts in.
 _RESUME_FIXED_ARGS = (
     'epochs', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'sched', 'sched_on_updates', 'warmup_epochs',
     'warmup_lr', 'warmup_prefix', 'min_lr', 'cooldown_epochs', 'patience_epochs', 'decay_epochs',
@@ -87,9 +84,7 @@ _RESUME_FIXED_ARGS = (
     'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay', 'opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay',
     'layer_decay', 'opt_kwargs', 'batch_size', 'grad_accum_steps',
 )
-# The files a run writes into its folder (its records aside: alone they only describe a run that never reached its
-# first checkpoint). A new run refuses a folder that holds any of them rather than mixing two runs; tools that
-# retrain a run from scratch into the same folder (e.g. a sweep with --force) remove these first.
+# The files a run writes into its folder besides its records; a new run refuses a folder holding any of them.
 RUN_FILES = ('last.safetensors', 'train_state.pth', 'last.prev.safetensors', 'train_state.prev.pth',
              'model.safetensors', 'model_ema.safetensors', 'summary.csv', 'results.json')
 # Held (flock) by the trainer that owns the run folder; removed when it lets go (see _RunFolderLock).
@@ -308,12 +303,8 @@ _KINDS = {int: ('an integer', 'integers'), float: ('a number', 'numbers')}
 
 
 def _yaml_value_problem(action, value) -> Optional[str]:
-    """What kind of value ``action`` needs if ``value`` (from YAML) is not one, else None.
-
-    argparse converts string defaults with the option's type but uses any other default as it is, so a list
-    where a number belongs (or a number where a list belongs) would otherwise fail deep inside training.
-    Strings are left to argparse, which converts them like command-line text.
-    """
+    """What kind of value ``action`` needs if the YAML ``value`` is not one, else None (argparse converts only
+    string defaults, so a list where a number belongs would otherwise fail deep inside training)."""
     if value is None:
         return None if action.default is None else 'a value (not null)'
     if isinstance(action, ParseKwargs) or action.dest in _MAPPING_ARGS:
@@ -396,9 +387,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def _resolve_dataset(args) -> None:
-    """As in timm's train.py, a data directory given without a dataset name is an image folder; with neither,
-    the built-in set trains (so `titans-timm-train` alone runs offline). Idempotent: ``run`` applies it too, for
-    arguments from ``build_parser()`` directly."""
+    """As in timm: a data directory without a dataset name is an image folder; with neither, the built-in set
+    trains (offline). Idempotent (``run`` applies it too)."""
     if getattr(args, 'data', None) and not args.data_dir:
         args.data_dir = args.data
     if args.dataset is None:
@@ -406,11 +396,8 @@ def _resolve_dataset(args) -> None:
 
 
 def _check_resume_args(args, saved_cfg: Dict[str, Any], run_dir: Path) -> None:
-    """Refuse a schedule, optimizer or batch-size value that differs from the run being resumed.
-
-    The resumed optimizer and scheduler are the saved ones, so a new ``--epochs`` (or ``--lr``, ``--sched``,
-    ...) would silently not take effect; changing the schedule is a new run that starts from the weights.
-    """
+    """Refuse a schedule, optimizer or batch-size value that differs from the run being resumed (the saved
+    optimizer and scheduler would silently ignore it)."""
     for key in _RESUME_FIXED_ARGS:
         if key in saved_cfg and getattr(args, key) != saved_cfg[key]:
             flag = '--' + key.replace('_', '-')
@@ -539,12 +526,9 @@ def _create_model(args, kwargs: Dict[str, Any]) -> nn.Module:
 
 
 def _zero_head_for_other_classes(args, model: nn.Module, label_names: List[str]) -> None:
-    """A pretrained head trained on other classes (same count, other names) starts at zero instead.
-
-    timm keeps a checkpoint's head whenever the class count matches; for a transfer task with as many classes
-    as the pretraining task that head would map the new classes onto the old ones' features. At zero it is
-    the same for every model built from one backbone, so a memory model and its plain fine-tune start from
-    one function."""
+    """A pretrained head trained on other classes (same count, other names) starts at zero instead of mapping
+    the new classes onto the old ones (timm keeps a head whenever the count matches); so a memory model and its
+    plain fine-tune start from one function."""
     if not (args.pretrained or args.pretrained_path):
         return
     # the names the weights were trained on: timm's cfg for a tag, the file's (via the overlay) for --pretrained-path
@@ -608,11 +592,8 @@ def _create_dataset(args, split: str, is_training: bool, num_samples: Optional[i
 
 
 def _check_readable(dataset, args, split: str) -> None:
-    """Read the first sample now, so unreadable images are one error line before any work.
-
-    timm's ImageDataset skips an image it cannot decode (with a warning) and gives up after 10 in a row; a
-    folder of corrupt files would otherwise end in a traceback from inside the data loader.
-    """
+    """Read the first sample now, so unreadable images are one error line before any work, not a traceback
+    from inside the loader (timm's ImageDataset skips undecodable images and gives up after 10 in a row)."""
     if not len(dataset):
         return
     timm_log = logging.getLogger('timm.data.dataset')
@@ -635,12 +616,9 @@ def _check_readable(dataset, args, split: str) -> None:
 
 
 class _ResumableBatchSampler(torch.utils.data.BatchSampler):
-    """Batches of a ``DistributedSampler`` (seeded by seed + epoch), optionally skipping the first batches.
-
-    Used in single-process runs too (one replica), so the order is a function of (seed, epoch) only
-    and a resumed epoch can start at the step it stopped at without touching any RNG. Each item is
-    ``(index, epoch)``, the key :class:`_SeededSamples` seeds that sample's augmentation with.
-    """
+    """Batches of a ``DistributedSampler`` (seeded by seed + epoch; one replica in single-process runs),
+    optionally skipping the first batches, so a resumed epoch starts where it stopped without touching any RNG.
+    Items are ``(index, epoch)``, the key :class:`_SeededSamples` seeds augmentation with."""
 
     def __init__(self, sampler, batch_size: int):
         super().__init__(sampler, batch_size, drop_last=True)
@@ -658,13 +636,9 @@ class _ResumableBatchSampler(torch.utils.data.BatchSampler):
 
 
 class _SeededSamples(torch.utils.data.Dataset):
-    """``dataset[(index, epoch)]``: ``dataset[index]`` with the global python, numpy and torch (CPU) generators, which
-    timm's transforms draw from, seeded by (seed, epoch, index).
-
-    So an augmented image is the same whichever process loads it and whatever was loaded before, and a resumed
-    epoch draws what the uninterrupted one did. In the training process (``--workers 0``) the generators are
-    restored afterwards: mixup and drop-path draw from them there.
-    """
+    """``dataset[(index, epoch)]``: ``dataset[index]`` with the global generators timm's transforms draw from
+    seeded by (seed, epoch, index), so an augmented image does not depend on which process loads it or what was
+    loaded before. In the training process (``--workers 0``) the generators are restored afterwards."""
 
     def __init__(self, dataset, seed: int):
         self.dataset = dataset
@@ -691,8 +665,7 @@ class _SeededSamples(torch.utils.data.Dataset):
 
 
 def _default_workers() -> int:
-    """Loader processes when ``--workers`` is not given: timm's 4, but at most the cores this training process
-    has (those of the machine shared by the processes torchrun starts on it) less one for training itself."""
+    """Default ``--workers``: timm's 4, at most this process's share of the cores less one for training."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     per_process = cores // max(int(os.environ.get('LOCAL_WORLD_SIZE', 1)), 1)
     return max(0, min(4, per_process - 1))
@@ -789,10 +762,9 @@ def _torch_save_atomic(obj, path: Path) -> None:
     ckpt.atomic_write_bytes(path, buf.getvalue())
 
 
-# The resumable checkpoint is a pair, weights + state, written one after the other; each file is atomic but the
-# pair is not. So the complete pair is first kept under the PREV names (hard links, no copy), then the new pair
-# replaces the LAST names, then the PREV names go. Whenever the process dies, one of the two pairs is complete
-# and consistent (both files carry the same checkpoint id), and --resume picks the newest such pair.
+# The resumable checkpoint is a pair of atomic files, but the pair is not atomic: the complete pair is first kept
+# under the PREV names (hard links), then the new pair replaces the LAST names, then PREV goes. Whenever the process
+# dies one pair is complete (both files carry one checkpoint id), and --resume picks the newest such pair.
 LAST_PAIR = ('last.safetensors', 'train_state.pth')
 PREV_PAIR = ('last.prev.safetensors', 'train_state.prev.pth')
 
@@ -874,12 +846,9 @@ def _find_resume_pair(directory: Path):
 # ---------------------------------------------------------------------------------------------
 
 class _RunFolderLock:
-    """Exclusive ownership of a run folder for this process: an ``flock`` on ``DIR/LOCK_FILE``.
-
-    The kernel drops the lock when the process ends, however it ends, so a killed run never leaves a folder
-    stuck; a stale lock file is simply locked again. The owner removes the file as it lets go; a trainer that
-    locked the file just as it was removed sees that it no longer names the file and retries.
-    """
+    """Exclusive ownership of a run folder: an ``flock`` on ``DIR/LOCK_FILE``, which the kernel drops however the
+    process ends. The owner removes the file as it lets go; a trainer that locked it just as it was removed sees
+    that it no longer names the file and retries."""
 
     def __init__(self):
         self.directory = None
@@ -976,9 +945,8 @@ def _writing(path: Path, run_dir: Optional[Path] = None):
 # ---------------------------------------------------------------------------------------------
 
 class _StopRequest:
-    """Ctrl-C handling: the first SIGINT (or SIGTERM, as launchers and schedulers send) asks to stop after
-    the current step; a second one aborts. Loader processes forked meanwhile inherit the handler and ignore both
-    (a terminal's Ctrl-C reaches them too): the trainer needs them to finish its step and shuts them down."""
+    """The first SIGINT/SIGTERM asks to stop after the current step; a second aborts. Loader processes forked
+    meanwhile inherit the handler and ignore both: the trainer needs them to finish its step."""
 
     def __init__(self):
         self.requested = False
@@ -1126,11 +1094,8 @@ class Trainer:
         return states
 
     def save_checkpoint(self, epoch: int, step_in_epoch: int) -> None:
-        """Write last.safetensors + train_state.pth for resuming at (epoch, step_in_epoch).
-
-        Crash-safe as a pair: the previous complete pair stays readable under the PREV_PAIR names until the
-        new pair is complete and reads back intact (see :func:`_find_resume_pair`).
-        """
+        """Write last.safetensors + train_state.pth for resuming at (epoch, step_in_epoch), crash-safe as a pair
+        (see ``LAST_PAIR``)."""
         rng = self._gather_rng()  # collective: every rank takes part
         if not self.is_primary:
             return
@@ -1479,12 +1444,8 @@ def _check_new_experiment_dir(args) -> None:
 
 
 def _experiment_dir(args, data_config) -> Path:
-    """The run folder, created: ``--resume DIR``, ``OUTPUT/EXPERIMENT``, or ``OUTPUT/<time>-<model>-<size>``.
-
-    The default timestamped name gets a numbered suffix (``-1``, ``-2``, ...) when taken, as timm's
-    ``get_outdir(..., inc=True)`` does; creating the folder claims the name, so two runs started in the same
-    second get different folders.
-    """
+    """The run folder, created: ``--resume DIR``, ``OUTPUT/EXPERIMENT``, or ``OUTPUT/<time>-<model>-<size>``
+    with a ``-1``, ``-2``, ... suffix when taken (creating the folder claims the name)."""
     if args.resume:
         return Path(args.resume)
     if args.experiment:
@@ -1735,15 +1696,10 @@ def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None):
-    """Train from command-line style ``argv`` and return the summary dict.
-
-    The summary holds ``output_dir``, ``checkpoint`` (model.safetensors, or last.safetensors if
-    stopped), ``best_top1``, ``final_top1``, ``step0_top1`` (accuracy before training), ``interrupted``.
-    Bad input prints one ``error: ...`` line and raises ``SystemExit(2)`` before any training work; so does a
-    write that fails (disk full, read-only ``--output``), leaving the files already written intact.
-    Called without ``argv`` (the console script, which hands the return value to ``sys.exit``)
-    it returns the exit status instead: 0, or 130 when stopped by Ctrl-C.
-    """
+    """Train from command-line style ``argv`` and return the summary dict (``output_dir``, ``checkpoint``,
+    ``best_top1``, ``final_top1``, ``step0_top1``, ``interrupted``). Bad input or a failed write prints one
+    ``error: ...`` line and raises ``SystemExit(2)``. Without ``argv`` (the console script) it returns the exit
+    status: 0, or 130 when stopped by Ctrl-C."""
     as_cli = argv is None
     if as_cli:
         argv = sys.argv[1:]
