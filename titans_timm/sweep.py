@@ -14,7 +14,7 @@ validation split (``OUTPUT/NAME/eval_report.json``), and the sweep writes ``OUTP
 ``OUTPUT/results.md`` (model, params, top-1, top-5, train time, img/s, change against the baseline of the
 same size) and ``OUTPUT/results.png`` (top-1 bars).
 
-Choices (the issue is silent on them):
+Design choices:
 
 * Each training run is a subprocess (``python -m titans_timm.train``): a crash, an out-of-memory kill or a
   leaked thread setting in one run cannot spoil the next, and every run starts from the same process
