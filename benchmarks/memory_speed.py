@@ -156,6 +156,10 @@ def main(argv=None):
     setting = (f'forward+backward, N={args.tokens}, batch {args.batch_size}, chunk {args.chunk_size}, '
                f'expansion {args.expansion:g}, {where}, {args.clock} clock'
                + (', bf16 autocast' if AMP else '') + (', CUDA graphs' if args.cuda_graphs else ''))
+    if args.vs_titans_pytorch:  # the version compared against belongs with the table
+        from importlib.metadata import version
+        setting += f", titans-pytorch {version('titans-pytorch')}"
+
     print('\n' + setting)
     header = '| D / heads | memory | depth | ms | Block ms | x Block |' + (' titans_pytorch / ours |' if args.vs_titans_pytorch else '')
     lines = [header, '|' + '---|' * (header.count('|') - 1)]
