@@ -12,7 +12,7 @@ only the final weights are built, once.
 
 Speed notes (``benchmarks/memory_speed.py``; D=192, 3 heads, N=197, batch 8, chunk 16, one CPU thread):
 
-* ``simple`` at its default depth 1 costs about 1.06x a Block (the linear write has no hidden layer to carry);
+* ``simple`` at its default depth 1 costs about 0.8x a Block (the linear write has no hidden layer to carry);
   at depth 2 it writes exactly as ``advanced`` does.
 * Where the time goes: ``advanced`` costs about 2.8x a timm Block; of that the write's backward is ~60%, its forward
   ~25%, projections + read the rest. The dual form does ~3.4 GMAC per forward+backward (the Block ~2.5 GMAC), a
