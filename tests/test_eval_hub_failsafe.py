@@ -17,7 +17,8 @@ from PIL import Image
 
 import titans_timm  # noqa: F401  (registers the models)
 from titans_timm import evaluate as ev
-from titans_timm import hub
+from titans_timm import hub, sweep
+from conftest import check_bad_input
 from titans_timm.checkpoint import _new_file_mode, config_json, weights_bytes
 from titans_timm.data import BUILTIN_DATASET, create_dataset
 
@@ -183,3 +184,15 @@ def test_dry_run_into_an_existing_file_is_one_error(checkpoint, tmp_path, capsys
     assert hub.main([str(checkpoint), 'titans-org/x', '--dry-run', str(tmp_path / 'file')]) == 2
     err = capsys.readouterr().err
     assert _one_error_line(err) and 'not a folder' in err and (tmp_path / 'file').read_text() == 'mine'
+
+
+@pytest.mark.parametrize('cli_main, argv, expect', [
+    (ev.main, ['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+    (ev.main, ['-b', 'many'], "invalid int value: 'many'"),
+    (hub.main, ['run', 'org/name', '--model-kwargs', 'depth'], '--model-kwargs depth: expected key=value items'),
+    (hub.main, ['run'], 'required'),
+    (sweep.main, ['--jobs', '2'], 'required: -c/--config'),
+])
+def test_usage_errors_are_one_line(capsys, cli_main, argv, expect):
+    # every CLI parses with titans_timm.cli.Parser: no usage dump, one error line, exit status 2
+    check_bad_input(capsys, cli_main, argv, expect)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 from tqdm import tqdm
 
+from titans_timm.cli import Parser
 from titans_timm import __version__
 from titans_timm import data as tdata
 from titans_timm.checkpoint import CheckpointError, atomic_write_bytes, load_model
@@ -65,7 +66,7 @@ class EvalError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``titans-timm-eval`` argument parser (dataset flags named as in ``titans-timm-train``)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog='titans-timm-eval',
         description='Evaluate a titans-timm checkpoint or a timm model: top-1/top-5, loss, per-class '
                     'accuracy, img/s, confusion matrix and memory surprise maps.')

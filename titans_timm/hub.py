@@ -29,8 +29,8 @@ import timm
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from timm.models._input import get_model_input_config
-from timm.utils import ParseKwargs
 
+from titans_timm.cli import KeyValueKwargs, Parser
 from titans_timm.checkpoint import (
     CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_bytes, config_json, load_model, weights_bytes)
 from titans_timm.run_record import RunRecord, RunRecordError, file_sha256, read_args, report_mismatch
@@ -680,14 +680,8 @@ def push(
 # CLI
 
 
-def _key_value(item: str) -> str:
-    if '=' not in item:
-        raise argparse.ArgumentTypeError(f'expected key=value items, e.g. --model-kwargs num_classes=10, got {item!r}')
-    return item
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog='titans-timm-push',
         description='Publish a titans-timm training run to the Hugging Face Hub (its config.json and '
                     'model.safetensors as they are, and a README.md model card), loadable with '
@@ -720,7 +714,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--endpoint', default=None, help='Hub URL (default: HF_ENDPOINT or https://huggingface.co)')
     parser.add_argument('--model', dest='architecture', default=None, metavar='NAME',
                         help='timm model name, for plain state dicts without titans-timm metadata')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, type=_key_value, action=ParseKwargs,
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValueKwargs,
                         metavar='KEY=VALUE', help='model kwargs for plain state dicts (timm train.py style), '
                                                   'e.g. num_classes=10 img_size=32')
     return parser

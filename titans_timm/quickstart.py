@@ -28,6 +28,8 @@ from typing import List, Optional
 
 import torch
 
+from titans_timm.cli import Parser
+
 RECIPE_NAME = 'fashion_mnist_transfer.yaml'
 
 
@@ -46,7 +48,7 @@ class QuickstartError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='titans-timm-quickstart', description=__doc__.split('\n\n')[0])
+    parser = Parser(prog='titans-timm-quickstart', description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default='vit_tiny_mag_advanced',
                         help='the memory model to compare with the plain fine-tune (a vit_tiny_* name)')
     parser.add_argument('--seeds', type=int, default=3, help='seeds per model (default 3)')

@@ -64,6 +64,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from titans_timm.cli import Parser
 from titans_timm import stats
 from titans_timm.run_record import ARGS_NAME, RECORD_NAME, RunRecord, file_sha256, read_args
 
@@ -119,7 +120,7 @@ def _split_list(text: str, allowed: Sequence[str], flag: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``titans-timm-sweep`` argument parser; arguments after ``--`` pass through to training."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog='titans-timm-sweep',
         description='Train and evaluate every size x approach x memory type (plus the plain backbone) with one '
                     'recipe; arguments after -- go to titans-timm-train.')
@@ -158,7 +159,6 @@ def _tagged_backbone(size: str, tag: str, approaches: Sequence[str], memory_type
     A tag whose weights are a file (the shipped ``fmnist5``) gives the plain backbone those weights through
     ``--pretrained-path``; a Hub tag is a tag of timm's own ViT too."""
     import timm
-    import titans_timm  # noqa: F401  (registers the models and their tags)
     name = f'vit_{size}_{approaches[0]}_{memory_types[0]}.{tag}'
     cfg = timm.models.get_pretrained_cfg(name) if name in timm.list_pretrained(name) else None
     if cfg is None:

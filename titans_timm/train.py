@@ -61,6 +61,7 @@ except ImportError:  # Windows: no advisory file locks, run folders are not guar
     fcntl = None
 
 from titans_timm import checkpoint as ckpt
+from titans_timm.cli import EXIT_BAD_INPUT, KeyValueKwargs, Parser
 from titans_timm import data as tdata
 from titans_timm import run_record, two_phase
 from titans_timm.devices import device_problem
@@ -91,7 +92,6 @@ RUN_FILES = ('last.safetensors', 'train_state.pth', 'last.prev.safetensors', 'tr
 LOCK_FILE = '.train.lock'
 # What a run writes at its start: timm's recipe file, the model's config.json, the run record.
 RECORD_FILES = (run_record.ARGS_NAME, ckpt.CONFIG_NAME, run_record.RECORD_NAME)
-EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -109,32 +109,13 @@ class RunOutputError(RuntimeError):
 # Arguments
 # ---------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump), like every other bad input here."""
-
-    def error(self, message):
-        print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
-
-
 def _float_list(n):
     return dict(type=float, nargs=n, metavar='F')
 
 
-class _ParseKwargs(ParseKwargs):
-    """timm's ``k=v`` list action, with a one-line error for an item that has no ``=``."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        bad = [v for v in values if '=' not in v]
-        if bad:
-            parser.error(f'{option_string} {bad[0]}: expected key=value items, e.g. {option_string} depth=2 '
-                         f'patch_size=8')
-        super().__call__(parser, namespace, values, option_string)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; flag names and dests follow timm's train.py."""
-    p = _Parser(
+    p = Parser(
         prog='titans-timm-train', description='Two-phase fine-tuning of (memory-augmented) timm models.')
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe; keys are argparse dests')
 
@@ -168,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--interpolation', default='', type=str, metavar='NAME')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=_ParseKwargs, help='k=v model kwargs')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValueKwargs, help='k=v model kwargs')
     g.add_argument('--memory-options', default=None, metavar='JSON',
                    help='memory options as a JSON object, passed to the model as memory_options')
     g.add_argument('--grad-checkpointing', action='store_true', default=False)
@@ -192,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     g.add_argument('--clip-mode', type=str, default='norm', help='norm, value or agc')
     g.add_argument('--layer-decay', type=float, default=None)
-    g.add_argument('--opt-kwargs', nargs='*', default={}, action=_ParseKwargs)
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=KeyValueKwargs)
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='NAME')

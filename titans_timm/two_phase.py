@@ -279,6 +279,5 @@ def patch_timm_train_script(main_module=None) -> bool:
 
 
 # timm's train.py imports this module via --device-modules; the import is the only hook it offers.
-if patch_timm_train_script():
-    import titans_timm  # noqa: F401  (registers the titans-timm model names before timm builds the model)
+if patch_timm_train_script():   # importing this module already registered the models (the package runs first)
     _logger.info('titans_timm.two_phase: patched create_optimizer_v2 and train_one_epoch of timm train.py')
