@@ -192,7 +192,9 @@ def test_dry_run_into_an_existing_file_is_one_error(checkpoint, tmp_path, capsys
     (hub.main, ['run', 'org/name', '--model-kwargs', 'depth'], '--model-kwargs depth: expected key=value items'),
     (hub.main, ['run'], 'required'),
     (sweep.main, ['--jobs', '2'], 'required: -c/--config'),
+    (ev.main, ['--model', 'vit_tiny_mag_advancd', '--output', 'unused'], 'did you mean vit_tiny_mag_advanced'),
 ])
-def test_usage_errors_are_one_line(capsys, cli_main, argv, expect):
+def test_usage_errors_are_one_line(capsys, monkeypatch, tmp_path, cli_main, argv, expect):
+    monkeypatch.chdir(tmp_path)
     # every CLI parses with titans_timm.cli.Parser: no usage dump, one error line, exit status 2
     check_bad_input(capsys, cli_main, argv, expect)

@@ -1,10 +1,14 @@
-"""Command-line pieces shared by the titans-timm CLIs: one-line argparse errors and timm's ``key=value`` kwargs."""
+"""Command-line pieces shared by the titans-timm CLIs: one-line argparse errors, timm's ``key=value`` kwargs and
+the unknown-model message."""
 import argparse
+import difflib
 import sys
+from typing import Optional
 
+import timm
 from timm.utils import ParseKwargs
 
-__all__ = ['EXIT_BAD_INPUT', 'Parser', 'KeyValueKwargs']
+__all__ = ['EXIT_BAD_INPUT', 'Parser', 'KeyValueKwargs', 'unknown_model']
 
 EXIT_BAD_INPUT = 2
 
@@ -26,3 +30,12 @@ class KeyValueKwargs(ParseKwargs):
             parser.error(f'{option_string} {bad[0]}: expected key=value items, e.g. {option_string} depth=2 '
                          f'patch_size=8')
         super().__call__(parser, namespace, values, option_string)
+
+
+def unknown_model(name: str) -> Optional[str]:
+    """Why ``name`` is no timm model (with the closest registered names), or None; Hub and local names pass."""
+    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')) or timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models("*mag*")'
+    return f'unknown model {name!r}; {hint}'

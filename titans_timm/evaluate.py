@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 from tqdm import tqdm
 
-from titans_timm.cli import Parser
+from titans_timm.cli import Parser, unknown_model
 from titans_timm import __version__
 from titans_timm import data as tdata
 from titans_timm.checkpoint import CheckpointError, atomic_write_bytes, load_model
@@ -188,9 +188,8 @@ def load_model_for_eval(
             if model_name.startswith(('hf-hub:', 'local-dir:')):
                 raise EvalError('--checkpoint loads weights into a registered architecture; with hf-hub:/'
                                 'local-dir: models drop --checkpoint (their weights come with them)')
-            if not timm.is_model(model_name):
-                raise EvalError(f'unknown model {model_name!r}; use a name from timm.list_models() '
-                                f'(e.g. vit_tiny_mag_simple)')
+            if unknown_model(model_name):
+                raise EvalError(unknown_model(model_name))
             overrides['architecture'] = model_name
         if not os.path.exists(checkpoint):
             raise EvalError(f'checkpoint {checkpoint!r} not found; pass the run folder titans-timm-train wrote '
@@ -216,9 +215,8 @@ def load_model_for_eval(
         if not os.path.isdir(folder):
             raise EvalError(f'model folder {folder!r} not found; local-dir: needs a folder with config.json '
                             f'and model.safetensors (as written by titans-timm-push --dry-run or save_for_hf)')
-    elif not is_hub and not timm.is_model(model_name):
-        raise EvalError(f'unknown model {model_name!r}; use local-dir:DIR, hf-hub:ORG/NAME or a name from '
-                        f'timm.list_models()')
+    elif unknown_model(model_name):
+        raise EvalError(f'{unknown_model(model_name)} (or local-dir:DIR, hf-hub:ORG/NAME)')
     try:
         model = timm.create_model(model_name, pretrained=is_hub or pretrained, **overrides)
     except (OSError, RuntimeError, ValueError) as e:

@@ -61,7 +61,7 @@ except ImportError:  # Windows: no advisory file locks, run folders are not guar
     fcntl = None
 
 from titans_timm import checkpoint as ckpt
-from titans_timm.cli import EXIT_BAD_INPUT, KeyValueKwargs, Parser
+from titans_timm.cli import EXIT_BAD_INPUT, KeyValueKwargs, Parser, unknown_model
 from titans_timm import data as tdata
 from titans_timm import run_record, two_phase
 from titans_timm.devices import device_problem
@@ -391,15 +391,6 @@ def _check_resume_args(args, saved_cfg: Dict[str, Any], run_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Setup: model, data
 # ---------------------------------------------------------------------------------------------
-
-def _check_model_name(name: str) -> None:
-    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')) or timm.is_model(name):
-        return
-    names = timm.list_models()
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models("*mag*")'
-    raise TrainInputError(f'unknown model {name!r}{hint}')
-
 
 def _checkpoint_head_size(path: str, meta: Dict[str, Any], classifier: str) -> Optional[int]:
     nc = (meta.get('model_args') or {}).get('num_classes') or (meta.get('pretrained_cfg') or {}).get('num_classes')
@@ -1494,7 +1485,8 @@ def _check_args(args) -> None:
     if args.data_dir and args.dataset.strip().lower().replace('_', '-') in tdata.BUILTIN_DATASETS:
         raise TrainInputError(f'dataset {args.dataset!r} is built in and reads no data directory; to train on the '
                               f'image folder {args.data_dir}, pass --dataset "" (or no --dataset)')
-    _check_model_name(args.model)
+    if unknown_model(args.model):
+        raise TrainInputError(unknown_model(args.model))
     if args.pretrained_path and not args.resume and not os.path.isfile(args.pretrained_path):
         raise TrainInputError(f'--pretrained-path not found: {args.pretrained_path}')
     for flag, value in (('--epochs', args.epochs), ('--batch-size', args.batch_size),
