@@ -40,6 +40,8 @@ Where the memory state lives:
       even a single MAC block uses (and trains) every memory parameter, and no block writes a state nobody reads.
       One shared module (rather than one per block) is what makes the recurrence meaningful: the state written
       by block ``l`` is the weights of the same inner model that block ``l + 1`` reads, and no block's M0 is dead.
+      The state of one call lives in a memory pass that the model opens around timm's own ``forward_features`` /
+      ``forward_intermediates`` (``_MemoryPass``), so timm's block loops, checkpointing and pruning run unchanged.
 
 Memory state is per image: each image starts from M0 and never sees another image of the batch or an earlier
 call, so ``model(x)[i] == model(x[i:i+1])[0]``.
@@ -490,6 +492,9 @@ class TitansVisionTransformer(VisionTransformer):
 
     All of timm's ``VisionTransformer`` arguments are accepted; memory-carrying blocks keep the backbone's
     parameter names (``blocks.{i}.norm1/attn/ls1/mlp...``) and add ``*memory*`` ones.
+
+    ``forward_features``, ``forward_intermediates``, ``init_weights``, ``prune_intermediate_layers`` and gradient
+    checkpointing are timm's own; the overrides only add the memory (its state scope, its init).
 
     Like any timm model it traces with ``torch.fx`` (each memory call is one leaf node, so timm's FX feature
     extraction works), builds on ``device='meta'`` (``to_empty()`` then ``init_weights()`` materialises it), keeps
