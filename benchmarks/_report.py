@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from titans_timm.devices import cpu_cores
+
 
 def machine() -> str:
     """One line: CPU model and cores (or the GPU), OS, Python, torch and timm versions, torch threads."""
@@ -21,7 +23,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f', GPU {torch.cuda.get_device_name(0)}' if torch.cuda.is_available() else ''
-    return (f'{cpu}, {os.cpu_count()} cores{gpu}; {platform.system()} {platform.release()}; Python '
+    return (f'{cpu}, {cpu_cores()} cores{gpu}; {platform.system()} {platform.release()}; Python '
             f'{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}; '
             f'torch threads {torch.get_num_threads()}')
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from titans_timm import MEMORY_TYPES, create_memory
-from titans_timm.memory import TitansMemory, chunk_coefficients, memory_mlp_forward, memory_mlp_grads
+from titans_timm.memory import TitansMemory
+from titans_timm.memory_functional import chunk_coefficients, memory_mlp_forward, memory_mlp_grads
 from titans_timm.memory_functional import chunked_write, token_by_token_write
 
 UPDATED = ('simple', 'advanced')
@@ -328,7 +329,7 @@ def test_causal_read_needs_chunks(kind):
 def test_dual_write_backward_equals_numerical_gradient(depth, n_tokens, chunk):
     """The hand-written backward of the fused write (every input: keys, values, gate coefficients, M0)."""
     import math
-    from titans_timm.memory import _DualWrite
+    from titans_timm.memory_fused import _DualWrite
     torch.manual_seed(0)
     heads, batch, dh, hidden = 2, 2, 4, 6
     sizes = [dh] + [hidden] * (depth - 1) + [dh]
@@ -445,7 +446,7 @@ def test_scratch_pool_gives_back_while_locked_by_the_same_thread():
     """A scratch owner's finalizer can run in a garbage collection that starts inside the pool's own take():
     giving buffers back from there must not deadlock (it did with a non-reentrant lock)."""
     import threading
-    from titans_timm.memory import _ScratchPool
+    from titans_timm.memory_fused import _ScratchPool
     pool = _ScratchPool()
     done = threading.Event()
 

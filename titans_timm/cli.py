@@ -8,9 +8,10 @@ from typing import Optional
 import timm
 from timm.utils import ParseKwargs
 
-__all__ = ['EXIT_BAD_INPUT', 'Parser', 'KeyValueKwargs', 'unknown_model']
+__all__ = ['EXIT_BAD_INPUT', 'EXIT_INTERRUPTED', 'Parser', 'KeyValueKwargs', 'unknown_model']
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130   # stopped by Ctrl-C or SIGTERM after writing what resumes the work
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,9 +1,23 @@
-"""Which torch device can run here: the one check the trainer and the evaluator make before any work."""
+"""What this machine offers the CLIs: the default torch device, the check of a requested one, and the CPU cores."""
+import os
 from typing import Optional
 
 import torch
 
-__all__ = ['device_problem']
+__all__ = ['default_device', 'device_problem', 'cpu_cores']
+
+
+def default_device() -> str:
+    """``cuda`` when a CUDA device is available, else ``cpu`` (the CLIs' default ``--device``)."""
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as ``taskset`` or a container sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def device_problem(name: str) -> Optional[str]:

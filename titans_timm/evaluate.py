@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 from tqdm import tqdm
 
-from titans_timm.cli import Parser, unknown_model
+from titans_timm.cli import EXIT_BAD_INPUT, Parser, unknown_model
 from titans_timm import __version__
 from titans_timm import data as tdata
 from titans_timm.checkpoint import CheckpointError, atomic_write_bytes, load_model
-from titans_timm.devices import device_problem
+from titans_timm.devices import default_device, device_problem
 from titans_timm.run_record import RunRecord, RunRecordError, file_sha256, read_args, run_folder
 from titans_timm.vit import memory_modules
 
@@ -188,8 +188,8 @@ def load_model_for_eval(
             if model_name.startswith(('hf-hub:', 'local-dir:')):
                 raise EvalError('--checkpoint loads weights into a registered architecture; with hf-hub:/'
                                 'local-dir: models drop --checkpoint (their weights come with them)')
-            if unknown_model(model_name):
-                raise EvalError(unknown_model(model_name))
+            if problem := unknown_model(model_name):
+                raise EvalError(problem)
             overrides['architecture'] = model_name
         if not os.path.exists(checkpoint):
             raise EvalError(f'checkpoint {checkpoint!r} not found; pass the run folder titans-timm-train wrote '
@@ -215,8 +215,8 @@ def load_model_for_eval(
         if not os.path.isdir(folder):
             raise EvalError(f'model folder {folder!r} not found; local-dir: needs a folder with config.json '
                             f'and model.safetensors (as written by titans-timm-push --dry-run or save_for_hf)')
-    elif unknown_model(model_name):
-        raise EvalError(f'{unknown_model(model_name)} (or local-dir:DIR, hf-hub:ORG/NAME)')
+    elif problem := unknown_model(model_name):
+        raise EvalError(f'{problem} (or local-dir:DIR, hf-hub:ORG/NAME)')
     try:
         model = timm.create_model(model_name, pretrained=is_hub or pretrained, **overrides)
     except (OSError, RuntimeError, ValueError) as e:
@@ -322,6 +322,7 @@ def evaluate_model(
         channels_last: bool = False,
         distributed: bool = False,
         desc: str = 'eval',
+        timing: bool = True,
 ) -> dict:
     """Run ``model`` over ``loader`` in eval mode and return the metrics; the one evaluation loop of the
     trainer and the evaluator.
@@ -331,6 +332,7 @@ def evaluate_model(
     ``confusion_matrix`` (list of lists, rows true class, columns prediction), ``num_samples``,
     ``img_per_sec`` (model forward time only) and ``elapsed_s`` (whole pass). With ``distributed`` every
     process evaluates its shard and the counts are summed over processes, so all ranks return the same numbers.
+    ``timing=False`` skips the per-batch CUDA synchronisation that ``img_per_sec`` needs (then ``None``).
     The torch RNG is left as it was: a loader's iterator seeds its workers from it, which a resumed training
     run would otherwise notice.
     """
@@ -343,16 +345,16 @@ def evaluate_model(
     forward_s = 0.0
     start = time.perf_counter()
     for images, target in tqdm(loader, desc=desc, unit='batch', disable=not progress, leave=False):
+        if int(target.max()) >= num_classes or int(target.min()) < 0:   # before the copy: no device sync
+            raise EvalError(f'dataset label {int(target.max())} is outside the model\'s {num_classes} '
+                            f'classes; evaluate on the dataset the model was trained on')
         images, target = images.to(device), target.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if int(target.max()) >= num_classes or int(target.min()) < 0:
-            raise EvalError(f'dataset label {int(target.max())} is outside the model\'s {num_classes} '
-                            f'classes; evaluate on the dataset the model was trained on')
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = model(images)
-        if device.type == 'cuda':
+        if timing and device.type == 'cuda':
             torch.cuda.synchronize()
         forward_s += time.perf_counter() - t0
         logits = logits.float()
@@ -364,11 +366,11 @@ def evaluate_model(
         torch.distributed.all_reduce(confusion)
         torch.distributed.all_reduce(sums)
     elapsed = time.perf_counter() - start
-    metrics = compute_metrics(confusion.view(num_classes, num_classes).cpu(), float(sums[0]), int(sums[1]),
-                              label_names, topk=k)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    metrics = compute_metrics(confusion, float(sums[0]), int(sums[1]), label_names, topk=k)
     metrics.update(
-        confusion_matrix=confusion.view(num_classes, num_classes).tolist(),
-        img_per_sec=metrics['num_samples'] / forward_s if forward_s > 0 else None,
+        confusion_matrix=confusion.tolist(),
+        img_per_sec=metrics['num_samples'] / forward_s if timing and forward_s > 0 else None,
         elapsed_s=elapsed,
     )
     return metrics
@@ -654,7 +656,7 @@ def _default_output(args: argparse.Namespace) -> str:
 def _check_device(name: Optional[str]) -> str:
     """The device to run on; an unknown or unavailable one is an :class:`EvalError` before any work."""
     if name is None:
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
+        return default_device()
     problem = device_problem(name)
     if problem:
         raise EvalError(problem)
@@ -861,7 +863,7 @@ def main(argv: Optional[Sequence[str]] = None):
         report = run(args, on_report=_print_summary)  # the numbers are printed before any plot is drawn
     except EvalError as e:
         print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_BAD_INPUT) from None
     _print_files(report)
     return 0 if as_cli else report
 

@@ -30,7 +30,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from timm.models._input import get_model_input_config
 
-from titans_timm.cli import KeyValueKwargs, Parser
+from titans_timm.cli import EXIT_BAD_INPUT, KeyValueKwargs, Parser
 from titans_timm.checkpoint import (
     CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_bytes, config_json, load_model, weights_bytes)
 from titans_timm.run_record import RunRecord, RunRecordError, file_sha256, read_args, report_mismatch
@@ -734,7 +734,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       **overrides)
     except HubError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if result['folder']:
         print(f"wrote {', '.join(result['files'])} to {result['folder']} (dry run, nothing uploaded)")
         print(f"upload later with: hf upload {result['repo_id']} {result['folder']} .")

@@ -74,11 +74,6 @@ from torch.utils.hooks import RemovableHandle
 
 from .memory_functional import MemoryState, chunked_write, memory_mlp_read, upcast
 from .memory_fused import dual_form_write, empty_scratch_pool
-# names the single-file memory.py had, still importable from here (tests, benchmarks, user code)
-from .memory_functional import (  # noqa: F401
-    NORMALISER_MIN, chunk_coefficients, memory_mlp_backprop, memory_mlp_forward, memory_mlp_grads, step_normaliser,
-    token_by_token_write)
-from .memory_fused import _DualWrite, _ScratchPool  # noqa: F401
 
 __all__ = ['MEMORY_TYPES', 'READ_MODES', 'create_memory', 'MemoryState', 'MemoryStats', 'StatsHook',
            'NotScriptableError', 'TitansMemory', 'PersistentMemory', 'SimpleNeuralMemory', 'AdvancedNeuralMemory',

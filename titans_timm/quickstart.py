@@ -27,7 +27,8 @@ from typing import List, Optional
 
 import torch
 
-from titans_timm.cli import Parser
+from titans_timm.cli import EXIT_BAD_INPUT, Parser
+from titans_timm.devices import cpu_cores
 
 RECIPE_NAME = 'fashion_mnist_transfer.yaml'
 
@@ -65,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_jobs() -> int:
     """Two trainings at once where there are 2 cores for them (each gets half the cores as torch threads), else 1."""
-    from titans_timm.sweep import cpu_cores
     return 2 if cpu_cores() >= 2 else 1
 
 
@@ -109,13 +109,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.model.startswith('vit_tiny_') or args.model.count('_') != 3:
         print(f'error: --model must be a vit_tiny_<approach>_<memory> name (the shipped backbone is a ViT-Tiny), '
               f'got {args.model!r}', file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     approach, memory_type = args.model.split('_')[2:]
     try:
         args.config = args.config or default_recipe()
     except QuickstartError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     times = {}
     t0 = time.perf_counter()
     print('== 1/3 backbone: load the shipped pretrained ViT-Tiny, check step 0 ==', flush=True)

@@ -62,10 +62,11 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
-from titans_timm.cli import Parser
 from titans_timm import stats
+from titans_timm.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Parser
+from titans_timm.devices import cpu_cores
 from titans_timm.run_record import ARGS_NAME, RECORD_NAME, RunRecord, file_sha256, read_args
 
 __all__ = ['SIZES', 'APPROACHES', 'SweepError', 'SweepRun', 'build_parser', 'plan_runs', 'is_finished',
@@ -86,7 +87,6 @@ SUMMARY_COLUMNS = ('name', 'size', 'approach', 'memory_type', 'status', 'seeds',
                    'top1_ci_low', 'top1_ci_high', 'test_se', 'delta_mean', 'delta_sd', 'delta_ci_low',
                    'delta_ci_high', 'delta_excludes_zero', 'pairs', 'train_time_s', 'img_per_sec')
 CONFIDENCE = 0.95
-EXIT_INTERRUPTED = 130  # Ctrl-C, as the trainer exits
 
 
 class SweepError(Exception):
@@ -211,12 +211,14 @@ def eval_argv(run_dir: str, split: Optional[str] = None) -> List[str]:
     return argv
 
 
-def trained_with(config: str, run: SweepRun, passthrough: Sequence[str]) -> dict:
+def trained_with(config: Union[str, dict], run: SweepRun, passthrough: Sequence[str]) -> dict:
     """What decides a run's weights, as recorded in ``sweep_run.json``: model, recipe contents, pass-through args.
 
-    The recipe's contents, not its path: an edited recipe is another recipe, a moved one is the same.
+    The recipe's contents (``config``: its path, or the contents already read), not its path: an edited recipe is
+    another recipe, a moved one is the same.
     """
-    recipe = json.loads(json.dumps(read_args(config), default=str))  # JSON-comparable, as it is stored
+    recipe = config if isinstance(config, dict) else read_args(config)
+    recipe = json.loads(json.dumps(recipe, default=str))  # JSON-comparable, as it is stored
     return dict(model=run['model'], recipe=recipe, passthrough=list(run.get('args') or []) + list(passthrough))
 
 
@@ -310,14 +312,6 @@ def _tail(path: str, lines: int = 15) -> str:
         return ''
 
 
-def cpu_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, as ``taskset`` or a container sets it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def training_threads(jobs: int) -> Optional[str]:
     """``OMP_NUM_THREADS`` each training subprocess gets: the user's own setting if there is one, else
     ``max(1, cores // jobs)`` for ``jobs`` above 1, else ``None`` (torch's default, as one job at a time always had).
@@ -329,7 +323,7 @@ def training_threads(jobs: int) -> Optional[str]:
     return str(max(1, cpu_cores() // jobs)) if jobs > 1 else None
 
 
-def _prepare_run_dir(config: str, run: SweepRun, output: str, passthrough: Sequence[str], cmd: List[str],
+def _prepare_run_dir(recipe: dict, run: SweepRun, output: str, passthrough: Sequence[str], cmd: List[str],
                      threads: Optional[str]) -> str:
     run_dir = os.path.join(output, run['name'])
     os.makedirs(run_dir, exist_ok=True)
@@ -338,7 +332,7 @@ def _prepare_run_dir(config: str, run: SweepRun, output: str, passthrough: Seque
         if os.path.isfile(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
     # Recorded before training, so an interrupted run is resumed only with the same settings too.
-    _write_record(run_dir, dict(run, trained_with=trained_with(config, run, passthrough), command=cmd,
+    _write_record(run_dir, dict(run, trained_with=trained_with(recipe, run, passthrough), command=cmd,
                                 omp_num_threads=threads))
     return run_dir
 
@@ -665,7 +659,7 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
         if interrupted and not os.path.isfile(os.path.join(run_dir, SWEEP_RECORD)):
             continue   # left by a sweep that recorded settings only at the end: resumed, as that sweep would
         if not args.force and (finished or interrupted):
-            why = settings_difference(run_dir, trained_with(args.config, run, passthrough))
+            why = settings_difference(run_dir, trained_with(recipe, run, passthrough))
             if why:
                 (stale if finished else restart)[run['name']] = why
 
@@ -716,7 +710,7 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
             if job['log']:
                 print(_tail(job['log']), end='', flush=True)
             return
-        _write_record(run_dir, dict(run, trained_with=trained_with(args.config, run, passthrough),
+        _write_record(run_dir, dict(run, trained_with=trained_with(recipe, run, passthrough),
                                     omp_num_threads=threads, wall_time_s=job['train_time_s'],
                                     command=job['command'],
                                     finished_at=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
@@ -768,7 +762,7 @@ def run_sweep(args: argparse.Namespace, passthrough: Sequence[str]) -> dict:
                           f'over', flush=True)
                     resume = False
                 cmd = _train_command(args.config, run, output, passthrough, resume=resume)
-                _prepare_run_dir(args.config, run, output, passthrough, cmd, threads)
+                _prepare_run_dir(recipe, run, output, passthrough, cmd, threads)
                 log = os.path.join(run_dir, 'train.log')
                 print(f'{prefix}: ' + ('resuming the interrupted run' if resume else 'training') +
                       (f' ({_clock(time.perf_counter() - t0)} into the sweep, log: {log})' if args.jobs > 1 else ''),
@@ -809,7 +803,7 @@ def main(argv: Optional[Sequence[str]] = None):
         result = run_sweep(args, passthrough)
     except SweepError as e:
         print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; the trainings still running were stopped (_Slots.stop)
         print('interrupted: run the same command again to resume the stopped runs and skip the finished ones',
               file=sys.stderr)

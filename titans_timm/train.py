@@ -23,6 +23,7 @@ import argparse
 import csv
 import difflib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -61,11 +62,12 @@ except ImportError:  # Windows: no advisory file locks, run folders are not guar
     fcntl = None
 
 from titans_timm import checkpoint as ckpt
-from titans_timm.cli import EXIT_BAD_INPUT, KeyValueKwargs, Parser, unknown_model
+from titans_timm.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, KeyValueKwargs, Parser, unknown_model
 from titans_timm import data as tdata
 from titans_timm import run_record, two_phase
-from titans_timm.devices import device_problem
+from titans_timm.devices import cpu_cores, default_device, device_problem
 from titans_timm.evaluate import evaluate_model
+from titans_timm.vit import split_parameters
 
 __all__ = ['main', 'cli', 'build_parser', 'parse_args', 'TrainInputError', 'RunOutputError', 'RUN_FILES', 'LOCK_FILE']
 
@@ -92,7 +94,6 @@ RUN_FILES = ('last.safetensors', 'train_state.pth', 'last.prev.safetensors', 'tr
 LOCK_FILE = '.train.lock'
 # What a run writes at its start: timm's recipe file, the model's config.json, the run record.
 RECORD_FILES = (run_record.ARGS_NAME, ckpt.CONFIG_NAME, run_record.RECORD_NAME)
-EXIT_INTERRUPTED = 130
 
 
 class TrainInputError(ValueError):
@@ -638,8 +639,7 @@ class _SeededSamples(torch.utils.data.Dataset):
 
 def _default_workers() -> int:
     """Default ``--workers``: timm's 4, at most this process's share of the cores less one for training."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    per_process = cores // max(int(os.environ.get('LOCAL_WORLD_SIZE', 1)), 1)
+    per_process = cpu_cores() // max(int(os.environ.get('LOCAL_WORLD_SIZE', 1)), 1)
     return max(0, min(4, per_process - 1))
 
 
@@ -959,7 +959,7 @@ def _evaluate(model: nn.Module, loader, args, device, desc: str = 'eval') -> Dic
     metrics = evaluate_model(
         model, loader, args.num_classes, device=device, amp=args.amp, amp_dtype=getattr(torch, args.amp_dtype),
         progress=not args.no_progress and args.rank == 0, channels_last=args.channels_last,
-        distributed=args.distributed, desc=desc)
+        distributed=args.distributed, desc=desc, timing=False)
     return {k: metrics[k] for k in ('loss', 'top1', 'top5')}
 
 
@@ -1109,9 +1109,11 @@ class Trainer:
         """Seconds this run has spent in fit(), over every invocation (a resumed run adds to the saved total)."""
         return self.time_before + (time.time() - self.fit_started if self.fit_started is not None else 0.0)
 
-    def _save_weights(self, path: Path, model: Optional[nn.Module] = None, **kwargs) -> None:
-        model = unwrap_model(model if model is not None else self.model)
-        ckpt.atomic_write_bytes(path, ckpt.weights_bytes(model, **kwargs))
+    def _save_weights(self, path: Path, model: Optional[nn.Module] = None, **kwargs) -> str:
+        """Write the weights atomically and return the sha256 of the bytes written."""
+        data = ckpt.weights_bytes(unwrap_model(model if model is not None else self.model), **kwargs)
+        ckpt.atomic_write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
 
     def config_text(self) -> str:
         """The run folder's config.json: this model as timm's ``save_for_hf`` describes it, with the label names
@@ -1122,14 +1124,17 @@ class Trainer:
     def load_checkpoint(self, directory: str, pair=None) -> None:
         """Restore model, optimizer, scheduler, EMA, position and RNG from a run directory.
 
-        ``pair`` is :func:`_find_resume_pair`'s answer for ``directory`` when the caller already has it.
+        ``pair`` is :func:`_find_resume_pair`'s answer for ``directory`` when the caller already built the model from
+        its weights (:func:`_model_from_run`); without it the pair is found and its weights loaded here.
         """
         directory = Path(directory)
-        weights_path, state, from_prev = pair if pair is not None else _find_resume_pair(directory)
-        try:
-            ckpt.load_state_dict_file(self.model, weights_path, strict=True)
-        except ckpt.CheckpointError as e:
-            raise TrainInputError(f'--resume: {e}') from None
+        if pair is None:
+            pair = _find_resume_pair(directory)
+            try:
+                ckpt.load_state_dict_file(self.model, pair[0], strict=True)
+            except ckpt.CheckpointError as e:
+                raise TrainInputError(f'--resume: {e}') from None
+        _, state, from_prev = pair
         self.last_pair_complete = not from_prev
         if state.get('world_size', 1) != self.args.world_size and state['step_in_epoch']:
             raise TrainInputError(f'--resume {directory}: stopped mid-epoch with {state["world_size"]} processes; '
@@ -1382,10 +1387,9 @@ class Trainer:
             path = self.output_dir / ckpt.WEIGHTS_NAME
             summary['checkpoint'] = str(path)
             with _writing(self.output_dir, self.output_dir):
-                self._save_weights(path)
+                self.record.weights_sha256 = self._save_weights(path)
                 if self.ema is not None:
                     self._save_weights(self.output_dir / 'model_ema.safetensors', model=self.ema.module)
-                self.record.weights_sha256 = run_record.file_sha256(path)
                 self.record.save(self.output_dir)
                 ckpt.atomic_write_bytes(self.output_dir / 'results.json', json.dumps(summary, indent=2).encode())
         if interrupted:
@@ -1452,7 +1456,7 @@ def _claim_run_folder(lock: _RunFolderLock, path: Path, args) -> None:
                 (path / name).unlink(missing_ok=True)
             for stale in path.glob('.*.tmp'):   # half-written files of an interrupted write
                 stale.unlink(missing_ok=True)
-        _remove_orphan_temps(path)
+        # (the temp files of killed writes in a folder that existed went when _train_or_evaluate locked it)
 
 
 def _shared_experiment_dir(args, data_config, lock: Optional[_RunFolderLock] = None) -> Optional[Path]:
@@ -1485,8 +1489,8 @@ def _check_args(args) -> None:
     if args.data_dir and args.dataset.strip().lower().replace('_', '-') in tdata.BUILTIN_DATASETS:
         raise TrainInputError(f'dataset {args.dataset!r} is built in and reads no data directory; to train on the '
                               f'image folder {args.data_dir}, pass --dataset "" (or no --dataset)')
-    if unknown_model(args.model):
-        raise TrainInputError(unknown_model(args.model))
+    if problem := unknown_model(args.model):
+        raise TrainInputError(problem)
     if args.pretrained_path and not args.resume and not os.path.isfile(args.pretrained_path):
         raise TrainInputError(f'--pretrained-path not found: {args.pretrained_path}')
     for flag, value in (('--epochs', args.epochs), ('--batch-size', args.batch_size),
@@ -1543,7 +1547,7 @@ def run(args) -> Dict[str, Any]:
     """Train (or evaluate) as ``args`` says; raises :class:`TrainInputError` for bad input before any work (a run
     folder in use by another trainer included) and :class:`RunOutputError` when a run file cannot be written."""
     if args.device is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        args.device = default_device()
     _resolve_dataset(args)
     _check_args(args)  # what is cheap to validate, before touching processes or data
 
@@ -1595,11 +1599,11 @@ def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
         model_kwargs = _model_kwargs(args, args.num_classes)
         model = _create_model(args, model_kwargs)
         _zero_head_for_other_classes(args, model, label_names)
-        # (a resumed run's weights were checked with its checkpoint pair)
-        source = f'--pretrained-path {args.pretrained_path}' if args.pretrained_path else f'model {args.model}'
-        problem = _non_finite_problem(model.state_dict(), source)
-        if problem:
-            raise TrainInputError(problem)
+        # loaded weights only (a resumed run's were checked with its checkpoint pair, random ones need no check)
+        if args.pretrained or args.pretrained_path:
+            source = f'--pretrained-path {args.pretrained_path}' if args.pretrained_path else f'model {args.model}'
+            if problem := _non_finite_problem(model.state_dict(), source):
+                raise TrainInputError(problem)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -1614,8 +1618,7 @@ def _train_or_evaluate(args, device, lock: _RunFolderLock) -> Dict[str, Any]:
         args.lr = args.lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
     if args.rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        role_of = two_phase.parameter_roles(model)
-        roles = {r: sum(p.numel() for p in model.parameters() if role_of[id(p)] == r) for r in two_phase.ROLES}
+        roles = {r: sum(p.numel() for _, p in params) for r, params in split_parameters(model).items()}
         _logger.info(f'model {args.model}: {n_params / 1e6:.2f}M params '
                      f'({", ".join(f"{k} {v / 1e6:.2f}M" for k, v in roles.items())}); '
                      f'data {data_config["input_size"]}, {args.num_classes} classes')

@@ -82,7 +82,7 @@ from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from .memory import MEMORY_TYPES, MemoryState, NotScriptableError, TitansMemory, create_memory
+from .memory import MEMORY_TYPES, MemoryState, TitansMemory, create_memory
 
 __all__ = [
     'APPROACHES', 'TitansVisionTransformer', 'MemoryLayerBlock', 'MemoryGateBlock', 'MemoryContextBlock',
@@ -578,14 +578,6 @@ class TitansVisionTransformer(VisionTransformer):
         else:
             self.memory = None
 
-    def __prepare_scriptable__(self):
-        # torch.jit.script calls this hook before compiling anything: one clear error instead of a parse failure
-        raise NotScriptableError(
-            f'{type(self).__name__} ({self.approach}, {self.memory_type} memory) cannot be compiled with TorchScript '
-            f'(torch.jit.script): its Titans memory writes each image with a data-dependent chunk loop and a custom '
-            f'autograd node. Use torch.compile(model) for speed or torch.export.export(model, (x,)) for a '
-            f'deployable graph.')
-
     @torch.jit.ignore
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
         """timm's ViT init for the backbone, then the memory's own init (gates zero).
@@ -619,7 +611,7 @@ class TitansVisionTransformer(VisionTransformer):
             for blk in self.blocks:
                 if isinstance(blk, (MemoryLayerBlock, MemoryGateBlock, MemoryContextBlock)):
                     blk.reset_memory_params()
-            if getattr(self, 'memory', None) is not None:   # unset while timm's __init__ runs
+            if self.memory is not None:
                 self.memory.reset_parameters()
 
     @torch.jit.ignore
